@@ -1,0 +1,30 @@
+# Every target sets itself up: `make run` and `make test` work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint clean
+
+setup: $(STAMP)
+
+# torch is pinned in pyproject.toml and installed first, so pip never resolves a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/raydist train --strategy local --model mlp --data digits --optimizer adam --epochs 5 --out results/quickstart
+
+test: $(STAMP)
+	$(BIN)/ruff check raydist jobs tests bench
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check raydist jobs tests bench
+
+clean:
+	rm -rf $(VENV) results

@@ -1,0 +1,44 @@
+"""Strategy registry. A strategy is a module with `check(spec, data)` (raises ConfigError
+before anything runs) and `run(spec, report) -> RunResult`. Adding one is a new module and
+one line below; strategies never import each other."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from raydist.config import ConfigError, RunSpec
+from raydist.data import load_data
+from raydist.engine import Record, Report, RunResult, save_outputs
+from raydist.models import build_model
+from raydist.registry import Registry
+from raydist.strategies import local
+
+STRATEGIES: Registry = Registry("strategy")
+STRATEGIES.register("local")(local)
+
+
+def progress(rec: Record) -> None:
+    acc = f"  val_accuracy {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else ""
+    print(f"epoch {rec['epoch']}  train_loss {rec['train_loss']:.4f}  "
+          f"val_loss {rec['val_loss']:.4f}{acc}  {rec['samples_per_s']:.0f} samples/s  "
+          f"{rec['epoch_time_s']:.2f} s", flush=True)
+
+
+def train(spec: RunSpec, report: Report = progress) -> RunResult:
+    """Check, run and save one spec. User errors surface before the output folder exists;
+    a ConfigError raised later removes the folder this call created."""
+    strategy = STRATEGIES[spec.strategy]
+    data = load_data(spec)
+    build_model(spec, data)
+    strategy.check(spec, data)
+    out = Path(spec.out)
+    created = not out.exists()
+    try:
+        result = strategy.run(spec, report)
+    except ConfigError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    save_outputs(out, spec, result)
+    return result
