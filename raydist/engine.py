@@ -7,6 +7,7 @@ equals the single-process gradient of the global batch, whatever the shard sizes
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -27,6 +28,10 @@ from raydist.optim import OPTIMIZERS, build_optimizer
 
 Record = dict[str, Any]
 Report = Callable[[Record], None]
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stops after reporting that epoch."""
 
 
 @dataclass
@@ -147,6 +152,8 @@ def fit(spec: RunSpec, data: Dataset, model: nn.Module, optimizer: torch.optim.O
                           elapsed, time.perf_counter() - start)
         history.append(rec)
         report(rec)
+        if not math.isfinite(rec["train_loss"]):
+            raise Diverged(f"training loss is {rec['train_loss']} at epoch {epoch}")
         if on_epoch_end:
             on_epoch_end(rec, history)
     return history
