@@ -20,11 +20,11 @@ run: $(STAMP)
 	$(BIN)/raydist train --strategy local --model mlp --data digits --optimizer adam --epochs 5 --out results/quickstart
 
 test: $(STAMP)
-	$(BIN)/ruff check raydist jobs tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check raydist jobs tests bench
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) results
