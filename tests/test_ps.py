@@ -1,0 +1,209 @@
+"""`ps`: sync equals local for the article's six optimizers, async reaches local's accuracy,
+the wire dtypes, the staleness rule, fault recovery from the checkpoint, and the user errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raydist import checkpoint, cli
+from raydist.config import ConfigError, RunSpec
+from raydist.data import load_data
+from raydist.engine import setup
+from raydist.strategies import local, ps, train
+
+SMALL = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_size": 128,
+         "seed": 3}
+
+
+def spec_of(tmp_path, name: str, **kw) -> RunSpec:
+    return RunSpec.from_dict({**SMALL, "out": str(tmp_path / name), **kw})
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert list(a) == list(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def n_params(spec: RunSpec) -> int:
+    return sum(p.numel() for p in setup(spec)[1].parameters())
+
+
+# --- no Ray: pure pieces -----------------------------------------------------------------------
+
+def test_balance_gives_whole_tensors_largest_first_to_the_least_loaded():
+    assert ps.balance([10, 1000, 10, 100], 2) == [[1], [0, 2, 3]]
+    assert ps.balance([5, 5, 5], 3) == [[0], [1], [2]]
+
+
+def test_split_model_covers_every_tensor_once(tmp_path):
+    spec = spec_of(tmp_path, "x", hidden=[16, 8])
+    model = setup(spec)[1]
+    parts = ps.split_model(model, 3)
+    names = [n for p in parts for n in p.names]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert all(p.names for p in parts)
+
+
+@pytest.mark.parametrize("dtype,torch_dtype,wire", [("float16", torch.float16, np.float16),
+                                                     ("bfloat16", torch.bfloat16, np.uint16)])
+def test_codec_rounds_like_torch_and_halves_the_bytes(dtype, torch_dtype, wire):
+    t = torch.randn(1000) * 3
+    codec = ps.CODECS[dtype]
+    sent = codec.encode(t)
+    assert sent.dtype == wire and sent.nbytes == 2000
+    back = codec.decode(sent)
+    assert back.dtype == np.float32
+    assert np.array_equal(back, t.to(torch_dtype).float().numpy())
+
+
+def test_float32_codec_is_exact():
+    t = torch.randn(100)
+    assert np.array_equal(ps.CODECS["float32"].decode(ps.CODECS["float32"].encode(t)), t.numpy())
+
+
+def test_async_schedule_discards_gradients_older_than_max_staleness():
+    sched = ps.AsyncSchedule([(0, 0), (0, 1), (1, 0)], max_staleness=1)
+    a, b, c = sched.next(), sched.next(), sched.next()
+    assert (a, b, c) == ((0, 0), (0, 1), (1, 0))
+    assert sched.next() is None
+    assert sched.finish(a, read_version=0)          # staleness 0
+    assert sched.finish(b, read_version=0)          # staleness 1: still applied
+    assert not sched.finish(c, read_version=0)      # staleness 2: discarded, back in the queue
+    assert (sched.version, sched.discarded) == (2, 1)
+    assert sched.next() == (1, 0)
+    assert sched.finish((1, 0), read_version=2)
+    assert sched.version == 3
+
+
+def test_server_steps_on_the_sum_of_the_gradients(tmp_path):
+    """Two half gradients summed by the server give local's step on the whole gradient."""
+    spec = spec_of(tmp_path, "x", optimizer="adam")
+    _, model, optimizer = setup(spec)
+    part = ps.split_model(model, 1)[0]
+    server = ps.Server(spec, part, {n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    server.apply(flat.numpy() * 0.25, flat.numpy() * 0.75)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        p.grad = g
+    optimizer.step()
+    assert np.allclose(server.weights(), torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+                       atol=1e-7)
+
+
+# --- user errors -------------------------------------------------------------------------------
+
+def test_check_rejects_more_servers_than_tensors(tmp_path):
+    spec = spec_of(tmp_path, "x", strategy="ps", servers=5)
+    with pytest.raises(ConfigError) as e:
+        ps.check(spec, load_data(spec))
+    assert str(e.value) == ("servers: 5 parameter servers but the model has only 4 parameter tensors; "
+                            "expected servers <= 4")
+
+
+def test_check_rejects_more_workers_than_samples_in_a_batch(tmp_path):
+    spec = spec_of(tmp_path, "x", strategy="ps", workers=5, batch_size=4)
+    with pytest.raises(ConfigError) as e:
+        train(spec)
+    assert str(e.value) == ("workers: 5 replicas but a global batch holds only 4 samples; "
+                            "expected workers <= 4")
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_fails_fast_when_the_cluster_is_too_small(ray_local, tmp_path):
+    spec = spec_of(tmp_path, "x", strategy="ps", workers=4, servers=2)
+    with pytest.raises(ConfigError) as e:
+        train(spec)
+    assert str(e.value) == ("ps (4 replicas x 1 CPU + 2 servers x 0.5 CPU) needs 5 CPUs but the "
+                            "cluster can provide at most 4")
+
+
+# --- with Ray: equivalence, async, wire dtypes -------------------------------------------------
+
+@pytest.mark.parametrize("optimizer,servers", [("gd", 1), ("sgd", 2), ("momentum", 1),
+                                               ("adagrad", 2), ("rmsprop", 1), ("adam", 2)])
+def test_sync_equals_local(ray_local, tmp_path, optimizer, servers):
+    spec = spec_of(tmp_path, "local", optimizer=optimizer)
+    ref = local.run(spec, lambda r: None)
+    reports = []
+    got = ps.run(spec.replace(strategy="ps", workers=2, servers=servers, out=str(tmp_path / "ps")),
+                 reports.append)
+    assert max_diff(ref.state_dict, got.state_dict) <= 1e-5
+    assert [r["epoch"] for r in reports] == [1, 2]
+    for a, b in zip(ref.metrics, got.metrics, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-5)
+        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=1e-6)
+    # gradients up and weights down, 2 replicas, float32
+    assert got.metrics[0]["bytes_per_step"] == 2 * 2 * 4 * n_params(spec)
+
+
+def test_bfloat16_on_the_wire_halves_bytes_and_stays_close(ray_local, tmp_path):
+    spec = spec_of(tmp_path, "local", optimizer="sgd")
+    ref = local.run(spec, lambda r: None)
+    got = ps.run(spec.replace(strategy="ps", workers=2, servers=2, comm_dtype="bfloat16",
+                              out=str(tmp_path / "ps")), lambda r: None)
+    assert got.metrics[0]["bytes_per_step"] == 2 * 2 * 2 * n_params(spec)
+    assert got.state_dict["head.weight"].dtype == torch.float32  # fp32 master weights
+    assert 0 < max_diff(ref.state_dict, got.state_dict) < 0.02
+
+
+def test_async_reaches_local_accuracy_within_twice_the_epochs(ray_local, tmp_path):
+    """Target: local's val_accuracy after E=2 epochs minus 0.03; async with 2 replicas, replica 0
+    twice as slow and max_staleness 1 must reach it by epoch 2E=4."""
+    spec = spec_of(tmp_path, "local", optimizer="adam", hidden=[32])
+    target = local.run(spec, lambda r: None).metrics[-1]["val_accuracy"] - 0.03
+    got = ps.run(spec.replace(strategy="ps", mode="async", workers=2, straggler=2.0, max_staleness=1,
+                              epochs=4, out=str(tmp_path / "ps")), lambda r: None)
+    accs = [r["val_accuracy"] for r in got.metrics]
+    assert max(accs) >= target, (accs, target)
+    assert all(r["discarded"] >= 0 and r["bytes_per_step"] > 0 for r in got.metrics)
+
+
+# --- faults, checkpoints, resuming ---------------------------------------------------------------
+
+def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, monkeypatch):
+    kw = {"strategy": "ps", "optimizer": "adam", "workers": 2}
+    train(spec_of(tmp_path, "clean", **kw), lambda r: None)
+    monkeypatch.setenv("RAYDIST_FAULT", "1:2")
+    reports = []
+    spec = spec_of(tmp_path, "faulty", max_failures=1, **kw)
+    train(spec, reports.append)
+    assert (tmp_path / "faulty" / ".fault_fired").exists()
+    assert [r["epoch"] for r in reports] == [1, 2]  # epoch 1 came from the checkpoint, not redone
+    clean = torch.load(tmp_path / "clean" / "model.pt")
+    faulty = torch.load(tmp_path / "faulty" / "model.pt")
+    assert all(torch.equal(clean[k], faulty[k]) for k in clean) and list(clean) == list(faulty)
+
+    # the same spec again: the finished checkpoint is resumed, nothing is retrained
+    again = []
+    result = train(spec, again.append)
+    assert again == [] and result.metrics == checkpoint.read(spec.out)["history"]
+    assert all(torch.equal(clean[k], result.state_dict[k]) for k in clean)
+
+    # another spec in the same out is refused
+    with pytest.raises(ConfigError) as e:
+        train(spec.replace(lr=0.5), lambda r: None)
+    assert str(e.value) == (f"out: {spec.out} holds a checkpoint of another run (it differs in lr); "
+                            "use another out or delete checkpoint.pt")
+
+
+def test_a_death_beyond_max_failures_ends_the_run(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYDIST_FAULT", "0:1")
+    with pytest.raises(ps.ActorFailed, match=r"1 failures, max_failures=0"):
+        train(spec_of(tmp_path, "x", strategy="ps", workers=2), lambda r: None)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+def test_cli_train_ps_writes_the_same_outputs_as_local(ray_local, tmp_path):
+    args = ["train", "--model", "mlp", "--data", "digits", "--hidden", "16", "--epochs", "1",
+            "--batch-size", "128", "--optimizer", "momentum"]
+    assert cli.main([*args, "--out", str(tmp_path / "local")]) == 0
+    assert cli.main([*args, "--strategy", "ps", "--workers", "2", "--servers", "2",
+                     "--out", str(tmp_path / "ps")]) == 0
+    local_files = {p.name for p in (tmp_path / "local").iterdir()}
+    assert local_files <= {p.name for p in (tmp_path / "ps").iterdir()}
+    a, b = torch.load(tmp_path / "local" / "model.pt"), torch.load(tmp_path / "ps" / "model.pt")
+    assert max_diff(a, b) <= 1e-5
