@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# The main job: a fresh quickstart sweep on an embedded local Ray, then its report.
 run: $(STAMP)
-	$(BIN)/raydist train --strategy local --model mlp --data digits --optimizer adam --epochs 5 --out results/quickstart
+	rm -rf results/quickstart
+	$(BIN)/raydist sweep tune_configs/quickstart.yaml --out results/quickstart
+	$(BIN)/raydist report results/quickstart
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
@@ -48,10 +49,46 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote {spec.out}/spec.yaml, metrics.csv, model.pt")
 
 
+def add_sweep_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", nargs="?", help="sweep YAML, e.g. tune_configs/quickstart.yaml")
+    p.add_argument("--out", help="results folder (default: results/<file name>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an "
+                   "embedded local Ray)")
+
+
+def sweep_dir(args: argparse.Namespace) -> str:
+    """The folder a `sweep` command writes: --resume DIR, --out DIR or results/<file name>."""
+    return args.resume or args.out or f"results/{Path(args.file).stem}"
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from raydist import sweep
+
+    if bool(args.file) == bool(args.resume) or (args.resume and args.out):
+        raise ConfigError("sweep: give a sweep FILE (with --out DIR) or --resume DIR")
+    if args.resume:
+        sweep.resume(args.resume, args.address)
+    else:
+        sweep.run(args.file, sweep_dir(args), args.address)
+
+
+def add_report_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a sweep's results folder (holds results.csv)")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from raydist import report
+
+    print(f"report: {report.write(args.dir)}")
+
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None],
                 str]
 COMMANDS: dict[str, Command] = {
     "train": (add_spec_flags, cmd_train, "train one run with one strategy"),
+    "sweep": (add_sweep_flags, cmd_sweep, "run a Ray Tune sweep over RunSpec fields"),
+    "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results"),
 }
 
 

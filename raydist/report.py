@@ -1,0 +1,338 @@
+"""`raydist report DIR`: a sweep's results.csv turned into tables, Markdown and PNG plots.
+
+Every number comes from results.csv (one row per trial per epoch), by these rules:
+- a trial's throughput is the median samples/s over its epochs after the first (the first
+  holds warm-up), or its only epoch;
+- a setting is the trial's values of the spec fields the sweep varies, seed excluded; a setting's
+  throughput, final metric and time to target are medians over its seeds;
+- time to target is the wall time (from the start of training) at the first epoch whose metric
+  reaches the target; a seed that never reaches it counts as infinitely slow;
+- speedup(N) = throughput(N) / throughput(1) within a setting that differs only in N (the
+  sweep's `scale` field, workers by default); efficiency = speedup(N) / N; time-to-target
+  speedup = time(1) / time(N); vs_local = throughput(N) / throughput of `local` in the same setting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
+
+SPEC = [f.name for f in fields(RunSpec)]
+NOT_A_SETTING = ("seed", "out", "address")  # differ between trials without changing what is run
+
+
+# --- one row per trial -------------------------------------------------------------------------
+
+def per_trial(results: pd.DataFrame, metric: str, mode: str, target: float | None) -> pd.DataFrame:
+    """Spec, status, epochs, throughput, final metric and time to target of each trial."""
+    rows = []
+    for trial_id, trial in results.groupby("trial_id", sort=True):
+        runs = trial.dropna(subset=["epoch"]).sort_values("epoch")
+        first = trial.iloc[0]
+        rows.append({"trial_id": trial_id, "status": first["status"], **first[spec_columns(results)],
+                     "epochs_run": len(runs), "samples_per_s": throughput(runs),
+                     "final": runs[metric].iloc[-1] if len(runs) else math.nan,
+                     "time_to_target": time_to_target(runs, metric, mode, target)})
+    return pd.DataFrame(rows)
+
+
+def spec_columns(results: pd.DataFrame) -> list[str]:
+    return [c for c in SPEC if c in results.columns]
+
+
+def throughput(runs: pd.DataFrame) -> float:
+    steady = runs[runs["epoch"] > 1] if len(runs) > 1 else runs
+    return float(steady["samples_per_s"].median()) if len(steady) else math.nan
+
+
+def time_to_target(runs: pd.DataFrame, metric: str, mode: str, target: float | None) -> float:
+    """Wall time at the first epoch that reaches `target`; inf if none does, nan without target."""
+    if target is None:
+        return math.nan
+    hit = runs[runs[metric] >= target] if mode == "max" else runs[runs[metric] <= target]
+    return float(hit["wall_time_s"].iloc[0]) if len(hit) else math.inf
+
+
+def varying(trials: pd.DataFrame) -> list[str]:
+    """The spec fields the sweep varies: what tells one setting from another."""
+    return [c for c in spec_columns(trials)
+            if c not in NOT_A_SETTING and trials[c].astype(str).nunique() > 1]
+
+
+def by_setting(trials: pd.DataFrame, keys: list[str], mode: str = "max") -> pd.DataFrame:
+    """Medians over seeds of each setting. A seed without a final metric (its loss went NaN,
+    or it never ran an epoch) counts as the worst result; min..max spans the others."""
+    worst = -math.inf if mode == "max" else math.inf
+    grouped = trials.assign(ranked=trials["final"].fillna(worst),
+                            diverged=trials["status"] == "diverged").groupby(keys, sort=True,
+                                                                            dropna=False)
+    return pd.DataFrame({
+        "seeds": grouped.size(),
+        "diverged": grouped["diverged"].sum(),
+        "samples_per_s": grouped["samples_per_s"].median(),
+        "final": grouped["ranked"].median(),
+        "final_min": grouped["final"].min(),
+        "final_max": grouped["final"].max(),
+        "time_to_target": grouped["time_to_target"].median(),
+    }).reset_index()
+
+
+# --- speedup and scaling efficiency -------------------------------------------------------------
+
+def speedup_table(trials: pd.DataFrame, scale: str = "workers") -> pd.DataFrame:
+    """One row per setting and N; empty when the sweep does not vary `scale`."""
+    keys = [c for c in varying(trials) if c != scale]
+    if scale not in varying(trials):
+        return pd.DataFrame()
+    table = by_setting(trials, [*keys, scale])
+    table["speedup"] = table["samples_per_s"] / at_one(table, keys, scale, "samples_per_s")
+    table["efficiency"] = table["speedup"] / table[scale]
+    table["ttt_speedup"] = [a / b if math.isfinite(a) and math.isfinite(b) else math.nan
+                            for a, b in zip(at_one(table, keys, scale, "time_to_target"),
+                                            table["time_to_target"], strict=True)]
+    table["vs_local"] = vs_local(table, keys, scale)
+    return table
+
+
+def at_one(table: pd.DataFrame, keys: list[str], scale: str, col: str) -> list[float]:
+    """Each row's `col` in the row of its setting with N = 1 (nan where the sweep has none)."""
+    ref = {key(r, keys): r[col] for _, r in table[table[scale] == 1].iterrows()}
+    return [ref.get(key(r, keys), math.nan) for _, r in table.iterrows()]
+
+
+def vs_local(table: pd.DataFrame, keys: list[str], scale: str) -> list[float]:
+    """Throughput against `local` on one worker with the same other settings."""
+    if "strategy" not in keys:
+        return [math.nan] * len(table)
+    others = [k for k in keys if k != "strategy"]
+    local = table[(table["strategy"] == "local") & (table[scale] == 1)]
+    ref = {key(r, others): r["samples_per_s"] for _, r in local.iterrows()}
+    return [r["samples_per_s"] / ref.get(key(r, others), math.nan) for _, r in table.iterrows()]
+
+
+def key(row: pd.Series, keys: list[str]) -> tuple[str, ...]:
+    return tuple(str(row[k]) for k in keys)
+
+
+# --- optimizers -------------------------------------------------------------------------------
+
+def best_table(trials: pd.DataFrame, mode: str) -> pd.DataFrame:
+    """Per optimizer, its best setting by the median final metric over seeds (DeepOBS); a tie
+    (ddp follows local to round-off) goes to the setting that reaches the target first."""
+    keys = ["optimizer", *[c for c in varying(trials) if c != "optimizer"]]
+    table = by_setting(trials, keys, mode)
+    best = table.sort_values(["final", "time_to_target", "samples_per_s"],
+                             ascending=[mode == "min", True, False], kind="stable").groupby(
+        "optimizer", sort=True).head(1)
+    best = best.sort_values("optimizer").reset_index(drop=True)
+    best.insert(1, "setting", [setting(r, keys[1:]) for _, r in best.iterrows()])
+    return best
+
+
+def setting(row: pd.Series, keys: list[str]) -> str:
+    return ", ".join(f"{k}={fmt_value(row[k])}" for k in keys) or "(the only one)"
+
+
+def matches(trials: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.Series:
+    mask = pd.Series(True, index=trials.index)
+    for k in keys:
+        mask &= trials[k].astype(str) == str(row[k])
+    return mask
+
+
+# --- plots --------------------------------------------------------------------------------------
+
+def plot_speedup(table: pd.DataFrame, scale: str, path: Path) -> None:
+    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
+    strategies = table["strategy"] if "strategy" in table else pd.Series("run", index=table.index)
+    ns = sorted(table[scale].unique())
+    for name, rows in table.groupby(strategies, sort=True):
+        curve = rows.groupby(scale)[["speedup", "efficiency"]].median()
+        if len(curve) < 2:
+            continue  # a baseline with one N draws no line
+        ax_s.plot(curve.index, curve["speedup"], "o-", label=name)
+        ax_e.plot(curve.index, curve["efficiency"], "o-", label=name)
+    ax_s.plot(ns, ns, "k--", label="ideal")
+    ax_e.plot(ns, [1.0] * len(ns), "k--", label="ideal")
+    for ax, what in ((ax_s, "speedup"), (ax_e, "scaling efficiency")):
+        ax.set_xlabel(scale)
+        ax.set_ylabel(what)
+        ax.set_xticks(ns)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("throughput speedup over 1 (median over settings)")
+    save(fig, path)
+
+
+def plot_curves(results: pd.DataFrame, trials: pd.DataFrame, best: pd.DataFrame, keys: list[str],
+                metric: str, target: float | None, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, row in best.iterrows():
+        ids = trials.loc[matches(trials, row, keys), "trial_id"]
+        runs = results[results["trial_id"].isin(ids)].dropna(subset=["epoch"])
+        per_epoch = runs.groupby("epoch").agg(t=("wall_time_s", "median"), mid=(metric, "median"),
+                                             lo=(metric, "min"), hi=(metric, "max"))
+        ax.plot(per_epoch["t"], per_epoch["mid"], "o-", ms=3, label=row["optimizer"])
+        ax.fill_between(per_epoch["t"], per_epoch["lo"], per_epoch["hi"], alpha=0.2)
+    if target is not None:
+        ax.axhline(target, color="k", ls="--", lw=1, label="target")
+    ax.set_xlabel("wall-clock time since the start of training (s)")
+    ax.set_ylabel(metric)
+    ax.set_title("best setting per optimizer: median over seeds, band = min..max")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)
+
+
+def lr_sensitivity(trials: pd.DataFrame, best: pd.DataFrame, keys: list[str],
+                   mode: str) -> pd.DataFrame:
+    """Final metric against lr, each optimizer at its best setting's other values."""
+    others = [k for k in keys if k != "lr"]
+    frames = [by_setting(trials[matches(trials, row, others)], ["optimizer", "lr"], mode)
+              for _, row in best.iterrows()]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_lr(sens: pd.DataFrame, metric: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    finite = sens.assign(final=sens["final"].where(sens["final"].map(math.isfinite)))
+    for name, rows in finite.groupby("optimizer", sort=True):
+        ax.plot(rows["lr"], rows["final"], "o-", label=name)
+        ax.fill_between(rows["lr"], rows["final_min"], rows["final_max"], alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"final {metric}")
+    ax.set_title("lr sensitivity: median over seeds, band = min..max")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save(fig, path)
+
+
+def save(fig: Any, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def write(folder: str | Path) -> Path:
+    """DIR/report.md and its PNGs from DIR/results.csv (and the settings in DIR/sweep.yaml)."""
+    root = Path(folder)
+    if not (root / "results.csv").is_file():
+        raise ConfigError(f"{folder}: no results.csv; run `raydist sweep FILE --out {folder}` first")
+    results = pd.read_csv(root / "results.csv")
+    if results.empty or "epoch" not in results:
+        raise ConfigError(f"{root / 'results.csv'}: holds no trials")
+    sweep = load_sweep(root / "sweep.yaml") if (root / "sweep.yaml").exists() else SweepSpec({}, {})
+    metric, mode, target, scale = sweep.metric, sweep.mode, sweep.target, sweep.scale
+    if metric not in results:
+        raise ConfigError(f"{root / 'results.csv'}: has no column '{metric}' (sweep.metric)")
+    trials = per_trial(results, metric, mode, target)
+    lines = [f"# Sweep report: {root.name}", "", summary(trials, metric, mode, target), ""]
+    lines += machine_section(root)
+    lines += speedup_section(trials, scale, root)
+    lines += optimizer_sections(results, trials, metric, mode, target, root)
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def summary(trials: pd.DataFrame, metric: str, mode: str, target: float | None) -> str:
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(trials["status"].value_counts().items()))
+    goal = f"target {metric} {'>=' if mode == 'max' else '<='} {target:g}" if target is not None \
+        else "no target set"
+    return (f"{len(trials)} trials ({counts}); metric {metric} ({mode}), {goal}. "
+            "Every number below is computed from results.csv; see raydist/report.py for the rules.")
+
+
+def machine_section(root: Path) -> list[str]:
+    infos = [yaml.safe_load(p.read_text()) for p in sorted(root.glob("trials/*/machine.yaml"))]
+    if not infos:
+        return ["## Machine", "", "No trial wrote machine.yaml.", ""]
+    table = pd.DataFrame(infos).astype(str).drop_duplicates()
+    return ["## Machine", "", markdown(table), ""]
+
+
+def speedup_section(trials: pd.DataFrame, scale: str, root: Path) -> list[str]:
+    table = speedup_table(trials, scale)
+    head = ["## Speedup and scaling efficiency", ""]
+    if table.empty:
+        return [*head, f"The sweep does not vary {scale}: nothing to compare.", ""]
+    plot_speedup(table, scale, root / "speedup.png")
+    shown = table.assign(
+        samples_per_s=table["samples_per_s"].map(lambda v: fmt(v, "{:.0f}")),
+        speedup=table["speedup"].map(lambda v: fmt(v, "{:.2f}")),
+        efficiency=table["efficiency"].map(lambda v: fmt(v, "{:.2f}")),
+        vs_local=table["vs_local"].map(lambda v: fmt(v, "{:.2f}")),
+        time_to_target=table["time_to_target"].map(fmt_time),
+        ttt_speedup=table["ttt_speedup"].map(lambda v: fmt(v, "{:.2f}")))
+    cols = [*[c for c in varying(trials) if c != scale], scale, "seeds", "samples_per_s", "speedup",
+            "efficiency", "vs_local", "time_to_target", "ttt_speedup"]
+    return [*head, "speedup = samples/s(N) / samples/s(1); efficiency = speedup / N; ttt_speedup = "
+            "time to target(1) / time to target(N); vs_local = samples/s / samples/s of local.", "",
+            markdown(shown[cols]), "", "![speedup](speedup.png)", ""]
+
+
+def optimizer_sections(results: pd.DataFrame, trials: pd.DataFrame, metric: str, mode: str,
+                       target: float | None, root: Path) -> list[str]:
+    best = best_table(trials, mode)
+    keys = ["optimizer", *[c for c in varying(trials) if c != "optimizer"]]
+    shown = pd.DataFrame({
+        "optimizer": best["optimizer"], "best setting": best["setting"], "seeds": best["seeds"],
+        "diverged": best["diverged"],
+        f"final {metric} (median)": best["final"].map(lambda v: fmt(v, "{:.4f}")),
+        "min..max": [f"{fmt(a, '{:.4f}')}..{fmt(b, '{:.4f}')}"
+                     for a, b in zip(best["final_min"], best["final_max"], strict=True)],
+        "time to target": best["time_to_target"].map(fmt_time)})
+    plot_curves(results, trials, best, keys, metric, target, root / "curves.png")
+    lines = ["## Best setting per optimizer", "",
+             f"Chosen by the median over seeds of the final {metric} (a seed without one counts "
+             "as the worst); min..max over the seeds that have one; time to target is the median "
+             "over seeds. '-': no finite value.", "", markdown(shown), "",
+             "## Validation metric vs wall-clock time", "", "![curves](curves.png)", ""]
+    sens = lr_sensitivity(trials, best, keys, mode) if "lr" in keys else pd.DataFrame()
+    lines += ["## Learning-rate sensitivity", ""]
+    if sens.empty or sens.groupby("optimizer")["lr"].nunique().max() < 2:
+        return [*lines, "The sweep tries one lr per optimizer: no sensitivity to show.", ""]
+    plot_lr(sens, metric, root / "lr_sensitivity.png")
+    grid = sens.pivot(index="lr", columns="optimizer", values="final").sort_index()
+    grid = grid.map(lambda v: fmt(v, "{:.4f}")).reset_index()
+    grid["lr"] = grid["lr"].map(fmt_value)
+    return [*lines, f"Median final {metric} over seeds.", "", markdown(grid), "",
+            "![lr sensitivity](lr_sensitivity.png)", ""]
+
+
+# --- formatting ---------------------------------------------------------------------------------
+
+def fmt(value: float, pattern: str) -> str:
+    return pattern.format(value) if value is not None and math.isfinite(value) else "-"
+
+
+def fmt_time(value: float) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return "not reached" if math.isinf(value) else f"{value:.2f} s"
+
+
+def fmt_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown(table: pd.DataFrame) -> str:
+    cells = table.astype(object).map(lambda v: fmt_value(v) if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |",
+             "|" + "|".join("---" for _ in table.columns) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join(lines)

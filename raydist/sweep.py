@@ -1,0 +1,317 @@
+"""`raydist sweep`: a sweep file turned into a Ray Tune search. One trial is one RunSpec run by
+`strategies.train`, reporting every epoch to Tune; the sweep never looks inside a strategy.
+
+Each trial is a function trainable holding {"cpu": 0, "trial_driver": 1}: the trial's driver
+takes no CPU from the workers its strategy starts (a 2-worker ddp trial fits on 2 CPUs), and
+`max_concurrent` bounds how many trials run at once, so trials never wait on each other's
+workers (RAY_NOTES.md, "Ray Tune with Ray Train V2").
+
+DIR/
+  sweep.yaml                      the sweep file as given: what --resume and the report read
+  tune/                           Tune's experiment state, continued by Tuner.restore
+  trials/<trial-id>/              the trial's RunSpec.out, plus trial.yaml (status) and epochs.csv
+  results.csv, results.parquet    one row per trial per epoch, with the trial's full spec
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import ray
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from raydist import strategies
+from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
+from raydist.engine import Diverged, Record
+
+# A trial that ends before its first epoch (a refused setting) reports no metric: without this,
+# Tune's strict metric check would end the whole sweep over it.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+TRIAL_RESOURCES = {"cpu": 0, "trial_driver": 1}
+API_SERVER = "RAY_API_SERVER_ADDRESS"
+STATE, EPOCHS = "trial.yaml", "epochs.csv"
+# A status the trial sets itself is final; the driver only marks trials the scheduler stopped.
+FINAL = ("completed", "diverged", "error")
+
+SEARCH: dict[str, Callable[[list[Any]], Any]] = {
+    "grid": tune.grid_search,
+    "choice": tune.choice,
+    "loguniform": lambda v: tune.loguniform(*v),
+    "uniform": lambda v: tune.uniform(*v),
+}
+
+
+def scheduler(sweep: SweepSpec) -> TrialScheduler:
+    if sweep.scheduler == "asha":
+        # max_t past the last epoch: a trial reaching it ends by itself, as `completed`
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(sweep) + 1,
+                             grace_period=1)
+    return FIFOScheduler()
+
+
+# --- entry points ------------------------------------------------------------------------------
+
+def run(file: str | Path, out: str | Path, address: str | None = None) -> pd.DataFrame:
+    """Run the sweep in `file`; results land in `out`. Returns the results table."""
+    root = Path(out).resolve()
+    if (root / "sweep.yaml").exists():
+        raise ConfigError(f"{out}: already holds a sweep; continue it with `raydist sweep --resume "
+                          f"{out}` or choose another --out")
+    sweep = load_sweep(file)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(file, root / "sweep.yaml")
+    return execute(sweep, root, address, restore=False)
+
+
+def resume(out: str | Path, address: str | None = None) -> pd.DataFrame:
+    """Continue an interrupted sweep: finished trials stay as they are, the rest run."""
+    root = Path(out).resolve()
+    if not (root / "sweep.yaml").is_file():
+        raise ConfigError(f"{out}: no sweep to resume (no sweep.yaml); start one with "
+                          f"`raydist sweep FILE --out {out}`")
+    sweep = load_sweep(root / "sweep.yaml")
+    return execute(sweep, root, address, restore=tune.Tuner.can_restore(str(root / "tune")))
+
+
+def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) -> pd.DataFrame:
+    with ray_for(sweep, address):
+        trainable = tune.with_resources(make_trial(sweep, root, os.getcwd()), TRIAL_RESOURCES)
+        if restore:
+            tuner = tune.Tuner.restore(str(root / "tune"), trainable, resume_unfinished=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=param_space(sweep),
+                               tune_config=tune_config(sweep), run_config=run_config(sweep, root))
+        print(f"sweep: {total_trials(sweep)} trials, at most {sweep.max_concurrent} at a time; "
+              f"results in {root}", flush=True)
+        tuner.fit()
+    results = collect(root)
+    summarize(results, total_trials(sweep), root)
+    return results
+
+
+@contextmanager
+def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
+    """cluster.connect's rule (the Ray already started, --address, the file's address,
+    RAY_ADDRESS, else an embedded one), plus the trial_driver resource every trial holds.
+    A Ray started here is shut down on the way out."""
+    if ray.is_initialized():
+        require_trial_drivers()
+        yield
+        return
+    address = address or sweep.base.get("address") or os.environ.get("RAY_ADDRESS")
+    saved = os.environ.get(API_SERVER)
+    try:
+        if address:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            # Ray Train frees the workers of a trial stopped early once the State API (the
+            # dashboard) shows its controller dead (RAY_NOTES.md). Naming the API server keeps
+            # the workers from guessing among other Ray instances on the machine.
+            port = free_port()
+            os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+            ray.init(address="local", resources={"trial_driver": sweep.max_concurrent},
+                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                     log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        require_trial_drivers()
+        yield
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop(API_SERVER, None)
+        else:
+            os.environ[API_SERVER] = saved
+
+
+def require_trial_drivers() -> None:
+    if ray.cluster_resources().get("trial_driver", 0) < 1:
+        raise ConfigError("the Ray cluster has no 'trial_driver' resource, which every sweep trial "
+                          "holds; start its head node with --resources='{\"trial_driver\": 8}' "
+                          "(cluster.yaml: resources of the head node type)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the search --------------------------------------------------------------------------------
+
+def param_space(sweep: SweepSpec) -> dict[str, Any]:
+    space = {key: SEARCH[kind](values) for key, (kind, values) in sweep.space.items()}
+    if sweep.variants:
+        space["variant"] = tune.grid_search(sweep.variants)
+    return space
+
+
+def total_trials(sweep: SweepSpec) -> int:
+    grids = [len(values) for kind, values in sweep.space.values() if kind == "grid"]
+    return sweep.samples * math.prod(grids) * max(1, len(sweep.variants))
+
+
+def max_epochs(sweep: SweepSpec) -> int:
+    values = [sweep.base.get("epochs", RunSpec.epochs)]
+    values += [v["epochs"] for v in sweep.variants if "epochs" in v]
+    values += sweep.space.get("epochs", ("grid", []))[1]
+    return max(int(v) for v in values)
+
+
+def tune_config(sweep: SweepSpec) -> tune.TuneConfig:
+    # The generator bounds concurrency (Tune ignores max_concurrent_trials beside it) and is
+    # seeded, so the same file draws the same choice/range values every time.
+    search = BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=0)
+    return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples,
+                           scheduler=scheduler(sweep), search_alg=search)
+
+
+def run_config(sweep: SweepSpec, root: Path) -> tune.RunConfig:
+    return tune.RunConfig(name="tune", storage_path=str(root), verbose=0,
+                          callbacks=[Progress(root, total_trials(sweep), sweep.metric)])
+
+
+# --- one trial ---------------------------------------------------------------------------------
+
+def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, Any]], None]:
+    def trial(config: dict[str, Any]) -> None:
+        if Path(cwd).is_dir():  # Tune moves trials into its own folder; relative paths are the user's
+            os.chdir(cwd)
+        out = root / "trials" / tune.get_context().get_trial_id()
+        out.mkdir(parents=True, exist_ok=True)
+        set_state(out, "running")
+        try:
+            spec = sweep.run_spec(config, str(out))
+            spec.save(out / "spec.yaml")
+            strategies.train(spec, report=reporter(out))
+        except Diverged as e:
+            set_state(out, "diverged", str(e))
+            return
+        except ConfigError as e:  # e.g. more workers than the cluster has: one line, no traceback
+            set_state(out, "error", str(e))
+            return
+        except Exception as e:
+            set_state(out, "error", f"{type(e).__name__}: {e}")
+            raise
+        set_state(out, "completed")
+
+    return trial
+
+
+def reporter(out: Path) -> Callable[[Record], None]:
+    """Each epoch: into the trial's epochs.csv (kept whatever ends the trial), then to Tune."""
+    history: list[Record] = []
+
+    def report(rec: Record) -> None:
+        history.append(rec)
+        pd.DataFrame(history).to_csv(out / EPOCHS, index=False)
+        tune.report(dict(rec))
+
+    return report
+
+
+def set_state(out: Path, status: str, message: str = "") -> None:
+    (out / STATE).write_text(yaml.safe_dump({"status": status, "message": message}))
+
+
+def get_state(out: Path) -> dict[str, str]:
+    path = out / STATE
+    return yaml.safe_load(path.read_text()) if path.exists() else {"status": "running", "message": ""}
+
+
+class Progress(tune.Callback):
+    """One line per trial start, epoch and end. Marks the trials the scheduler stopped early."""
+
+    def __init__(self, root: Path, total: int, metric: str) -> None:
+        self.root, self.total, self.metric = root, total, metric
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"[{done(trials)}/{self.total}] {trial.trial_id} started   {describe(trial.config)}",
+              flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                        **info: Any) -> None:
+        value = result.get(self.metric, float("nan"))
+        print(f"      {trial.trial_id} epoch {result['epoch']}  {self.metric} {value:.4f}  "
+              f"{result['samples_per_s']:.0f} samples/s", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished(trials, trial, "stopped")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished(trials, trial, "error")
+
+    def finished(self, trials: list, trial: Any, status: str) -> None:
+        out = self.root / "trials" / trial.trial_id
+        state = get_state(out)
+        if state["status"] not in FINAL and out.exists():
+            why = {"stopped": "stopped early by the scheduler",
+                   "error": f"the trial's process failed; see {trial.error_file}"}
+            state = {"status": status, "message": why[status]}
+            set_state(out, **state)
+        note = f"  {state['message']}" if state["status"] in ("diverged", "error") else ""
+        print(f"[{done(trials, trial)}/{self.total}] {trial.trial_id} {state['status']}{note}",
+              flush=True)
+
+
+def done(trials: list, ending: Any = None) -> int:
+    return sum(t.status in ("TERMINATED", "ERROR") or t is ending for t in trials)
+
+
+def describe(config: dict[str, Any]) -> str:
+    flat = {**config.get("variant", {}), **{k: v for k, v in config.items() if k != "variant"}}
+    return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items())
+
+
+# --- results -----------------------------------------------------------------------------------
+
+def collect(root: Path) -> pd.DataFrame:
+    """results.csv and results.parquet from the trial folders: one row per trial per epoch (a
+    trial that never finished an epoch keeps one row, for its status and message)."""
+    frames = [trial_rows(d) for d in sorted((root / "trials").glob("*")) if (d / STATE).exists()]
+    if not frames:  # interrupted before any trial started
+        return pd.DataFrame(columns=["trial_id", "status"])
+    results = pd.concat(frames, ignore_index=True)
+    results.to_parquet(root / "results.parquet", index=False)
+    results.to_csv(root / "results.csv", index=False)
+    return pd.read_csv(root / "results.csv")  # the table as the report will read it
+
+
+def trial_rows(out: Path) -> pd.DataFrame:
+    state = get_state(out)
+    status = "interrupted" if state["status"] == "running" else state["status"]
+    epochs = out / EPOCHS
+    rows = pd.read_csv(epochs) if epochs.exists() else pd.DataFrame([{"epoch": None}])
+    spec = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").exists() else {}
+    front = pd.DataFrame({"trial_id": out.name, "status": status}, index=rows.index)
+    back = pd.DataFrame({k: [flat(v)] * len(rows) for k, v in spec.items()}, index=rows.index)
+    back["message"] = state["message"]
+    return pd.concat([front, rows, back], axis=1)
+
+
+def flat(value: Any) -> Any:
+    """List fields (hidden, cuts) as '64,32', so CSV and Parquet hold the same value."""
+    return ",".join(map(str, value)) if isinstance(value, list) else value
+
+
+def summarize(results: pd.DataFrame, total: int, root: Path) -> None:
+    trials = results.drop_duplicates("trial_id") if len(results) else results
+    counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+    print(f"sweep: {len(trials)} of {total} trials: "
+          + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())), flush=True)
+    finished = sum(n for status, n in counts.items() if status != "interrupted")
+    if finished < total:
+        print(f"sweep: interrupted; continue it with `raydist sweep --resume {root}`", flush=True)
+    if len(results):
+        print(f"wrote {root / 'results.csv'} and results.parquet", flush=True)

@@ -1,0 +1,146 @@
+"""`raydist report`: the numbers of a hand-made results table, worked out by hand, and the
+Markdown and PNG files written from it."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raydist import report
+from raydist.cli import main
+from raydist.config import ConfigError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+# trial: (strategy, workers, seed, samples/s per epoch, val_accuracy per epoch, wall time per epoch)
+# target val_accuracy 0.9; throughput = median over epochs 2..3; time to target = first epoch >= 0.9
+SCALING = {
+    "a": ("local", 1, 0, [100, 200, 220], [0.50, 0.85, 0.92], [1, 2, 3]),    # 210 /s, 3 s
+    "b": ("local", 1, 1, [100, 190, 210], [0.60, 0.91, 0.95], [1, 2, 3]),    # 200 /s, 2 s
+    "c": ("ddp", 1, 0, [50, 180, 180], [0.50, 0.80, 0.91], [2, 4, 6]),       # 180 /s, 6 s
+    "d": ("ddp", 1, 1, [50, 200, 200], [0.50, 0.92, 0.93], [2, 4, 6]),       # 200 /s, 4 s
+    "e": ("ddp", 2, 0, [80, 380, 380], [0.60, 0.90, 0.95], [1, 2, 3]),       # 380 /s, 2 s
+    "f": ("ddp", 2, 1, [80, 360, 360], [0.50, 0.70, 0.80], [1, 2, 3]),       # 360 /s, never
+    "g": ("ddp", 4, 0, [100, 600, 620], [0.70, 0.95, 0.96], [0.5, 1, 1.5]),  # 610 /s, 1 s
+    "h": ("ddp", 4, 1, [100, 640, 660], [0.92, 0.95, 0.96], [0.5, 1, 1.5]),  # 650 /s, 0.5 s
+}
+
+
+def results_table(trials: dict, optimizer: str = "adam", lr: float = 0.01) -> pd.DataFrame:
+    rows = []
+    for trial_id, (strategy, workers, seed, sps, acc, wall) in trials.items():
+        for epoch, (s, a, w) in enumerate(zip(sps, acc, wall, strict=True), start=1):
+            rows.append({"trial_id": trial_id, "status": "completed", "epoch": epoch,
+                         "train_loss": 1.0 / epoch, "val_loss": 1.0 - a, "val_accuracy": a,
+                         "samples_per_s": s, "epoch_time_s": 1.0, "wall_time_s": w,
+                         "strategy": strategy, "optimizer": optimizer, "lr": lr,
+                         "workers": workers, "seed": seed, "out": f"x/trials/{trial_id}"})
+    return pd.DataFrame(rows)
+
+
+def sweep_folder(tmp_path: Path, results: pd.DataFrame, settings: str) -> Path:
+    results.to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.yaml").write_text(f"model: mlp\nsweep: {settings}\n")
+    return tmp_path
+
+
+def test_speedup_efficiency_and_time_to_target_by_hand():
+    trials = report.per_trial(results_table(SCALING), "val_accuracy", "max", 0.9)
+    assert trials.set_index("trial_id")["samples_per_s"].to_dict() == {
+        "a": 210, "b": 200, "c": 180, "d": 200, "e": 380, "f": 360, "g": 610, "h": 650}
+    assert trials.set_index("trial_id")["time_to_target"].to_dict() == {
+        "a": 3, "b": 2, "c": 6, "d": 4, "e": 2, "f": math.inf, "g": 1, "h": 0.5}
+
+    table = report.speedup_table(trials).set_index(["strategy", "workers"])
+    assert table["samples_per_s"].to_dict() == {("ddp", 1): 190, ("ddp", 2): 370, ("ddp", 4): 630,
+                                                ("local", 1): 205}
+    assert table["speedup"].to_dict() == pytest.approx(
+        {("ddp", 1): 1.0, ("ddp", 2): 370 / 190, ("ddp", 4): 630 / 190, ("local", 1): 1.0})
+    assert table["efficiency"].to_dict() == pytest.approx(
+        {("ddp", 1): 1.0, ("ddp", 2): 370 / 190 / 2, ("ddp", 4): 630 / 190 / 4, ("local", 1): 1.0})
+    # medians over seeds: ddp 1 -> (6+4)/2 = 5 s; ddp 2 -> (2+inf)/2: not reached; ddp 4 -> 0.75 s
+    assert table["time_to_target"].to_dict() == {("ddp", 1): 5, ("ddp", 2): math.inf,
+                                                 ("ddp", 4): 0.75, ("local", 1): 2.5}
+    assert table.loc[("ddp", 4), "ttt_speedup"] == pytest.approx(5 / 0.75)
+    assert math.isnan(table.loc[("ddp", 2), "ttt_speedup"])
+    assert table["vs_local"].to_dict() == pytest.approx(
+        {("ddp", 1): 190 / 205, ("ddp", 2): 370 / 205, ("ddp", 4): 630 / 205, ("local", 1): 1.0})
+
+
+def test_report_file_holds_the_numbers_and_plots(tmp_path):
+    folder = sweep_folder(tmp_path, results_table(SCALING), "{target: 0.9}")
+    (folder / "trials" / "a").mkdir(parents=True)
+    machine = {"host": "box", "cpu_model": "Test CPU", "cpus": 2, "gpus": 0, "threads_per_worker": 1,
+               "python": "3.11.7", "torch": "2.13.0", "ray": "2.60.0"}
+    (folder / "trials" / "a" / "machine.yaml").write_text(yaml.safe_dump(machine, sort_keys=False))
+
+    assert main(["report", str(folder)]) == 0
+    text = (folder / "report.md").read_text()
+    assert "8 trials (8 completed); metric val_accuracy (max), target val_accuracy >= 0.9." in text
+    assert "| box | Test CPU | 2 | 0 | 1 | 3.11.7 | 2.13.0 | 2.60.0 |" in text
+    rows = {
+        # strategy | workers | seeds | samples/s | speedup | efficiency | vs_local | time to target | ttt
+        "| ddp | 1 | 2 | 190 | 1.00 | 1.00 | 0.93 | 5.00 s | 1.00 |",
+        "| ddp | 2 | 2 | 370 | 1.95 | 0.97 | 1.80 | not reached | - |",
+        "| ddp | 4 | 2 | 630 | 3.32 | 0.83 | 3.07 | 0.75 s | 6.67 |",
+        "| local | 1 | 2 | 205 | 1.00 | 1.00 | 1.00 | 2.50 s | 1.00 |",
+    }
+    assert rows <= set(text.splitlines())
+    # the best setting of the one optimizer: ddp on 4 workers, final accuracy 0.96 for both seeds
+    assert "| adam | strategy=ddp, workers=4 | 2 | 0 | 0.9600 | 0.9600..0.9600 | 0.75 s |" in text
+    for png in ("speedup.png", "curves.png"):
+        assert (folder / png).read_bytes()[:8] == PNG
+        assert f"]({png})" in text
+    assert not (folder / "lr_sensitivity.png").exists()
+    assert "The sweep tries one lr per optimizer: no sensitivity to show." in text
+
+
+def test_best_lr_per_optimizer_and_lr_sensitivity(tmp_path):
+    grid = {  # (optimizer, lr): final val_accuracy of seeds 0, 1; nan: the run diverged
+        ("sgd", 0.1): [0.80, 0.90], ("sgd", 1.0): [math.nan, math.nan],
+        ("adam", 0.001): [0.91, 0.93], ("adam", 0.01): [0.95, 0.94],
+        ("adam", 0.1): [0.99, math.nan],  # the best seed of all, but half the seeds diverge
+    }
+    frames = []
+    for i, ((optimizer, lr), finals) in enumerate(grid.items()):
+        for seed, final in enumerate(finals):
+            trial = {f"t{i}{seed}": ("local", 1, seed, [10, 20], [0.5, final], [1, 2])}
+            frame = results_table(trial, optimizer, lr)
+            frame["status"] = "diverged" if math.isnan(final) else "completed"
+            frames.append(frame)
+    folder = sweep_folder(tmp_path, pd.concat(frames, ignore_index=True), "{target: 0.92}")
+
+    best = report.best_table(report.per_trial(pd.read_csv(folder / "results.csv"), "val_accuracy", "max",
+                                              0.92), "max").set_index("optimizer")
+    assert best["lr"].to_dict() == {"adam": 0.01, "sgd": 0.1}  # a diverging seed counts as worst
+    assert best["final"].to_dict() == pytest.approx({"adam": 0.945, "sgd": 0.85})
+    assert best["time_to_target"].to_dict() == {"adam": 2, "sgd": math.inf}
+
+    text = report.write(folder).read_text()
+    assert "10 trials (7 completed, 3 diverged); metric val_accuracy (max), target" in text
+    assert "| adam | lr=0.01 | 2 | 0 | 0.9450 | 0.9400..0.9500 | 2.00 s |" in text
+    assert "| sgd | lr=0.1 | 2 | 0 | 0.8500 | 0.8000..0.9000 | not reached |" in text
+    assert "The sweep does not vary workers: nothing to compare." in text
+    assert "| 0.1 | - | 0.8500 |" in text and "| 1 | - | - |" in text  # lr x optimizer medians
+    assert (folder / "lr_sensitivity.png").read_bytes()[:8] == PNG
+
+
+def test_report_without_results(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        report.write(tmp_path)
+    assert str(e.value) == f"{tmp_path}: no results.csv; run `raydist sweep FILE --out {tmp_path}` first"
+
+
+def test_a_tie_goes_to_the_setting_that_reaches_the_target_first():
+    ties = {  # the same accuracies, as ddp gives beside local; local gets there sooner
+        "l": ("local", 1, 0, [100, 100], [0.5, 0.95], [1, 2]),
+        "d": ("ddp", 1, 0, [100, 100], [0.5, 0.95], [2, 4]),
+    }
+    trials = report.per_trial(results_table(ties), "val_accuracy", "max", 0.9)
+    best = report.best_table(trials, "max")
+    assert best[["optimizer", "setting", "time_to_target"]].values.tolist() == [
+        ["adam", "strategy=local", 2.0]]
