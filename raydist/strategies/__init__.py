@@ -1,21 +1,31 @@
 """Strategy registry. A strategy is a module with `check(spec, data)` (raises ConfigError
 before anything runs) and `run(spec, report) -> RunResult`. Adding one is a new module and
-one line below; strategies never import each other."""
+its name below; strategies never import each other.
+
+Modules are imported on first use: `ddp` pulls in Ray Train, which every ps replica and
+pipeline stage process would otherwise pay for at start-up."""
 
 from __future__ import annotations
 
+import importlib
 import shutil
 from pathlib import Path
+from types import ModuleType
 
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.engine import Record, Report, RunResult, save_outputs
 from raydist.models import build_model
 from raydist.registry import Registry
-from raydist.strategies import local
 
-STRATEGIES: Registry = Registry("strategy")
-STRATEGIES.register("local")(local)
+STRATEGIES: Registry[str] = Registry("strategy")
+for _name in ("local", "ddp", "ps", "pipeline"):
+    STRATEGIES.register(_name)(f"raydist.strategies.{_name}")
+
+
+def get(name: str) -> ModuleType:
+    """The strategy module `name` (ConfigError naming the choices if there is none)."""
+    return importlib.import_module(STRATEGIES[name])
 
 
 def progress(rec: Record) -> None:
@@ -28,7 +38,7 @@ def progress(rec: Record) -> None:
 def train(spec: RunSpec, report: Report = progress) -> RunResult:
     """Check, run and save one spec. User errors surface before the output folder exists;
     a ConfigError raised later removes the folder this call created."""
-    strategy = STRATEGIES[spec.strategy]
+    strategy = get(spec.strategy)
     data = load_data(spec)
     build_model(spec, data)
     strategy.check(spec, data)
