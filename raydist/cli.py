@@ -83,12 +83,28 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {report.write(args.dir)}")
 
 
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["check"], help="check: validate a `ray up` cluster YAML and "
+                   "print the most CPUs/GPUs its autoscaler can bring up")
+    p.add_argument("file", help="cluster-launcher YAML, e.g. cluster.yaml")
+
+
+def cmd_cluster(args: argparse.Namespace) -> None:
+    from raydist import cluster
+
+    most = cluster.check_cluster_file(args.file)
+    print(f"{args.file}: valid; at most (each on its own, head + workers up to max_workers):")
+    for name, amount in most.items():
+        print(f"  {name}: {amount:g}")
+
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None],
                 str]
 COMMANDS: dict[str, Command] = {
     "train": (add_spec_flags, cmd_train, "train one run with one strategy"),
     "sweep": (add_sweep_flags, cmd_sweep, "run a Ray Tune sweep over RunSpec fields"),
     "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results"),
+    "cluster": (add_cluster_flags, cmd_cluster, "check a cluster-launcher YAML (`ray up FILE`)"),
 }
 
 

@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
+from pathlib import Path
+from typing import Any
 
+import jsonschema
 import ray
+from ray.autoscaler._private import util as autoscaler_util
 
-from raydist.config import ConfigError, RunSpec
+from raydist.config import ConfigError, RunSpec, load_yaml
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -40,3 +45,66 @@ def require(cpus: float, gpus: float, what: str) -> None:
         if need > cap[kind]:
             raise ConfigError(f"{what} needs {need:g} {kind}s but the cluster can provide at "
                               f"most {cap[kind]:g}")
+
+
+# --- The cluster-launcher YAML (`ray up FILE`): is it valid, and how big can it grow? ---
+
+def load_cluster_config(path: str | Path) -> dict[str, Any]:
+    """The file as `ray up` sees it: merged with Ray's provider defaults and checked by Ray's own
+    schema validation (offline: no cloud SDK, no credentials). Errors are one-line ConfigErrors."""
+    raw = load_yaml(path)
+    # prepare_config logs one INFO line per node type it fills in; not news to a user.
+    logging.getLogger(autoscaler_util.__name__).setLevel(logging.WARNING)
+    try:
+        config = autoscaler_util.prepare_config(copy.deepcopy(raw))
+        autoscaler_util.validate_config(config)
+    except jsonschema.ValidationError as e:
+        where = ".".join(str(p) for p in e.absolute_path) or "top level"
+        raise ConfigError(f"{path}: {where}: {e.message.splitlines()[0]}") from None
+    except KeyError as e:
+        raise ConfigError(f"{path}: missing key {e}") from None
+    except (ValueError, NotImplementedError, RuntimeError) as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    for name, node_type in config["available_node_types"].items():
+        # Ray accepts this and the autoscaler would then never reach min_workers.
+        if node_type["min_workers"] > node_type["max_workers"]:
+            raise ConfigError(f"{path}: available_node_types.{name}: min_workers "
+                              f"{node_type['min_workers']} > max_workers {node_type['max_workers']}")
+    return config
+
+
+def max_resources(config: dict[str, Any]) -> dict[str, float]:
+    """The most of each resource the autoscaler can ever bring up: the head node, plus up to
+    the top-level `max_workers` worker nodes, each type at most its own `max_workers`.
+    Each resource is maximised on its own (the types with the most of it fill the cap first),
+    so the CPU and GPU maxima may need different worker mixes and need not hold at once."""
+    types = config["available_node_types"]
+    for name, node_type in types.items():
+        missing = [k for k in ("CPU", "GPU") if k not in node_type.get("resources", {})]
+        if missing:
+            # Ray learns an instance type's CPUs/GPUs from the cloud API at launch only.
+            raise ConfigError(f"available_node_types.{name}: resources has no "
+                              f"{' or '.join(missing)}; give both, e.g. resources: {{CPU: 8, GPU: 0}}")
+    head = types[config["head_node_type"]]["resources"]
+    keys = ["CPU", "GPU"] + sorted({k for t in types.values() for k in t["resources"]} - {"CPU", "GPU"})
+    return {k: head.get(k, 0.0) + most_from_workers(types, config["max_workers"], k) for k in keys}
+
+
+def most_from_workers(types: dict[str, Any], slots: int, key: str) -> float:
+    """Greedy fill of `slots` worker nodes with the types richest in `key`: optimal, since every
+    node costs one slot whatever its type."""
+    total = 0.0
+    for node_type in sorted(types.values(), key=lambda t: -t["resources"].get(key, 0)):
+        n = min(node_type["max_workers"], slots)
+        total += n * node_type["resources"].get(key, 0)
+        slots -= n
+    return float(total)
+
+
+def check_cluster_file(path: str | Path) -> dict[str, float]:
+    """`raydist cluster check FILE`: validate it and return its autoscaling maximum."""
+    config = load_cluster_config(path)
+    try:
+        return max_resources(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
