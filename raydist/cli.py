@@ -98,6 +98,26 @@ def cmd_cluster(args: argparse.Namespace) -> None:
         print(f"  {name}: {amount:g}")
 
 
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    add_spec_flags(p)
+    p.add_argument("--counts", default="1,2,4,8,16,64,256,1024",
+                   help="worker (or stage) counts to predict, e.g. 1,2,4,8")
+    p.add_argument("--bandwidth", default="25Gbit/s", help="link bandwidth, e.g. 25Gbit/s")
+    p.add_argument("--latency", default="10us", help="per-message latency, e.g. 10us")
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from raydist import plan
+
+    spec = spec_from_args(args)
+    counts = plan.parse_counts(args.counts)
+    net = plan.Network(plan.parse_bandwidth(args.bandwidth), plan.parse_duration(args.latency))
+    rows = plan.predict(plan.calibrate(spec), net, spec.batch_size, counts, spec.microbatches)
+    print(plan.table(rows))
+    plan.write(rows, Path(spec.out))
+    print(f"wrote {spec.out}/plan.csv, plan.png")
+
+
 Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None],
                 str]
 COMMANDS: dict[str, Command] = {
@@ -105,6 +125,7 @@ COMMANDS: dict[str, Command] = {
     "sweep": (add_sweep_flags, cmd_sweep, "run a Ray Tune sweep over RunSpec fields"),
     "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results"),
     "cluster": (add_cluster_flags, cmd_cluster, "check a cluster-launcher YAML (`ray up FILE`)"),
+    "plan": (add_plan_flags, cmd_plan, "predict step time and speedup per strategy at scale"),
 }
 
 

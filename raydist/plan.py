@@ -17,6 +17,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -126,3 +127,42 @@ def calibrate(spec: RunSpec, repeats: int = 5) -> Costs:
         mid = model[: max(1, len(model) // 2)](data.x_train[:1])
     return Costs(max(t_full - per_sample * full, 0.0), per_sample, grad_bytes,
                  mid.numel() * mid.element_size())
+
+
+def parse_counts(text: str) -> list[int]:
+    try:
+        counts = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"workers: got '{text}'; expected worker counts like 1,2,4,8")
+    return sorted(set(counts))
+
+
+def table(rows: list[dict[str, float]]) -> str:
+    lines = [f"{'strategy':<9} {'N':>5} {'step ms':>9} {'speedup':>8} {'efficiency':>10}"]
+    lines += [f"{r['strategy']:<9} {r['workers']:>5} {r['step_s'] * 1e3:>9.2f} {r['speedup']:>8.2f} "
+              f"{r['efficiency']:>10.2f}" for r in rows]
+    return "\n".join(lines)
+
+
+def write(rows: list[dict[str, float]], out: Path) -> None:
+    """plan.csv and plan.png (predicted speedup per strategy, with the ideal line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "plan.csv", index=False)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy, part in df.groupby("strategy"):
+        ax.plot(part["workers"], part["speedup"], marker="o", label=strategy)
+    ax.plot(df["workers"], df["workers"], "k--", label="ideal")
+    ax.set(xscale="log", yscale="log", xlabel="workers / stages", ylabel="predicted speedup")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "plan.png")
+    plt.close(fig)

@@ -59,3 +59,24 @@ def test_predict_speedup_and_efficiency():
     ddp4 = next(r for r in rows if r["strategy"] == "ddp" and r["workers"] == 4)
     assert ddp4["speedup"] == pytest.approx(ddp_step(COSTS, NET, 256, 1) / ddp_step(COSTS, NET, 256, 4))
     assert ddp4["efficiency"] == pytest.approx(ddp4["speedup"] / 4)
+
+
+def test_plan_command_calibrates_prints_and_writes(tmp_path, capsys):
+    from raydist.cli import main
+
+    out = tmp_path / "plan"
+    assert main(["plan", "--hidden", "32", "--batch-size", "64", "--counts", "1,2,8",
+                 "--bandwidth", "1Gbit/s", "--latency", "50us", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["strategy", "N", "step", "ms", "speedup", "efficiency"]
+    assert [line.split()[:2] for line in lines[1:10]] == [
+        [s, n] for s in ("ddp", "ps", "pipeline") for n in ("1", "2", "8")]
+    assert (out / "plan.png").stat().st_size > 0
+    assert len((out / "plan.csv").read_text().splitlines()) == 10
+
+
+def test_plan_rejects_bad_counts(tmp_path, capsys):
+    from raydist.cli import main
+
+    assert main(["plan", "--counts", "0,2", "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err == "error: workers: got '0,2'; expected worker counts like 1,2,4,8\n"
