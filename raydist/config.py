@@ -189,10 +189,6 @@ def lookup(path: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
-def help_of(name: str) -> str:
-    return next(f.metadata["help"] for f in fields(RunSpec) if f.name == name)
-
-
 # --- turning YAML / CLI values into the field's type ------------------------------------------
 
 def coerce(name: str, value: Any, type_: str, where: str = "") -> Any:
