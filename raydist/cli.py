@@ -75,12 +75,14 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 def add_report_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a sweep's results folder (holds results.csv)")
+    p.add_argument("--plan", help="a `raydist plan --out` folder (or its plan.csv): predicted "
+                   "speedups set beside the measured ones")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from raydist import report
 
-    print(f"report: {report.write(args.dir)}")
+    print(f"report: {report.write(args.dir, args.plan)}")
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:

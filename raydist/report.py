@@ -154,15 +154,21 @@ def matches(trials: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.Series:
 # --- plots --------------------------------------------------------------------------------------
 
 def plot_speedup(table: pd.DataFrame, scale: str, path: Path) -> None:
+    """Measured speedup and efficiency per strategy; dashed, the plan's prediction where given."""
     fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
     strategies = table["strategy"] if "strategy" in table else pd.Series("run", index=table.index)
     ns = sorted(table[scale].unique())
     for name, rows in table.groupby(strategies, sort=True):
-        curve = rows.groupby(scale)[["speedup", "efficiency"]].median()
+        curve = rows.groupby(scale)[["speedup", "efficiency", "predicted"]].median()
         if len(curve) < 2:
             continue  # a baseline with one N draws no line
-        ax_s.plot(curve.index, curve["speedup"], "o-", label=name)
+        (line,) = ax_s.plot(curve.index, curve["speedup"], "o-", label=name)
         ax_e.plot(curve.index, curve["efficiency"], "o-", label=name)
+        if curve["predicted"].notna().any():
+            color = line.get_color()
+            ax_s.plot(curve.index, curve["predicted"], "x--", color=color, label=f"{name} (plan)")
+            ax_e.plot(curve.index, curve["predicted"] / curve.index, "x--", color=color,
+                      label=f"{name} (plan)")
     ax_s.plot(ns, ns, "k--", label="ideal")
     ax_e.plot(ns, [1.0] * len(ns), "k--", label="ideal")
     for ax, what in ((ax_s, "speedup"), (ax_e, "scaling efficiency")):
@@ -227,9 +233,11 @@ def save(fig: Any, path: Path) -> None:
 
 # --- the report -------------------------------------------------------------------------------
 
-def write(folder: str | Path) -> Path:
-    """DIR/report.md and its PNGs from DIR/results.csv (and the settings in DIR/sweep.yaml)."""
+def write(folder: str | Path, plan: str | Path | None = None) -> Path:
+    """DIR/report.md and its PNGs from DIR/results.csv (and the settings in DIR/sweep.yaml);
+    with `plan`, a `raydist plan` table whose predicted speedups are set beside the measured."""
     root = Path(folder)
+    predictions = load_plan(plan) if plan is not None else None
     if not (root / "results.csv").is_file():
         raise ConfigError(f"{folder}: no results.csv; run `raydist sweep FILE --out {folder}` first")
     results = pd.read_csv(root / "results.csv")
@@ -242,7 +250,7 @@ def write(folder: str | Path) -> Path:
     trials = per_trial(results, metric, mode, target)
     lines = [f"# Sweep report: {root.name}", "", summary(trials, metric, mode, target), ""]
     lines += machine_section(root)
-    lines += speedup_section(trials, scale, root)
+    lines += speedup_section(trials, scale, root, predictions)
     lines += optimizer_sections(results, trials, metric, mode, target, root)
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -265,11 +273,13 @@ def machine_section(root: Path) -> list[str]:
     return ["## Machine", "", markdown(table), ""]
 
 
-def speedup_section(trials: pd.DataFrame, scale: str, root: Path) -> list[str]:
+def speedup_section(trials: pd.DataFrame, scale: str, root: Path,
+                    plan: pd.DataFrame | None = None) -> list[str]:
     table = speedup_table(trials, scale)
     head = ["## Speedup and scaling efficiency", ""]
     if table.empty:
         return [*head, f"The sweep does not vary {scale}: nothing to compare.", ""]
+    table["predicted"] = predicted(table, scale, plan)
     plot_speedup(table, scale, root / "speedup.png")
     shown = table.assign(
         samples_per_s=table["samples_per_s"].map(lambda v: fmt(v, "{:.0f}")),
@@ -277,12 +287,37 @@ def speedup_section(trials: pd.DataFrame, scale: str, root: Path) -> list[str]:
         efficiency=table["efficiency"].map(lambda v: fmt(v, "{:.2f}")),
         vs_local=table["vs_local"].map(lambda v: fmt(v, "{:.2f}")),
         time_to_target=table["time_to_target"].map(fmt_time),
-        ttt_speedup=table["ttt_speedup"].map(lambda v: fmt(v, "{:.2f}")))
+        ttt_speedup=table["ttt_speedup"].map(lambda v: fmt(v, "{:.2f}")),
+        predicted=table["predicted"].map(lambda v: fmt(v, "{:.2f}")))
     cols = [*[c for c in varying(trials) if c != scale], scale, "seeds", "samples_per_s", "speedup",
+            *(["predicted"] if plan is not None else []),
             "efficiency", "vs_local", "time_to_target", "ttt_speedup"]
-    return [*head, "speedup = samples/s(N) / samples/s(1); efficiency = speedup / N; ttt_speedup = "
-            "time to target(1) / time to target(N); vs_local = samples/s / samples/s of local.", "",
-            markdown(shown[cols]), "", "![speedup](speedup.png)", ""]
+    legend = ("speedup = samples/s(N) / samples/s(1); efficiency = speedup / N; ttt_speedup = "
+              "time to target(1) / time to target(N); vs_local = samples/s / samples/s of local.")
+    if plan is not None:
+        legend += " predicted = the speedup `raydist plan` predicts for the strategy at N (dashed)."
+    return [*head, legend, "", markdown(shown[cols]), "", "![speedup](speedup.png)", ""]
+
+
+def load_plan(path: str | Path) -> pd.DataFrame:
+    """A `raydist plan --out DIR` table: DIR/plan.csv, or the file itself."""
+    p = Path(path)
+    p = p / "plan.csv" if p.is_dir() else p
+    if not p.is_file():
+        raise ConfigError(f"{path}: no plan.csv; write one with `raydist plan ... --out DIR`")
+    plan = pd.read_csv(p)
+    if not {"strategy", "workers", "speedup"} <= set(plan.columns):
+        raise ConfigError(f"{p}: not a raydist plan table (needs columns strategy, workers, speedup)")
+    return plan
+
+
+def predicted(table: pd.DataFrame, scale: str, plan: pd.DataFrame | None) -> list[float]:
+    """The plan's speedup for each row's strategy at the row's N (nan where it has none)."""
+    if plan is None or "strategy" not in table:
+        return [math.nan] * len(table)
+    ref = {(str(r.strategy), int(r.workers)): float(r.speedup) for r in plan.itertuples()}
+    return [ref.get((str(s), int(n)), math.nan) for s, n in zip(table["strategy"], table[scale],
+                                                                 strict=True)]
 
 
 def optimizer_sections(results: pd.DataFrame, trials: pd.DataFrame, metric: str, mode: str,

@@ -144,3 +144,29 @@ def test_a_tie_goes_to_the_setting_that_reaches_the_target_first():
     best = report.best_table(trials, "max")
     assert best[["optimizer", "setting", "time_to_target"]].values.tolist() == [
         ["adam", "strategy=local", 2.0]]
+
+
+def test_plan_predictions_beside_measured_speedups(tmp_path):
+    folder = sweep_folder(tmp_path, results_table(SCALING), "{target: 0.9}")
+    plan_dir = tmp_path / "plan"
+    plan_dir.mkdir()
+    pd.DataFrame({"strategy": ["ddp"] * 3 + ["ps"], "workers": [1, 2, 4, 2], "step_s": [1, 0.6, 0.4, 1],
+                  "speedup": [1.0, 1.8, 3.5, 1.2], "efficiency": [1, 0.9, 0.875, 0.6]}
+                 ).to_csv(plan_dir / "plan.csv", index=False)
+
+    assert main(["report", str(folder), "--plan", str(plan_dir)]) == 0
+    text = (folder / "report.md").read_text()
+    # strategy | workers | seeds | samples/s | speedup | predicted | efficiency | ...
+    assert "| ddp | 2 | 2 | 370 | 1.95 | 1.80 | 0.97 | 1.80 | not reached | - |" in text.splitlines()
+    assert "| ddp | 4 | 2 | 630 | 3.32 | 3.50 | 0.83 | 3.07 | 0.75 s | 6.67 |" in text.splitlines()
+    assert "| local | 1 | 2 | 205 | 1.00 | - | 1.00 | 1.00 | 2.50 s | 1.00 |" in text.splitlines()
+    assert (folder / "speedup.png").read_bytes()[:8] == PNG
+
+    with pytest.raises(ConfigError) as e:
+        report.write(folder, tmp_path / "nowhere")
+    assert str(e.value) == f"{tmp_path / 'nowhere'}: no plan.csv; write one with `raydist plan ... --out DIR`"
+    (plan_dir / "plan.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ConfigError) as e:
+        report.write(folder, plan_dir)
+    assert str(e.value) == (f"{plan_dir / 'plan.csv'}: not a raydist plan table "
+                            "(needs columns strategy, workers, speedup)")
