@@ -112,6 +112,8 @@ def test_schedules_order_each_stages_ops():
      "cuts: got [3]; expected block indices from 1 to 2 (model 'mlp' has 3 blocks)"),
     ({"stages": 2, "threads_per_worker": 3},  # the fixture's Ray has 4 CPUs
      "pipeline (2 stages x 3 threads) needs 6 CPUs but the cluster can provide at most 4"),
+    ({"stages": 2, "use_gpu": True},  # and none has GPUs
+     "pipeline (2 stages x 1 threads) needs 2 GPUs but the cluster can provide at most 0"),
 ])
 def test_bad_settings_fail_before_training_with_a_clear_message(raw, message, ray_local, tmp_path):
     out = tmp_path / "never"

@@ -164,11 +164,23 @@ receiving stage fetches (and times) the array itself."""
 
 
 def send(t: torch.Tensor) -> Box:
-    return [ray.put(t.detach().numpy())]
+    return [ray.put(t.detach().cpu().numpy())]
 
 
-def recv(box: Box) -> torch.Tensor:
-    return torch.tensor(ray.get(box[0], timeout=STEP_TIMEOUT_S))  # a copy: the store's is read-only
+def recv(box: Box, device: torch.device) -> torch.Tensor:
+    # a copy: the store's array is read-only
+    return torch.tensor(ray.get(box[0], timeout=STEP_TIMEOUT_S), device=device)
+
+
+def on_cpu(state: Any) -> Any:
+    """A state dict with every tensor on the CPU: the driver need not have a GPU."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: on_cpu(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [on_cpu(v) for v in state]
+    return state
 
 
 # --- one stage: its blocks, their optimizer, the activations waiting for their backward ---------
@@ -181,8 +193,10 @@ class Stage:
     def __init__(self, spec: RunSpec, index: int, layers: nn.Sequential, task: str,
                  x: torch.Tensor | None, y: torch.Tensor | None) -> None:
         torch.set_num_threads(spec.threads_per_worker)
-        self.spec, self.index, self.layers, self.task = spec, index, layers, task
-        self.x, self.y = x, y
+        # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave this actor, if any.
+        self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+        self.spec, self.index, self.layers, self.task = spec, index, layers.to(self.device), task
+        self.x, self.y = (None if t is None else t.to(self.device) for t in (x, y))
         self.first, self.last = x is not None, y is not None
         self.optimizer = make_optimizer(spec, layers.parameters())
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -201,7 +215,7 @@ class Stage:
 
     def receive(self, box: Box) -> torch.Tensor:
         with self.timed("comm_s"):
-            return recv(box)
+            return recv(box, self.device)
 
     def transmit(self, t: torch.Tensor) -> Box:
         with self.timed("comm_s"):
@@ -242,7 +256,7 @@ class Stage:
         return stats
 
     def state(self) -> dict[str, Any]:
-        return {"model": self.layers.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return on_cpu({"model": self.layers.state_dict(), "optimizer": self.optimizer.state_dict()})
 
     def load(self, state: dict[str, Any]) -> None:
         self.layers.load_state_dict(state["model"])
@@ -266,7 +280,8 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
     starts from) and, first and last, the training inputs and targets: the data set is read
     once, by the driver. Actors do not inherit the driver's environment: the test fault knob
     is handed over explicitly."""
-    options: dict[str, Any] = {"num_cpus": spec.threads_per_worker, "max_restarts": 0}
+    options: dict[str, Any] = {"num_cpus": spec.threads_per_worker, "max_restarts": 0,
+                               "num_gpus": gpus_per_stage(spec)}
     if "RAYDIST_FAULT" in os.environ:
         options["runtime_env"] = {"env_vars": {"RAYDIST_FAULT": os.environ["RAYDIST_FAULT"]}}
     actor = ray.remote(Stage).options(**options)
@@ -275,6 +290,16 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
     return [actor.remote(spec, k, model[bounds[k] : bounds[k + 1]], data.task,
                          data.x_train if k == 0 else None, data.y_train if k == last else None)
             for k in range(last + 1)]
+
+
+def gpus_per_stage(spec: RunSpec) -> float:
+    """With GPUs (use_gpu, or by default when the cluster has any): a whole GPU per stage when
+    there are enough, else the stages share them (2 stages on 1 GPU: half each). Asked for on a
+    cluster without any, a whole one each, which the capacity check then refuses."""
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if not (spec.use_gpu if spec.use_gpu is not None else gpus > 0):
+        return 0.0
+    return min(1.0, gpus / spec.stages) if gpus else 1.0
 
 
 def restore(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> None:
@@ -372,7 +397,7 @@ def fit(spec: RunSpec, data: Dataset, model: nn.Sequential, stages: list[ray.act
 
 def run(spec: RunSpec, report: Report) -> RunResult:
     connect(spec)
-    require(spec.stages * spec.threads_per_worker, 0,
+    require(spec.stages * spec.threads_per_worker, spec.stages * gpus_per_stage(spec),
             f"pipeline ({spec.stages} stages x {spec.threads_per_worker} threads)")
     data = load_data(spec)
     model = build_model(spec, data)  # the driver's copy, reassembled from the stages each epoch
