@@ -86,18 +86,28 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["check"], help="check: validate a `ray up` cluster YAML and "
-                   "print the most CPUs/GPUs its autoscaler can bring up")
+    p.add_argument("action", choices=["check", "publish"], help="check: validate a `ray up` "
+                   "cluster YAML and print the most CPUs/GPUs its autoscaler can bring up; publish: "
+                   "also record that maximum in the running cluster (run on the head after ray start)")
     p.add_argument("file", help="cluster-launcher YAML, e.g. cluster.yaml")
+    p.add_argument("--address", default="auto", help="publish: the cluster to record it in")
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
+    import logging
+
+    import ray
+
     from raydist import cluster
 
     most = cluster.check_cluster_file(args.file)
     print(f"{args.file}: valid; at most (each on its own, head + workers up to max_workers):")
     for name, amount in most.items():
         print(f"  {name}: {amount:g}")
+    if args.action == "publish":
+        ray.init(address=args.address, logging_level=logging.WARNING)
+        cluster.publish_max(cluster.load_cluster_config(args.file))
+        print(f"recorded as the autoscaler's maximum of the cluster at {args.address}")
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """Where a run executes: an embedded local Ray by default, or the cluster named by
-`spec.address` / RAY_ADDRESS; and the check that a run can ever fit there."""
+`spec.address` / RAY_ADDRESS; and the check that a run can ever fit there, counting the nodes
+an autoscaler may still add."""
 
 from __future__ import annotations
 
@@ -11,12 +12,17 @@ from typing import Any
 
 import jsonschema
 import ray
+from ray._private.state import state
 from ray.autoscaler._private import util as autoscaler_util
+from ray.core.generated import autoscaler_pb2
 
 from raydist.config import ConfigError, RunSpec, load_yaml
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Cloud nodes take minutes to boot; Ray Train gives a worker group 60 s to start by default, and a
+# ddp run that waits for the autoscaler would fail after a few of those.
+NODE_START_S = 600
 
 
 def connect(spec: RunSpec) -> None:
@@ -33,18 +39,57 @@ def connect(spec: RunSpec) -> None:
 
 
 def capacity() -> dict[str, float]:
-    """The most CPUs and GPUs the cluster can ever offer."""
-    total = ray.cluster_resources()
-    return {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
+    """The most of each resource the cluster can ever offer: what it has now, or what its
+    autoscaler can grow it to, whichever is more (nodes an autoscaler has not started yet count)."""
+    now, most = ray.cluster_resources(), autoscaler_max() or {}
+    keys = {"CPU", "GPU"} | set(now) | set(most)
+    return {k: max(float(now.get(k, 0.0)), float(most.get(k, 0.0))) for k in keys}
+
+
+def autoscaler_max() -> dict[str, float] | None:
+    """The autoscaler's maximum as Ray records it in the GCS (Ray Train checks its worker groups
+    against the same record); None when there is no autoscaler or it recorded nothing. KubeRay
+    records it; Ray 2.60's own autoscaler (`ray up`, `ray start --autoscaling-config`) does not,
+    so the head publishes its config with `publish_max` after `ray start`."""
+    return state.get_max_resources_from_cluster_config()
 
 
 def require(cpus: float, gpus: float, what: str) -> None:
-    """Fail at once if `what` needs more than the cluster can ever give (Ray would wait forever)."""
-    cap = capacity()
+    """Fail at once if `what` needs more than the cluster can ever give (Ray would wait forever).
+    On an autoscaling cluster "ever" includes the nodes the autoscaler may still add, and a
+    run that fits may wait for them: Ray Train then gives its worker group NODE_START_S."""
+    cap, scaling = capacity(), autoscaler_max() is not None
+    limit = "can scale to at most" if scaling else "can provide at most"
     for kind, need in (("CPU", cpus), ("GPU", gpus)):
         if need > cap[kind]:
-            raise ConfigError(f"{what} needs {need:g} {kind}s but the cluster can provide at "
-                              f"most {cap[kind]:g}")
+            raise ConfigError(f"{what} needs {need:g} {kind}s but the cluster {limit} {cap[kind]:g}")
+    if scaling:
+        # Ray Train passes it on from this process to its controller (ENV_VARS_TO_PROPAGATE)
+        os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(NODE_START_S))
+
+
+def publish_max(config: dict[str, Any]) -> dict[str, float]:
+    """Record the autoscaler's limits from its config (the dict the head's autoscaler reads:
+    available_node_types, head_node_type, max_workers) in the GCS of the connected cluster, where
+    `autoscaler_max` and Ray Train look for them. Returns the maximum recorded."""
+    record = limits_record(config)
+    ray._private.worker.global_worker.gcs_client.report_cluster_config(record.SerializeToString())
+    return max_resources(config)
+
+
+def limits_record(config: dict[str, Any]) -> autoscaler_pb2.ClusterConfig:
+    """The autoscaler config as Ray's ClusterConfig record: each node type with its count range,
+    and the cap that the top-level max_workers puts on each resource (`max_resources`)."""
+    record = autoscaler_pb2.ClusterConfig()
+    for name, node_type in config["available_node_types"].items():
+        head = name == config["head_node_type"]
+        group = record.node_group_configs.add(
+            name=name, min_count=1 if head else node_type.get("min_workers", 0),
+            max_count=1 if head else node_type["max_workers"])
+        # the record holds whole units only: a fractional resource counts what is surely there
+        group.resources.update({k: int(v) for k, v in node_type["resources"].items() if v >= 1})
+    record.max_resources.update({k: int(v) for k, v in max_resources(config).items() if v >= 1})
+    return record
 
 
 # --- The cluster-launcher YAML (`ray up FILE`): is it valid, and how big can it grow? ---

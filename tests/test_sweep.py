@@ -296,10 +296,11 @@ def test_job_entrypoint_runs_the_sweep_then_its_report(monkeypatch):
 
     calls = []
     monkeypatch.setattr(sweep, "run", lambda file, out, address: calls.append(("sweep", file, out, address)))
-    monkeypatch.setattr(report, "write", lambda folder: calls.append(("report", folder)) or "r.md")
+    monkeypatch.setattr(report, "write",
+                        lambda folder, plan=None: calls.append(("report", folder, plan)) or "r.md")
     spec = importlib.util.spec_from_file_location("job", CONFIGS.parent / "jobs" / "sweep.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     assert job.main(["tune_configs/scaling.yaml", "--address", "auto"]) == 0
     assert calls == [("sweep", "tune_configs/scaling.yaml", "results/scaling", "auto"),
-                     ("report", "results/scaling")]
+                     ("report", "results/scaling", None)]
