@@ -8,7 +8,6 @@ Every benchmark runs both sides in one process tree, in turn (one warm-up round,
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import socket
@@ -24,7 +23,7 @@ from typing import Any
 import ray
 import torch
 
-from raydist import strategies
+from raydist import cluster, strategies
 from raydist.config import RunSpec
 from raydist.data import load_data
 from raydist.engine import Record
@@ -58,8 +57,7 @@ def gpu_name() -> str:
 
 
 def start_ray() -> None:
-    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
-             logging_level=logging.WARNING, resources={"trial_driver": 8})
+    cluster.start_local(num_cpus=max(4, os.cpu_count() or 1), resources={"trial_driver": 8})
 
 
 def raydist_records(run_spec: RunSpec) -> list[Record]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Cloud nodes take minutes to boot; Ray Train gives a worker group 60 s to start by default, and a
 # ddp run that waits for the autoscaler would fail after a few of those.
 NODE_START_S = 600
+API_SERVER = "RAY_API_SERVER_ADDRESS"
 
 
 def connect(spec: RunSpec) -> None:
@@ -34,8 +36,26 @@ def connect(spec: RunSpec) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=True)
+        start_local()
+
+
+def start_local(**init: Any) -> None:
+    """An embedded Ray (`address="local"`) with its dashboard on loopback. Ray Train frees the
+    workers of a run whose controller died once the State API (served by the dashboard) shows
+    it dead; without a dashboard its cleaner fails and warns every second. Naming the API
+    server keeps its queries from guessing among other Ray instances on the machine: Ray's
+    processes inherit the variable from this one. The driver keeps it afterwards (later runs
+    in this process talk to this Ray)."""
+    port = free_port()
+    os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, **init)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def capacity() -> dict[str, float]:

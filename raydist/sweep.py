@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from raydist import strategies
+from raydist import cluster, strategies
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record
 
@@ -41,7 +40,6 @@ from raydist.engine import Diverged, Record
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 TRIAL_RESOURCES = {"cpu": 0, "trial_driver": 1}
-API_SERVER = "RAY_API_SERVER_ADDRESS"
 STATE, EPOCHS = "trial.yaml", "epochs.csv"
 # A status the trial sets itself is final; the driver only marks trials the scheduler stopped.
 FINAL = ("completed", "diverged", "error")
@@ -112,27 +110,20 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
         yield
         return
     address = address or sweep.base.get("address") or os.environ.get("RAY_ADDRESS")
-    saved = os.environ.get(API_SERVER)
+    saved = os.environ.get(cluster.API_SERVER)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
-        else:
-            # Ray Train frees the workers of a trial stopped early once the State API (the
-            # dashboard) shows its controller dead (RAY_NOTES.md). Naming the API server keeps
-            # the workers from guessing among other Ray instances on the machine.
-            port = free_port()
-            os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
-            ray.init(address="local", resources={"trial_driver": sweep.max_concurrent},
-                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                     log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
+        else:  # ASHA stops trials early: Ray Train must be able to free their workers
+            cluster.start_local(resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)
         require_trial_drivers()
         yield
     finally:
         ray.shutdown()
         if saved is None:
-            os.environ.pop(API_SERVER, None)
+            os.environ.pop(cluster.API_SERVER, None)
         else:
-            os.environ[API_SERVER] = saved
+            os.environ[cluster.API_SERVER] = saved
 
 
 def require_trial_drivers() -> None:
@@ -140,12 +131,6 @@ def require_trial_drivers() -> None:
         raise ConfigError("the Ray cluster has no 'trial_driver' resource, which every sweep trial "
                           "holds; start its head node with --resources='{\"trial_driver\": 8}' "
                           "(cluster.yaml: resources of the head node type)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the search --------------------------------------------------------------------------------

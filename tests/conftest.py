@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -18,8 +17,10 @@ RAY_CPUS = 4
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False,
-             object_store_memory=100 * 2**20, logging_level=logging.WARNING,
-             resources={"trial_driver": 8})
+    from raydist import cluster
+
+    # as the CLI starts it: with the dashboard, so that Ray Train can free a dead run's workers
+    cluster.start_local(num_cpus=RAY_CPUS, object_store_memory=100 * 2**20,
+                        resources={"trial_driver": 8})
     yield ray
     ray.shutdown()
