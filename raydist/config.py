@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,11 @@ def unit_interval(x: float) -> bool:
     return 0 <= x < 1
 
 
+def worker_count(x: int | list[int]) -> bool:
+    """A fixed count >= 1, or an elastic range [min, max] with 1 <= min <= max."""
+    return x >= 1 if isinstance(x, int) else 1 <= x[0] <= x[1]
+
+
 @dataclass
 class RunSpec:
     # --- what to train, how it is spread --------------------------------------------------
@@ -71,8 +77,10 @@ class RunSpec:
                        expected="an integer >= 1")
     batch_size: int = knob(64, "GLOBAL batch, whatever the worker count (gd: the whole set)",
                            check=at_least(1), expected="an integer >= 1")
-    workers: int = knob(1, "data-parallel replicas (ddp, ps)", check=at_least(1),
-                        expected="an integer >= 1")
+    workers: int | list[int] = knob(1, "data-parallel replicas (ddp, ps); ddp also takes a range "
+                                    "MIN-MAX ([min, max] in YAML): elastic, grows when nodes join",
+                                    check=worker_count,
+                                    expected="an integer >= 1, or [min, max] with 1 <= min <= max")
     threads_per_worker: int = knob(1, "torch threads in each worker process",
                                    check=at_least(1), expected="an integer >= 1")
     seed: int = knob(0, "seed of weights, data split and batch order", check=at_least(0),
@@ -101,11 +109,12 @@ class RunSpec:
     # --- ddp / Ray ---------------------------------------------------------------------------
     address: str | None = knob(None, "Ray cluster to join (default: RAY_ADDRESS, else an "
                                "embedded local Ray)")
-    use_gpu: bool | None = knob(None, "ddp: train on GPUs (default: when the cluster has any)")
+    use_gpu: bool | None = knob(None, "ddp, pipeline: train on GPUs (default: when the cluster "
+                                "has some now)")
     max_failures: int = knob(0, "restarts from the latest checkpoint after a worker dies",
                              check=at_least(0), expected="an integer >= 0")
-    grad_compression: str = knob("none", "ddp: gradient communication hook",
-                                 choices=("none", "fp16", "bf16", "powersgd"))
+    grad_compression: str = knob("none", "ddp: gradient communication hook (none, fp16, bf16, "
+                                 "powersgd)", registry="raydist.comm:COMPRESSIONS")
     powersgd_rank: int = knob(1, "ddp: PowerSGD matrix rank", check=at_least(1),
                               expected="an integer >= 1")
     bucket_cap_mb: float = knob(25.0, "ddp: gradient bucket size in MB", check=positive,
@@ -170,8 +179,24 @@ class RunSpec:
                 name = value.split(":", 1)[0] if f.name == "data" else value
                 if name not in registry:
                     raise ConfigError(where + registry.unknown(value))
+        for name, broken, why in COMBINATIONS:
+            if broken(self):
+                raise ConfigError(f"{where}{name}: {why(self)}")
+        if isinstance(self.workers, list) and self.strategy != "ddp":
+            raise ConfigError(f"{where}workers: got {self.workers}; a range [min, max] (elastic "
+                              f"scaling) needs strategy ddp, not '{self.strategy}'")
         if self.lr is None:
             self.lr = lookup("raydist.optim:OPTIMIZERS")[self.optimizer].default_lr
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest replicas the run may have: `workers`, or the low end of its range."""
+        return self.workers if isinstance(self.workers, int) else self.workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        """The most replicas the run may have: `workers`, or the high end of its range."""
+        return self.workers if isinstance(self.workers, int) else self.workers[1]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,6 +207,17 @@ class RunSpec:
     def optimizer_hparams(self) -> dict[str, float]:
         return {"beta": self.beta, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                 "weight_decay": self.weight_decay}
+
+
+# Settings valid one by one but not together: (the field the error names, test, what is wrong).
+COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("grad_compression", lambda s: s.grad_compression == "powersgd" and s.max_workers == 1,
+     lambda s: f"got 'powersgd' with workers {s.workers}; PowerSGD compresses the gradients "
+               "workers exchange, so it needs workers >= 2"),
+    ("local_sgd_steps", lambda s: s.local_sgd_steps > 1 and s.grad_compression != "none",
+     lambda s: f"got {s.local_sgd_steps} with grad_compression '{s.grad_compression}'; local SGD "
+               "exchanges parameters every k steps, no gradients to compress: set one of the two"),
+)
 
 
 def lookup(path: str) -> Any:
@@ -243,12 +279,27 @@ def _int_list(v: Any) -> list[int]:
     return [_int(x) for x in v]
 
 
-PARSERS = {"int": _int, "float": _float, "bool": _bool, "str": _str, "list[int]": _int_list}
+def _int_or_range(v: Any) -> int | list[int]:
+    """An integer, or a pair: [min, max] (YAML, --set) or MIN-MAX (a CLI flag)."""
+    if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", v):
+        v = v.split("-")
+    if isinstance(v, str) and v.strip().startswith("["):
+        v = _int_list(v)
+    if isinstance(v, list | tuple):
+        if len(v) != 2:
+            raise ValueError(v)
+        return [_int(x) for x in v]
+    return _int(v)
+
+
+PARSERS = {"int": _int, "float": _float, "bool": _bool, "str": _str, "list[int]": _int_list,
+           "int | list[int]": _int_or_range}
 
 
 def describe(base: str) -> str:
     return {"int": "an integer", "float": "a number", "bool": "true or false",
-            "str": "a non-empty string", "list[int]": "a list of integers"}[base]
+            "str": "a non-empty string", "list[int]": "a list of integers",
+            "int | list[int]": "an integer or a range [min, max]"}[base]
 
 
 # --- files and overrides ----------------------------------------------------------------------
@@ -412,7 +463,7 @@ SWEEP_SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "samples": (_int, at_least(1), "an integer >= 1"),
     "scheduler": (_str, lambda v: v in ("none", "asha"), "one of none, asha"),
     "max_concurrent": (_int, at_least(1), "an integer >= 1"),
-    "scale": (_str, lambda v: v in {f.name for f in fields(RunSpec) if f.type == "int"},
+    "scale": (_str, lambda v: v in {f.name for f in fields(RunSpec) if f.type.startswith("int")},
               "an integer RunSpec field such as workers or stages"),
 }
 

@@ -3,6 +3,8 @@
 Each worker runs the engine's own epoch loop on its shard of every global batch. The engine
 divides a worker's loss sum by global_batch / world, so DDP's gradient average is the
 single-process gradient of the global batch: the run follows `local` to float32 round-off.
+grad_compression and local_sgd_steps change what the workers exchange (raydist/comm.py); each
+epoch's record says how many bytes that was and how long rank 0 waited for it.
 
 Rank 0 sends each epoch's record to a small channel actor; the driver runs TorchTrainer.fit()
 in a background thread and hands the records to `report` in the calling thread as they come
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 import tempfile
@@ -37,11 +40,12 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raydist import cluster, faults
+from raydist import cluster, comm, faults
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
-from raydist.engine import Diverged, Record, Report, RunResult, fit, make_optimizer
+from raydist.engine import Diverged, Record, Report, RunResult, fit, global_batches, make_optimizer
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
 
@@ -55,6 +59,9 @@ STOP_WAIT_S = 60.0  # how long an interrupted driver waits for the workers to st
 # A worker group that cannot start (Ray Train waits 60 s each time) is retried this often,
 # then the run fails instead of waiting forever.
 START_RETRIES = 2
+# How often an elastic run asks whether the cluster's size changed. Ray Train's autoscaling
+# coordinator refreshes its view of the nodes every 20 s anyway; a resize restarts the group.
+ELASTIC_CHECK_S = 20.0
 
 
 class Stopped(Exception):
@@ -64,46 +71,52 @@ class Stopped(Exception):
 # --- checks before anything runs ---------------------------------------------------------------
 
 def check(spec: RunSpec, data: Dataset) -> None:
-    if spec.grad_compression != "none":
-        raise ConfigError(f"grad_compression: got '{spec.grad_compression}'; ddp supports only "
-                          "'none' so far")
-    if spec.local_sgd_steps != 1:
-        raise ConfigError(f"local_sgd_steps: got {spec.local_sgd_steps}; ddp supports only 1 so far")
-    w = spec.workers
+    w = spec.max_workers
     if OPTIMIZERS[spec.optimizer].full_batch:
         if data.n_train < w:  # gd: the whole set is split as evenly as possible
-            raise ConfigError(f"workers: got {w}; {spec.optimizer} splits the {data.n_train} "
-                              f"training samples over the workers, so at most {data.n_train}")
+            raise ConfigError(f"workers: got {spec.workers}; {spec.optimizer} splits the "
+                              f"{data.n_train} training samples over the workers, so at most "
+                              f"{data.n_train}")
         return
-    if spec.batch_size % w:
+    # An elastic group may run at any size in its range; the batch splits evenly at each of
+    # them, so every size follows the same (local's) trajectory and a resize is seamless.
+    step = math.lcm(*range(spec.min_workers, w + 1))
+    if spec.batch_size % step:
+        sizes = (f"workers ({w})" if isinstance(spec.workers, int) else
+                 f"every worker count in {spec.workers} (elastic), i.e. by {step}")
         raise ConfigError(f"batch_size: got {spec.batch_size}; the global batch must divide by "
-                          f"workers ({w}), e.g. {max(w, spec.batch_size // w * w)}")
+                          f"{sizes}, e.g. {max(step, spec.batch_size // step * step)}")
 
 
 def check_last_batch(spec: RunSpec, data: Dataset) -> None:
     """The engine cannot train on an empty shard. Checked after the cluster check, so that a
     run that can never fit hears that first."""
     last = data.n_train % spec.batch_size
-    if not OPTIMIZERS[spec.optimizer].full_batch and 0 < last < spec.workers:
+    if not OPTIMIZERS[spec.optimizer].full_batch and 0 < last < spec.max_workers:
         raise ConfigError(f"batch_size: got {spec.batch_size}; the last batch of each epoch holds "
                           f"{last} of the {data.n_train} training samples, fewer than workers "
-                          f"({spec.workers})")
+                          f"({spec.max_workers})")
 
 
 # --- the driver --------------------------------------------------------------------------------
 
 def run(spec: RunSpec, report: Report) -> RunResult:
     cluster.connect(spec)
-    use_gpu = spec.use_gpu if spec.use_gpu is not None else cluster.capacity()["GPU"] > 0
+    # by default on GPUs when the cluster has some now (not merely could scale to some: an
+    # autoscaler's GPU node type must not turn every run into a GPU run)
+    use_gpu = spec.use_gpu if spec.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     per_worker = {"CPU": float(spec.threads_per_worker), **({"GPU": 1.0} if use_gpu else {})}
-    cluster.require(spec.workers * per_worker["CPU"], spec.workers * per_worker.get("GPU", 0.0),
-                    f"ddp with {spec.workers} workers")
+    cluster.require(spec.min_workers * per_worker["CPU"],
+                    spec.min_workers * per_worker.get("GPU", 0.0), f"ddp with {spec.workers} workers")
     data = load_data(spec)
     check_last_batch(spec, data)
     spec = absolute_paths(spec)
     storage = Path(spec.out) / "ray"
     claim(storage, spec)
-    channel = Channel.remote()
+    # On the driver's own node: a channel on a worker node would die with it, and with it a run
+    # that Ray Train could otherwise restart from its checkpoint.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    channel = Channel.options(scheduling_strategy=here).remote()
     trainer = TorchTrainer(
         worker_loop,
         # The driver's data travels with the job: workers need neither the data file nor the
@@ -111,8 +124,9 @@ def run(spec: RunSpec, report: Report) -> RunResult:
         train_loop_config={"spec": spec, "data": data, "channel": channel,
                            "fault": os.environ.get("RAYDIST_FAULT")},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=spec.workers, use_gpu=use_gpu,
-                                     resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=num_workers(spec), use_gpu=use_gpu,
+                                     resources_per_worker=per_worker,
+                                     elastic_resize_monitor_interval_s=ELASTIC_CHECK_S),
         run_config=RunConfig(
             name="ddp", storage_path=str(storage),
             failure_config=FailureConfig(max_failures=spec.max_failures,
@@ -126,6 +140,13 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     if out["diverged"]:
         raise Diverged(out["diverged"])
     return RunResult(out["history"], {k: torch.tensor(v) for k, v in out["state"].items()})
+
+
+def num_workers(spec: RunSpec) -> int | tuple[int, int]:
+    """A fixed count, or (min, max): Ray Train's elastic policy starts the group with as many
+    workers as the cluster holds and restarts it, bigger or smaller, from the latest
+    checkpoint when nodes come or go."""
+    return spec.workers if isinstance(spec.workers, int) else (spec.min_workers, spec.max_workers)
 
 
 def absolute_paths(spec: RunSpec) -> RunSpec:
@@ -224,15 +245,22 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any] | None:
 
     data = config["data"]
     model = build_model(spec, data)
-    optimizer = make_optimizer(spec, model.parameters())
+    link = comm.Comm(spec, model, world)
+    # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's step
+    optimizer = link.wrap(make_optimizer(spec, model.parameters()))
     model.to(device)  # moves the parameters in place: the optimizer still holds them
     history = restore(model, optimizer)
     data = on_device(data, device)
     replica = prepare_model(model, move_to_device=False,
                             parallel_strategy_kwargs={"bucket_cap_mb": spec.bucket_cap_mb})
+    link.attach(replica)
+    steps = len(global_batches(spec, data, 1))  # the same every epoch
     stop = torch.zeros(1, device=device)
 
     def publish(rec: Record) -> None:
+        rec.setdefault("world_size", world)  # an elastic group's size when it trained this epoch
+        if "bytes_per_step" not in rec:  # a new epoch, not one replayed from a checkpoint
+            rec.update(link.epoch_metrics((rec["epoch"] - 1) * steps, steps))
         if rank == 0:
             stop.fill_(float(ray.get(channel.put.remote(rec), timeout=RAY_CALL_S)))
 

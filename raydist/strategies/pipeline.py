@@ -50,6 +50,9 @@ from raydist.models import build_model
 
 START_TIMEOUT_S = 300.0
 """Stage actors that have not started by then mean the cluster's CPUs are taken by other work."""
+START_RETRIES = 3
+"""Restarts whose new stages die before they ever run (placed on a node that has just died but
+that Ray has not yet declared dead: seconds) are retried this often, apart from max_failures."""
 STEP_TIMEOUT_S = 600.0
 """Bound on one global batch (and on any other wait on the stages): a hung stage surfaces."""
 LOST = (RayActorError, ObjectLostError)
@@ -403,18 +406,26 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     model = build_model(spec, data)  # the driver's copy, reassembled from the stages each epoch
     bounds = stage_bounds(spec, model)
     history: list[Record] = []
-    failures = 0
+    failures = unstarted = 0
     while True:
         # resume from this run's latest checkpoint; none yet means from the start
         saved = checkpoint.read(spec.out) if history else None
         if saved:
             history[:] = saved["history"]
         stages = spawn(spec, data, bounds)
+        started = False
         try:
             restore(stages, saved)
+            started = True
             fit(spec, data, model, stages, history, report)
             break
         except LOST as e:
+            if not started:
+                unstarted += 1
+                if unstarted > START_RETRIES:
+                    raise StageFailed(f"pipeline: stage actors died before they started, "
+                                      f"{unstarted} times ({type(e).__name__})") from e
+                continue
             failures += 1
             if failures > spec.max_failures:
                 raise StageFailed(f"pipeline: a stage actor died ({type(e).__name__}) and "

@@ -58,6 +58,9 @@ SERVER_CPUS = 0.5
 """A server only sums and steps: half a CPU lets 2 replicas and 2 servers share 3 CPUs."""
 WAIT_S = 300.0
 """The longest any single wait on Ray may take before the run is declared stuck."""
+START_RETRIES = 3
+"""Restarts whose new actors die before they ever run (placed on a node that has just died but
+that Ray has not yet declared dead: seconds) are retried this often, apart from max_failures."""
 RESUMABLE = ("epochs", "out", "address", "max_failures", "threads_per_worker", "straggler", "use_gpu")
 """Fields that may differ between a checkpoint's spec and the run resuming from it."""
 
@@ -468,15 +471,20 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     data = load_data(spec)
     model = build_model(spec, data)
     parts = split_model(model, spec.servers)
-    failures = 0
+    failures = unstarted = 0
     while True:
         point = resume_point(spec, model)
         history = list(point["history"])
         if len(history) == spec.epochs:
             return RunResult(history, state_dict(model, point["weights"]))
-        group = None
         try:
             group = Group.start(spec, parts, point["weights"], point["optimizer"])
+        except RayActorError as e:  # Group.start has killed the actors it started
+            unstarted += 1
+            if unstarted > START_RETRIES:
+                raise ActorFailed(f"ps: actors died before they started, {unstarted} times: {e}") from e
+            continue
+        try:
             history = train(spec, data, group, history, report)
             return RunResult(history, state_dict(model, group.state()["weights"]))
         except (RayActorError, RayTaskError) as e:
@@ -487,5 +495,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
                 raise ActorFailed(f"ps: an actor died ({failures} failures, max_failures="
                                   f"{spec.max_failures}): {e}") from e
         finally:
-            if group is not None:
-                group.kill()
+            group.kill()

@@ -1,0 +1,340 @@
+"""One multi-node scenario on a private `ray.cluster_utils.Cluster` (a head and worker nodes, all
+on this machine), in a process of its own: a process joins one Ray only, and the test session
+already lives in its embedded one. tests/test_multinode.py runs it as
+
+    RAY_TMPDIR=<private dir> python tests/multinode_driver.py CONFIG.json
+
+CONFIG names the scenario, the RunSpec fields and the work folder; the driver writes
+`result.json` there (where every strategy actor ran, which node was lost, the records that
+reached the driver) and always shuts its cluster down, which stops only its own processes.
+
+Scenarios:
+- `loss`: after epoch `kill_after` (its checkpoint written and, for ddp, registered by Ray
+  Train) the machine of one node that holds a strategy actor dies: its processes are killed,
+  then the node is removed, and a replacement node joins, as an autoscaler would bring one.
+  (The undisturbed run it is compared with runs in the test's own embedded Ray.)
+- `elastic`: ddp with workers [min, max] starts on too few nodes for max; after epoch `grow_after`
+  a node joins and Ray Train's elastic policy restarts the group, bigger, from a checkpoint.
+  Ray Train's autoscaling coordinator is started first, with a 1 s refresh instead of 20 s.
+
+ddp's rank 0 sends each record through a channel actor; here that channel is `Gate`, which also
+logs every record it receives (a restarted group sends the epochs of its checkpoint again) and
+holds rank 0 at one epoch until the driver or the grown group opens it, so that a run of a few
+small epochs cannot end before the node event it is meant to meet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # inherited by every node
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: E402
+    _AutoscalingCoordinatorActor,
+)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
+
+from raydist.config import RunSpec  # noqa: E402
+from raydist.strategies import ddp, train  # noqa: E402
+
+NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
+# A node whose processes are gone is declared dead after ~5 s instead of Ray's ~15 s; a raylet
+# that merely lags on a busy machine (seconds, seen here) must not be.
+FAST_DEATH = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+# The actors a strategy starts, by class name; every other actor (Ray Train's controller, the
+# channel, ...) is infrastructure that a lost node must not hold in these tests.
+ACTORS = {"ddp": ("RayTrainWorker",), "ps": ("Replica", "Server"), "pipeline": ("Stage",)}
+WAIT_S = 50.0  # below ddp.RAY_CALL_S: a held rank 0 must not time out its call to the channel
+PROGRESS = Path(os.devnull)  # the work folder's progress.log: what a timed-out test shows
+
+
+def note(what: str) -> None:
+    with PROGRESS.open("a") as f:
+        f.write(f"{time.strftime('%H:%M:%S')} {what}\n")
+
+
+class Nodes:
+    """The cluster and a short name for each node (head, n1, n2, ...) in the order they joined."""
+
+    def __init__(self, workers: int) -> None:
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "include_dashboard": False, "object_store_memory": 80 * 2**20,
+            "_system_config": FAST_DEATH})
+        self.names = {self.cluster.head_node.node_id: "head"}
+        self.count = 0
+        for _ in range(workers):  # they start side by side
+            self.add(wait=False)
+        self.cluster.wait_for_nodes()
+
+    def add(self, wait: bool = True) -> str:
+        node = self.cluster.add_node(wait=wait, **NODE_ARGS)
+        self.count += 1
+        self.names[node.node_id] = f"n{self.count}"
+        return self.names[node.node_id]
+
+    def kill(self, name: str) -> None:
+        """The machine dies: every process of the node at once (its raylet's children, the
+        workers, first: Cluster.remove_node alone leaves them running for a while)."""
+        node = next(n for n in self.cluster.worker_nodes if self.names[n.node_id] == name)
+        raylets = [p.process.pid for p in node.all_processes["raylet"]]
+        for pid in descendants(raylets):
+            os.kill(pid, signal.SIGKILL)
+        self.cluster.remove_node(node, allow_graceful=False)
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
+
+
+def descendants(pids: list[int]) -> list[int]:
+    parent = {}
+    for d in Path("/proc").iterdir():
+        try:
+            parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    found, todo = [], list(pids)
+    while todo:
+        pid = todo.pop()
+        kids = [c for c, p in parent.items() if p == pid]
+        found += kids
+        todo += kids
+    return found
+
+
+def actors() -> dict[str, dict[str, Any]]:
+    """Every actor the cluster has known, alive or dead, with its class and node. (The public
+    State API needs the dashboard, which these small clusters go without.)"""
+    return {k: {"class": v["ActorClassName"], "node": v["Address"]["NodeID"], "state": v["State"]}
+            for k, v in ray._private.state.actors().items()}
+
+
+def placements(nodes: Nodes, before: set[str], classes: tuple[str, ...] | None) -> list[dict[str, str]]:
+    """The actors of `classes` (None: all) started since `before`, each with its node's name."""
+    return [{"id": k, "class": a["class"], "node": nodes.names.get(a["node"], a["node"]), "state": a["state"]}
+            for k, a in actors().items() if k not in before and (classes is None or a["class"] in classes)]
+
+
+def victim(nodes: Nodes, classes: tuple[str, ...]) -> str:
+    """A worker node that holds a live strategy actor and no other live actor but Ray Train's
+    PreemptionWatcher (0 CPUs, anywhere; restarted elsewhere if its node dies)."""
+    holds: dict[str, set[str]] = {}
+    for a in actors().values():
+        if a["state"] == "ALIVE":
+            holds.setdefault(nodes.names.get(a["node"], "?"), set()).add(a["class"])
+    ok = {*classes, "PreemptionWatcher"}
+    found = sorted(n for n, c in holds.items() if n != "head" and c & set(classes) and c <= ok)
+    if not found:
+        raise RuntimeError(f"no node holds only strategy actors: {holds}")
+    return found[0]
+
+
+@ray.remote(num_cpus=0)
+class Gate:
+    """ddp's Channel (put / take / stop), logging every record and holding the first record of
+    epoch `hold` until `open` is called or, with `until_world`, a record from a group of that
+    size arrives (the held record is then dropped: the grown group trains that epoch again)."""
+
+    def __init__(self, hold: int, log: str, until_world: int = 0) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.stopping = False
+        self.hold, self.log, self.until_world = hold, Path(log), until_world
+        self.opened = asyncio.Event()
+        self.held = False
+
+    async def put(self, rec: dict[str, Any]) -> bool:
+        with self.log.open("a") as f:
+            f.write(json.dumps({**rec, "arrived": time.time()}) + "\n")
+        if self.until_world and rec.get("world_size") == self.until_world:
+            self.opened.set()
+        if rec["epoch"] == self.hold and not self.opened.is_set() and not self.held:
+            self.held = True
+            try:
+                await asyncio.wait_for(self.opened.wait(), WAIT_S)
+            except asyncio.TimeoutError:  # the event never came: the test will say so
+                pass
+            else:
+                if self.until_world:  # superseded by the grown group's own epoch
+                    return self.stopping
+        self.records.append(rec)
+        return self.stopping
+
+    async def take(self) -> list[dict[str, Any]]:
+        out, self.records = self.records, []
+        return out
+
+    async def stop(self) -> None:
+        self.stopping = True
+
+    async def open(self) -> None:
+        self.opened.set()
+
+    async def is_held(self) -> bool:
+        return self.held
+
+
+class GateFactory:
+    """Stands in for ddp.Channel, whose `.options(...).remote()` ddp.run calls; keeps the handle."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs, self.handle, self.placing = kwargs, None, {}
+
+    def options(self, **placing: Any) -> GateFactory:
+        self.placing = placing
+        return self
+
+    def remote(self) -> Any:
+        self.handle = Gate.options(**self.placing).remote(**self.kwargs)
+        return self.handle
+
+
+class QuickCoordinator(_AutoscalingCoordinatorActor):
+    """Ray Train's autoscaling coordinator, refreshing its view of the nodes every second
+    instead of every 20 s: an elastic group then sees a new node in ~1 s."""
+
+    TICK_INTERVAL_S = 1
+
+
+def quick_coordinator() -> None:
+    """Started under the name Ray Train looks up (with get_if_exists), before Ray Train does."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(QuickCoordinator).options(
+        name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", get_if_exists=True,
+        lifetime="detached", scheduling_strategy=here).remote()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def registered_epoch(out: Path) -> int:
+    """The epoch of the latest checkpoint Ray Train's controller registered (it persists its
+    checkpoint manager's state after each registration); 0 if none yet."""
+    path = out / "ray" / "ddp" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(path.read_text()).get("latest_checkpoint_result")
+    except (OSError, ValueError):
+        return 0
+    return int(latest["metrics"]["epoch"]) if latest else 0
+
+
+def wait_for(what: str, ready: Any, timeout: float = WAIT_S) -> float:
+    t = time.monotonic()
+    while not ready():
+        if time.monotonic() - t > timeout:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+    return time.monotonic() - t
+
+
+def timed_train(spec: RunSpec, report: Any = lambda rec: None) -> float:
+    def noted(rec: dict[str, Any]) -> None:
+        note(f"{Path(spec.out).name}: epoch {rec['epoch']} reported")
+        report(rec)
+
+    note(f"{Path(spec.out).name}: {spec.strategy} starts")
+    t = time.monotonic()
+    train(spec, noted)
+    note(f"{Path(spec.out).name}: done")
+    return time.monotonic() - t
+
+
+# --- scenarios -----------------------------------------------------------------------------------
+
+def loss(nodes: Nodes, cfg: dict[str, Any]) -> dict[str, Any]:
+    work = Path(cfg["work"])
+    spec = RunSpec.from_dict({**cfg["spec"], "out": str(work / "lost_node")})
+    classes, k = ACTORS[spec.strategy], cfg["kill_after"]
+    log = work / "gate.jsonl"
+    gate = GateFactory(hold=k + 1, log=str(log)) if spec.strategy == "ddp" else None
+    if gate:
+        ddp.Channel = gate
+    reported: list[int] = []
+    event: dict[str, Any] = {}
+
+    def report(rec: dict[str, Any]) -> None:
+        reported.append(rec["epoch"])
+        if rec["epoch"] != k or event:
+            return
+        if gate:  # the group resumes from the checkpoint Ray Train registered
+            event["registration_wait_s"] = wait_for(
+                f"Ray Train to register epoch {k}", lambda: registered_epoch(Path(spec.out)) >= k)
+            wait_for("rank 0 at the gate", lambda: ray.get(gate.handle.is_held.remote()))
+        event["killed"] = victim(nodes, classes)
+        event["alive_before"] = placements(nodes, before, classes)
+        note(f"killing {event['killed']}")
+        nodes.kill(event["killed"])
+        event["replacement"] = nodes.add()
+        note(f"{event['replacement']} joined")
+        if gate:
+            ray.get(gate.handle.open.remote())
+
+    before = set(actors())
+    seconds = timed_train(spec, report)
+    return {"nodes_at_start": sorted(nodes.names.values()), "lost_node_s": seconds,
+            "event": event, "reported": reported, "lost_node": placements(nodes, before, classes),
+            "gate_log": read_log(log)}
+
+
+def elastic(nodes: Nodes, cfg: dict[str, Any]) -> dict[str, Any]:
+    work = Path(cfg["work"])
+    spec = RunSpec.from_dict({**cfg["spec"], "out": str(work / "elastic")})
+    ddp.ELASTIC_CHECK_S = 1.0
+    quick_coordinator()
+    log = work / "gate.jsonl"
+    ddp.Channel = GateFactory(hold=cfg["grow_after"] + 1, log=str(log), until_world=spec.max_workers)
+    event: dict[str, Any] = {}
+
+    def report(rec: dict[str, Any]) -> None:
+        if rec["epoch"] == cfg["grow_after"] and not event:
+            event["added"] = nodes.add()
+            note(f"{event['added']} joined")
+            event["added_after_epoch"] = rec["epoch"]
+
+    before = set(actors())
+    seconds = timed_train(spec, report)
+    return {"elastic_s": seconds, "event": event, "workers": placements(nodes, before, ACTORS["ddp"]),
+            "gate_log": read_log(log)}
+
+
+SCENARIOS = {"loss": loss, "elastic": elastic}
+
+
+def main(config_path: str) -> int:
+    global PROGRESS
+    cfg = json.loads(Path(config_path).read_text())
+    PROGRESS = Path(cfg["work"], "progress.log")
+    result: dict[str, Any] = {}
+    nodes = None
+    t = time.monotonic()
+    try:
+        nodes = Nodes(cfg["nodes"])
+        result["cluster_start_s"] = time.monotonic() - t
+        note("cluster up")
+        ray.init(address=nodes.cluster.address, logging_level=logging.WARNING, log_to_driver=False)
+        result.update(SCENARIOS[cfg["scenario"]](nodes, cfg))
+        result["all_actors"] = placements(nodes, set(), None)
+    except BaseException:  # noqa: BLE001 - the test reads it from result.json
+        result["error"] = traceback.format_exc()
+        note("failed")
+    finally:
+        ray.shutdown()
+        if nodes is not None:
+            nodes.shutdown()
+        result["total_s"] = time.monotonic() - t
+        Path(cfg["work"], "result.json").write_text(json.dumps(result, indent=1))
+    return 1 if "error" in result else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
