@@ -33,7 +33,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 # 16 full steps per epoch (8192 training samples); 1.6 M parameters (6.6 MB of gradients).
 BENCH: dict[str, Any] = {"data": "synthetic", "samples": 10240, "model": "mlp",
                          "hidden": "1024,1024,512", "batch_size": 512, "optimizer": "sgd",
-                         "lr": 0.05, "epochs": 4, "threads_per_worker": 1}
+                         "lr": 0.05, "epochs": 3, "threads_per_worker": 1}
 
 
 def spec(**changes: Any) -> RunSpec:

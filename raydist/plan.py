@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,16 +89,22 @@ def pipeline_step(c: Costs, net: Network, batch: int, k: int, m: int) -> float:
     return c.fixed_s + (m + k - 1) * (slot + hop)
 
 
+STEPS: dict[str, Callable[[Costs, Network, int, int, int], float]] = {
+    "ddp": lambda c, net, batch, n, m: ddp_step(c, net, batch, n),
+    "ps": lambda c, net, batch, n, m: ps_step(c, net, batch, n),
+    "pipeline": lambda c, net, batch, n, m: pipeline_step(c, net, batch, n, m),
+}
+"""Step time of (costs, network, global batch, N workers or stages, micro-batches) per strategy."""
+
+
 def predict(c: Costs, net: Network, batch: int, counts: list[int], microbatches: int = 8
             ) -> list[dict[str, float]]:
     """One row per (strategy, N): step time, speedup over N = 1, efficiency."""
-    steps = {"ddp": lambda n: ddp_step(c, net, batch, n), "ps": lambda n: ps_step(c, net, batch, n),
-             "pipeline": lambda n: pipeline_step(c, net, batch, n, microbatches)}
     rows = []
-    for strategy, f in steps.items():
-        base = f(1)
+    for strategy, f in STEPS.items():
+        base = f(c, net, batch, 1, microbatches)
         for n in counts:
-            t = f(n)
+            t = f(c, net, batch, n, microbatches)
             rows.append({"strategy": strategy, "workers": n, "step_s": t, "speedup": base / t,
                          "efficiency": base / t / n})
     return rows

@@ -80,3 +80,4 @@ def test_plan_rejects_bad_counts(tmp_path, capsys):
 
     assert main(["plan", "--counts", "0,2", "--out", str(tmp_path / "p")]) == 2
     assert capsys.readouterr().err == "error: workers: got '0,2'; expected worker counts like 1,2,4,8\n"
+
