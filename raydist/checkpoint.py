@@ -1,15 +1,23 @@
-"""Per-epoch checkpoints of the actor strategies (ps, pipeline): one file, replaced
-atomically, so a crash mid-write never leaves a torn checkpoint."""
+"""How runs survive: the per-epoch checkpoint of the actor strategies (ps, pipeline), one file
+replaced atomically so that a crash mid-write never leaves a torn checkpoint; which settings a
+run may change when it resumes from its output folder; and how often an actor strategy restarts
+after its actors die."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from raydist.registry import ConfigError
+
 NAME = "checkpoint.pt"
+START_RETRIES = 3
+"""Restarts whose new actors die before they ever run (placed on a node that has just died but
+that Ray has not yet declared dead: seconds) are retried this often, apart from max_failures."""
 
 
 def write(out: str, state: dict[str, Any]) -> None:
@@ -23,3 +31,50 @@ def write(out: str, state: dict[str, Any]) -> None:
 def read(out: str) -> dict[str, Any] | None:
     path = Path(out) / NAME
     return torch.load(path, weights_only=False) if path.exists() else None
+
+
+def check_resumable(strategy: str, out: str, old: Mapping[str, Any], new: Mapping[str, Any],
+                    resumable: Iterable[str]) -> None:
+    """Resuming a run with other training settings would silently splice two runs together:
+    only the `resumable` ones (where and how fast it runs) may change."""
+    resumable = tuple(resumable)
+    for key, value in new.items():
+        if key not in resumable and old.get(key) != value:
+            raise ConfigError(f"{key}: got {value!r}, but {out} holds a {strategy} run with "
+                              f"{key}={old.get(key)!r}; resume it with the same settings "
+                              f"(only {', '.join(resumable)} may change) or choose another out")
+
+
+def resume(strategy: str, spec: Any, resumable: Iterable[str]) -> dict[str, Any] | None:
+    """The checkpoint in spec.out (a RunSpec) if there is one, after checking that it is of
+    this run and not past its epochs; None to start afresh."""
+    saved = read(spec.out)
+    if saved is None:
+        return None
+    check_resumable(strategy, spec.out, saved["spec"], spec.to_dict(), resumable)
+    done = len(saved["history"])
+    if done > spec.epochs:
+        raise ConfigError(f"epochs: got {spec.epochs}, but the checkpoint in {spec.out} is at "
+                          f"epoch {done}; expected epochs >= {done}")
+    return saved
+
+
+class Restarts:
+    """Counts an actor strategy's restarts: actors that die before they start (retried
+    START_RETRIES times) apart from deaths while training (retried spec.max_failures times)."""
+
+    def __init__(self, strategy: str, max_failures: int, error: type[Exception]) -> None:
+        self.strategy, self.max_failures, self.error = strategy, max_failures, error
+        self.unstarted = self.failures = 0
+
+    def before_start(self, e: Exception) -> None:
+        self.unstarted += 1
+        if self.unstarted > START_RETRIES:
+            raise self.error(f"{self.strategy}: actors died before they started, {self.unstarted} "
+                             f"times ({type(e).__name__})") from e
+
+    def while_training(self, e: Exception) -> None:
+        self.failures += 1
+        if self.failures > self.max_failures:
+            raise self.error(f"{self.strategy}: an actor died ({type(e).__name__}) and "
+                             f"max_failures={self.max_failures} restarts are used up") from e

@@ -137,7 +137,7 @@ class RunSpec:
                        expected="an integer >= 1")
     microbatches: int = knob(4, "pipeline: micro-batches per global batch", check=at_least(1),
                              expected="an integer >= 1")
-    schedule: str = knob("gpipe", "pipeline: micro-batch schedule", choices=("gpipe", "1f1b"))
+    schedule: str = knob("gpipe", "pipeline: micro-batch schedule", registry="raydist.pipelining:SCHEDULES")
     cuts: list[int] | None = knob(None, "pipeline: explicit block indices where stages start "
                                   "(default: balanced by parameter count)",
                                   check=lambda v: all(c >= 1 for c in v),

@@ -23,7 +23,7 @@ CASES = {
     "epochs not int": (["--epochs", "two"], "epochs: got 'two'; expected an integer"),
     "zero batch": (["--batch-size", "0"], "batch_size: got 0; expected an integer >= 1"),
     "beta out of range": (["--beta", "1.5"], "beta: got 1.5; expected a number in [0, 1)"),
-    "bad schedule": (["--schedule", "2f2b"], "schedule: got '2f2b' (did you mean '1f1b'?); expected one of gpipe, 1f1b"),
+    "bad schedule": (["--schedule", "2f2b"], "schedule: unknown value '2f2b' (did you mean '1f1b'?); expected one of gpipe, 1f1b"),
     "bad hidden": (["--hidden", "64,x"], "hidden: got '64,x'; expected a list of integers"),
     "unknown flag": (["--bach-size", "3"], "unrecognized arguments: --bach-size 3"),
     "missing config": (["--config", "{tmp}/nope.yaml"], "{tmp}/nope.yaml: no such file"),

@@ -13,8 +13,9 @@ import torch
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
 from raydist.faults import MARKER
+from raydist.pipelining import balanced_cuts, gpipe, one_f_one_b
 from raydist.strategies import train
-from raydist.strategies.pipeline import StageFailed, balanced_cuts, gpipe, one_f_one_b
+from raydist.strategies.pipeline import StageFailed
 
 # digits: 1438 training samples; 50 = 13+13+12+12 leaves micro-batches of unequal size
 MLP = {"model": "mlp", "data": "digits", "optimizer": "adam", "epochs": 2, "batch_size": 50}
@@ -139,8 +140,8 @@ def test_cli_train_writes_the_outputs_of_local(runs, tmp_path):
     for key, value in raw.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main(argv) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["machine.yaml", "metrics.csv", "model.pt",
-                                                          "spec.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "machine.yaml", "metrics.csv",
+                                                          "model.pt", "spec.yaml"]
     model = torch.load(tmp_path / "model.pt")
     assert list(model) == list(reference.state_dict)
     assert max((model[k] - v).abs().max().item() for k, v in reference.state_dict.items()) <= 1e-5
@@ -189,10 +190,27 @@ def test_dead_stage_is_restarted_from_the_checkpoint_and_ends_bit_identical(runs
     assert (tmp_path / "model.pt").read_bytes() == (Path(uninterrupted.out) / "model.pt").read_bytes()
 
 
+def test_a_second_invocation_continues_from_the_checkpoint_of_the_first(runs, tmp_path):
+    _, two_epochs, _ = runs("mlp-gpipe")
+    first = two_epochs.replace(out=str(tmp_path), epochs=1)
+    train(first, quiet)
+    reported = []
+    train(first.replace(epochs=2), reported.append)
+    assert [rec["epoch"] for rec in reported] == [2]
+    assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert (tmp_path / "model.pt").read_bytes() == (Path(two_epochs.out) / "model.pt").read_bytes()
+    with pytest.raises(ConfigError) as err:
+        train(first.replace(epochs=3, lr=0.5), quiet)
+    assert str(err.value) == (
+        f"lr: got 0.5, but {tmp_path} holds a pipeline run with lr={two_epochs.lr!r}; resume it with "
+        "the same settings (only epochs, out, address, max_failures, threads_per_worker, use_gpu may "
+        "change) or choose another out")
+
+
 def test_dead_stage_beyond_max_failures_stops_the_run(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYDIST_FAULT", "0:1")
     spec = RunSpec.from_dict({**MLP, "epochs": 1, "strategy": "pipeline", "stages": 1,
                               "out": str(tmp_path)})
-    with pytest.raises(StageFailed, match=r"^pipeline: a stage actor died \(\w+\) and "
+    with pytest.raises(StageFailed, match=r"^pipeline: an actor died \(ActorDiedError\) and "
                                           r"max_failures=0 restarts are used up$"):
         train(spec, quiet)

@@ -185,13 +185,16 @@ def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, monk
     # another spec in the same out is refused
     with pytest.raises(ConfigError) as e:
         train(spec.replace(lr=0.5), lambda r: None)
-    assert str(e.value) == (f"out: {spec.out} holds a checkpoint of another run (it differs in lr); "
-                            "use another out or delete checkpoint.pt")
+    assert str(e.value) == (
+        f"lr: got 0.5, but {spec.out} holds a ps run with lr={spec.lr!r}; resume it with the same "
+        "settings (only epochs, out, address, max_failures, threads_per_worker, straggler, use_gpu "
+        "may change) or choose another out")
 
 
 def test_a_death_beyond_max_failures_ends_the_run(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYDIST_FAULT", "0:1")
-    with pytest.raises(ps.ActorFailed, match=r"1 failures, max_failures=0"):
+    with pytest.raises(ps.ActorFailed,
+                       match=r"^ps: an actor died \(\w+\) and max_failures=0 restarts are used up$"):
         train(spec_of(tmp_path, "x", strategy="ps", workers=2), lambda r: None)
 
 

@@ -1,34 +1,34 @@
 """`pipeline`: the model cut into K contiguous stages, one Ray actor each; GPipe and 1F1B.
 
-Every global batch is split into M micro-batches. Activations flow forward stage to stage and
-their gradients flow back, as numpy arrays in the object store: a stage `ray.put`s what it
-sends and the driver hands that reference to the next stage, never fetching a tensor itself.
-The last stage's loss is the SUM over its micro-batch divided by the GLOBAL batch size, so
-the gradients accumulated over the micro-batches are the full-batch gradient; every stage
-steps its own optimizer once all micro-batches are back (the flush), and the run equals
-`local` to round-off.
+Every global batch is split into M micro-batches. The driver makes one call per stage per
+global batch; the stages then run their schedule among themselves, activations flowing forward
+and their gradients back over a gloo process group of the stage actors (point to point, never
+through the driver or the object store). The last stage's loss is the SUM over its micro-batch
+divided by the GLOBAL batch size, so the gradients accumulated over the micro-batches are the
+full-batch gradient; every stage steps its own optimizer once all micro-batches are back (the
+flush), and the run equals `local` to round-off.
 
-Read in this order: where the model is cut, the schedules (which op a stage runs when),
-communication (send / recv), the Stage actor (the math), the driver (one step, one epoch,
-restarts from the per-epoch checkpoint after a stage dies).
+Where the model is cut and the schedules (which op a stage runs when) are in
+`raydist/pipelining.py`. Read here: the check of a spec, communication, the Stage actor (the
+math), the driver (one epoch, restarts from the per-epoch checkpoint after a stage dies).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
+import socket
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from datetime import timedelta
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
+import torch.distributed as dist
+from ray.exceptions import ObjectLostError, RayActorError
 from torch import nn
 
 from raydist import checkpoint, faults
@@ -47,14 +47,16 @@ from raydist.engine import (
     make_record,
 )
 from raydist.models import build_model
+from raydist.pipelining import SCHEDULES, Shape, boundary_shapes, stage_bounds
 
 START_TIMEOUT_S = 300.0
 """Stage actors that have not started by then mean the cluster's CPUs are taken by other work."""
-START_RETRIES = 3
-"""Restarts whose new stages die before they ever run (placed on a node that has just died but
-that Ray has not yet declared dead: seconds) are retried this often, apart from max_failures."""
+RESUMABLE = ("epochs", "out", "address", "max_failures", "threads_per_worker", "use_gpu")
+"""Settings a run resumed from its checkpoint may change: where and how fast it runs."""
 STEP_TIMEOUT_S = 600.0
 """Bound on one global batch (and on any other wait on the stages): a hung stage surfaces."""
+PEER_DEATH_S = 30.0
+"""How long a stage's failure waits for Ray to report a dead neighbour as its cause."""
 LOST = (RayActorError, ObjectLostError)
 """What a dead stage looks like to the driver: its own calls fail, and so do the calls that
 read an object it owned (a RayTaskError of that cause is also an instance of it)."""
@@ -62,54 +64,6 @@ read an object it owned (a RayTaskError of that cause is also an instance of it)
 
 class StageFailed(RuntimeError):
     """Stages died more often than `max_failures` allows, or a stage stopped answering."""
-
-
-# --- where the model is cut ---------------------------------------------------------------------
-
-def block_sizes(model: nn.Sequential) -> list[int]:
-    return [sum(p.numel() for p in block.parameters()) for block in model]
-
-
-def balanced_cuts(sizes: list[int], stages: int) -> list[int]:
-    """Block indices where stages 2..K start: the largest stage as small as possible, then the
-    stages as even as possible (least sum of squared sizes; ties: the earliest cuts)."""
-    prefix = [0, *itertools.accumulate(sizes)]
-    n = len(sizes)
-
-    def size(start: int, end: int) -> int:
-        return prefix[end] - prefix[start]
-
-    def cuts_after(start: int, parts: int) -> range:
-        return range(start + 1, n - parts + 2)
-
-    @functools.cache
-    def largest(start: int, parts: int) -> int:
-        """The smallest possible largest stage of blocks start..n-1 in `parts` stages."""
-        if parts == 1:
-            return size(start, n)
-        return min(max(size(start, c), largest(c, parts - 1)) for c in cuts_after(start, parts))
-
-    limit = largest(0, stages)
-
-    @functools.cache
-    def even(start: int, parts: int) -> tuple[float, tuple[int, ...]]:
-        """(sum of squared sizes, cuts) of blocks start..n-1 in `parts` stages within the limit."""
-        if parts == 1:
-            return (size(start, n) ** 2 if size(start, n) <= limit else math.inf), ()
-        options = []
-        for c in cuts_after(start, parts):
-            if size(start, c) <= limit:
-                rest, cuts = even(c, parts - 1)
-                options.append((size(start, c) ** 2 + rest, (c, *cuts)))
-        return min(options, default=(math.inf, ()))
-
-    return list(even(0, stages)[1])
-
-
-def stage_bounds(spec: RunSpec, model: nn.Sequential) -> list[int]:
-    """[0, cut_1, ..., cut_{K-1}, blocks]: stage k holds blocks bounds[k]:bounds[k+1]."""
-    cuts = spec.cuts if spec.cuts is not None else balanced_cuts(block_sizes(model), spec.stages)
-    return [0, *cuts, len(model)]
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
@@ -136,43 +90,14 @@ def check(spec: RunSpec, data: Dataset) -> None:
                           f"(model '{spec.model}' has {blocks} blocks)")
 
 
-# --- schedules: the order of forward (F) and backward (B) micro-batch ops on one stage ----------
+# --- communication: a gloo process group among the stages, point to point -----------------------
 
-Op = tuple[str, int]
-
-
-def gpipe(stage: int, stages: int, m: int) -> list[Op]:
-    """All forwards, then all backwards: every stage holds all M micro-batches' activations."""
-    return [("F", i) for i in range(m)] + [("B", i) for i in range(m)]
-
-
-def one_f_one_b(stage: int, stages: int, m: int) -> list[Op]:
-    """Warm up with as many forwards as stages downstream, then alternate one forward, one
-    backward: a stage never holds more than `stages` micro-batches' activations."""
-    warmup = min(stages - stage - 1, m)
-    ops = [("F", i) for i in range(warmup)]
-    for i in range(m - warmup):
-        ops += [("F", warmup + i), ("B", i)]
-    return ops + [("B", i) for i in range(m - warmup, m)]
-
-
-SCHEDULES: dict[str, Callable[[int, int, int], list[Op]]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
-
-
-# --- communication: tensors travel as numpy arrays in the object store --------------------------
-
-Box = list
-"""[ObjectRef]: a wrapped reference, so that Ray passes it to the next stage as it is and the
-receiving stage fetches (and times) the array itself."""
-
-
-def send(t: torch.Tensor) -> Box:
-    return [ray.put(t.detach().cpu().numpy())]
-
-
-def recv(box: Box, device: torch.device) -> torch.Tensor:
-    # a copy: the store's array is read-only
-    return torch.tensor(ray.get(box[0], timeout=STEP_TIMEOUT_S), device=device)
+def node_address() -> tuple[str, int]:
+    """This node's address and a port free on it: where the other stages find stage 0."""
+    ip = ray.util.get_node_ip_address()
+    with socket.socket() as s:
+        s.bind((ip, 0))
+        return ip, s.getsockname()[1]
 
 
 def on_cpu(state: Any) -> Any:
@@ -191,20 +116,31 @@ def on_cpu(state: Any) -> Any:
 class Stage:
     """Ray actor holding some contiguous blocks of the model and the optimizer of their
     parameters. The first stage also holds the training inputs, the last one the targets, so
-    that per micro-batch only sample indices travel from the driver."""
+    that per step only the micro-batches' sample indices travel from the driver."""
 
-    def __init__(self, spec: RunSpec, index: int, layers: nn.Sequential, task: str,
-                 x: torch.Tensor | None, y: torch.Tensor | None) -> None:
+    def __init__(self, spec: RunSpec, index: int, stages: int, layers: nn.Sequential, task: str,
+                 x: torch.Tensor | None, y: torch.Tensor | None, incoming: Shape) -> None:
         torch.set_num_threads(spec.threads_per_worker)
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave this actor, if any.
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
-        self.spec, self.index, self.layers, self.task = spec, index, layers.to(self.device), task
+        self.spec, self.index, self.stages, self.task = spec, index, stages, task
+        self.layers, self.incoming = layers.to(self.device), incoming
         self.x, self.y = (None if t is None else t.to(self.device) for t in (x, y))
-        self.first, self.last = x is not None, y is not None
+        self.first, self.last = index == 0, index == stages - 1
         self.optimizer = make_optimizer(spec, layers.parameters())
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """micro-batch -> (input, output; the scaled loss on the last stage) until its backward"""
+        self.sending: list[tuple[dist.Work, torch.Tensor]] = []
+        """sends under way, with their buffers, until the step's end"""
         self.reset()
+
+    def address(self) -> tuple[str, int]:
+        return node_address()
+
+    def join(self, ip: str, port: int) -> None:
+        """Enter the stages' process group (blocks until every stage has)."""
+        dist.init_process_group("gloo", init_method=f"tcp://{ip}:{port}", rank=self.index,
+                                world_size=self.stages, timeout=timedelta(seconds=STEP_TIMEOUT_S))
 
     def reset(self) -> None:
         self.loss, self.peak = 0.0, 0
@@ -216,18 +152,26 @@ class Stage:
         yield
         self.clock[kind] += time.perf_counter() - t
 
-    def receive(self, box: Box) -> torch.Tensor:
+    def receive(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
+        """Blocks until the neighbour's tensor is here (its compute included: the bubble)."""
+        buffer = torch.empty(shape, dtype=dtype)
         with self.timed("comm_s"):
-            return recv(box, self.device)
+            dist.recv(buffer, src)
+        return buffer.to(self.device)
 
-    def transmit(self, t: torch.Tensor) -> Box:
+    def transmit(self, t: torch.Tensor, dst: int) -> None:
+        # isend: a blocking send waits for the matching receive, and under 1F1B neighbours send
+        # to each other at the same time (ray.util.collective's gloo send is such a blocking one)
+        buffer = t.detach().to("cpu").contiguous()
         with self.timed("comm_s"):
-            return send(t)
+            self.sending.append((dist.isend(buffer, dst), buffer))
 
-    def forward(self, epoch: int, mb: int, idx: torch.Tensor, box: Box | None,
-                batch_size: int) -> Box | None:
-        faults.maybe_fail(self.spec.out, self.index, epoch)
-        x = self.x[idx] if self.first else self.receive(box).requires_grad_()
+    def forward(self, mb: int, idx: torch.Tensor, batch_size: int) -> None:
+        if self.first:
+            x = self.x[idx]
+        else:
+            shape, dtype = self.incoming
+            x = self.receive((len(idx), *shape), dtype, self.index - 1).requires_grad_()
         with self.timed("compute_s"):
             out = self.layers(x)
             if self.last:
@@ -236,17 +180,30 @@ class Stage:
                 out = total / batch_size
         self.saved[mb] = (x, out)
         self.peak = max(self.peak, len(self.saved))
-        return None if self.last else self.transmit(out)
+        if not self.last:
+            self.transmit(out, self.index + 1)
 
-    def backward(self, mb: int, box: Box | None) -> Box | None:
+    def backward(self, mb: int) -> None:
         x, out = self.saved.pop(mb)
-        grad = None if self.last else self.receive(box)
+        grad = None if self.last else self.receive(out.shape, out.dtype, self.index + 1)
         with self.timed("compute_s"):
             out.backward(grad)  # accumulates into .grad: the sum over micro-batches
-        return None if self.first else self.transmit(x.grad)
+        if not self.first:
+            self.transmit(x.grad, self.index - 1)
 
-    def step(self) -> None:
-        """The flush: all micro-batches' gradients are in, step once per global batch."""
+    def train_step(self, epoch: int, micro: list[torch.Tensor], batch_size: int) -> None:
+        """One global batch: this stage's ops in schedule order, then the flush (all
+        micro-batches' gradients are in: step once per global batch)."""
+        faults.maybe_fail(self.spec.out, self.index, epoch)
+        for op, i in SCHEDULES[self.spec.schedule](self.index, self.stages, len(micro)):
+            if op == "F":
+                self.forward(i, micro[i], batch_size)
+            else:
+                self.backward(i)
+        with self.timed("comm_s"):
+            for work, _ in self.sending:
+                work.wait()
+        self.sending.clear()
         with self.timed("compute_s"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -265,17 +222,46 @@ class Stage:
         self.layers.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def ready(self) -> None:
-        pass
-
 
 # --- the driver ---------------------------------------------------------------------------------
 
+def finished(refs: list[ray.ObjectRef], timeout: float) -> Iterator[ray.ObjectRef]:
+    """`refs` in the order they finish, until `timeout` seconds have passed."""
+    deadline, pending = time.monotonic() + timeout, list(refs)
+    while pending:
+        done, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            return
+        yield done[0]
+
+
 def wait(refs: list[ray.ObjectRef], what: str, timeout: float = STEP_TIMEOUT_S) -> list[Any]:
-    try:
-        return ray.get(refs, timeout=timeout)
-    except GetTimeoutError:
-        raise StageFailed(f"pipeline: {what} did not finish within {timeout:g} s") from None
+    """All results, or the first failure as soon as it happens. A stage whose neighbour died
+    fails too (its connection closed); Ray reports the dead stage a moment later, and that is
+    the error raised, so that the run restarts rather than ends."""
+    pending = set(refs)
+    for ref in finished(refs, timeout):
+        pending.discard(ref)
+        try:
+            ray.get(ref)
+        except LOST:
+            raise
+        except ray.exceptions.RayTaskError as e:
+            raise death_among(list(pending)) or e from None
+    if pending:
+        raise StageFailed(f"pipeline: {what} did not finish within {timeout:g} s")
+    return ray.get(refs)
+
+
+def death_among(refs: list[ray.ObjectRef]) -> Exception | None:
+    for ref in finished(refs, PEER_DEATH_S):
+        try:
+            ray.get(ref)
+        except LOST as e:
+            return e
+        except ray.exceptions.RayTaskError:
+            pass
+    return None
 
 
 def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.ActorHandle]:
@@ -289,10 +275,12 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
         options["runtime_env"] = {"env_vars": {"RAYDIST_FAULT": os.environ["RAYDIST_FAULT"]}}
     actor = ray.remote(Stage).options(**options)
     model = build_model(spec, data)
-    last = len(bounds) - 2
-    return [actor.remote(spec, k, model[bounds[k] : bounds[k + 1]], data.task,
-                         data.x_train if k == 0 else None, data.y_train if k == last else None)
-            for k in range(last + 1)]
+    shapes = boundary_shapes(model, data.x_train[:1], bounds)
+    k = len(bounds) - 1
+    return [actor.remote(spec, i, k, model[bounds[i] : bounds[i + 1]], data.task,
+                         data.x_train if i == 0 else None, data.y_train if i == k - 1 else None,
+                         shapes[i])
+            for i in range(k)]
 
 
 def gpus_per_stage(spec: RunSpec) -> float:
@@ -305,69 +293,36 @@ def gpus_per_stage(spec: RunSpec) -> float:
     return min(1.0, gpus / spec.stages) if gpus else 1.0
 
 
-def restore(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> None:
-    calls = ([s.load.remote(st) for s, st in zip(stages, saved["stages"], strict=True)] if saved
-             else [s.ready.remote() for s in stages])
-    wait(calls, f"the start of {len(stages)} stage actors (other work may hold the cluster's "
-         "CPUs)", START_TIMEOUT_S)
-
-
-def submit(stages: list[ray.actor.ActorHandle], orders: list[list[Op]], epoch: int,
-           micro: list[torch.Tensor], batch_size: int) -> list[ray.ObjectRef]:
-    """Hand every stage its ops in schedule order, each as soon as the reference it reads
-    exists; Ray runs an actor's calls in the order they were made. Returns the sinks (the last
-    stage's forwards, the first stage's backwards): every other op feeds one of them, so any
-    failure shows there."""
-    last = len(stages) - 1
-    done: dict[tuple[str, int, int], ray.ObjectRef] = {}
-    todo = [deque(order) for order in orders]
-    while any(todo):
-        progressed = False
-        for k, ops in enumerate(todo):
-            while ops:
-                op, i = ops[0]
-                src = ("F", k - 1, i) if op == "F" else ("B", k + 1, i)
-                if 0 <= src[1] <= last and src not in done:
-                    break
-                box = done.get(src)
-                done[op, k, i] = (stages[k].forward.remote(epoch, i, micro[i], box, batch_size)
-                                  if op == "F" else stages[k].backward.remote(i, box))
-                ops.popleft()
-                progressed = True
-        if not progressed:
-            raise RuntimeError(f"schedule deadlocks: {orders}")
-    m = len(micro)
-    return [done["F", last, i] for i in range(m)] + [done["B", 0, i] for i in range(m)]
-
-
-def submit_step(spec: RunSpec, stages: list[ray.actor.ActorHandle], epoch: int,
-                batch: torch.Tensor) -> list[ray.ObjectRef]:
-    """One global batch through the pipeline, then the flush; returns what to wait for. A short
-    last batch of an epoch may have fewer samples than micro-batches: the empty ones are skipped."""
-    micro = [m for m in torch.tensor_split(batch, spec.microbatches) if len(m)]
-    orders = [SCHEDULES[spec.schedule](k, len(stages), len(micro)) for k in range(len(stages))]
-    return submit(stages, orders, epoch, micro, len(batch)) + [s.step.remote() for s in stages]
+def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> None:
+    """Load the checkpoint, if any, into the new stages and connect them."""
+    what = f"the start of {len(stages)} stage actors (other work may hold the cluster's CPUs)"
+    loads = [s.load.remote(st) for s, st in zip(stages, saved["stages"], strict=True)] if saved else []
+    ip, port = wait([stages[0].address.remote(), *loads], what, START_TIMEOUT_S)[0]
+    wait([s.join.remote(ip, port) for s in stages], what, START_TIMEOUT_S)
 
 
 def train_epoch(spec: RunSpec, data: Dataset, stages: list[ray.actor.ActorHandle],
                 epoch: int) -> None:
-    """Batch b+1 is handed out before the driver waits for batch b: a stage runs its calls in
-    order, so its step on b still comes before its forwards on b+1, and no stage idles while
-    the driver learns that b is done."""
+    """One call per stage per global batch: the stages run the schedule among themselves. Batch
+    b+1 is handed out before the driver waits for batch b, so no stage idles while the driver
+    learns that b is done. A short last batch of an epoch may have fewer samples than
+    micro-batches: the empty ones are skipped."""
     in_flight: list[ray.ObjectRef] = []
     for batch in global_batches(spec, data, epoch):
-        refs = submit_step(spec, stages, epoch, batch)
+        micro = [m for m in torch.tensor_split(batch, spec.microbatches) if len(m)]
+        refs = [s.train_step.remote(epoch, micro, len(batch)) for s in stages]
         wait(in_flight, f"a global batch of epoch {epoch}")
         in_flight = refs
     wait(in_flight, f"a global batch of epoch {epoch}")
 
 
 def pipeline_record(spec: RunSpec, stats: list[dict[str, float]], elapsed: float) -> Record:
-    """Bubble: the share of the stages' time in the epoch's steps spent neither computing nor
-    communicating, next to GPipe's bound for equal stages and free communication."""
+    """Bubble: the share of the stages' time in the epoch's steps not spent computing (waiting
+    for a neighbour or moving tensors), next to GPipe's bound for equal stages and free
+    communication."""
     k, m = len(stats), spec.microbatches
-    busy = sum(s["compute_s"] + s["comm_s"] for s in stats)
-    rec: Record = {"bubble_fraction": max(0.0, 1 - busy / (k * elapsed)),
+    compute = sum(s["compute_s"] for s in stats)
+    rec: Record = {"bubble_fraction": max(0.0, 1 - compute / (k * elapsed)),
                    "bubble_bound": (k - 1) / (m + k - 1)}
     for i, s in enumerate(stats):
         rec[f"stage{i}_compute_s"] = s["compute_s"]
@@ -391,7 +346,7 @@ def fit(spec: RunSpec, data: Dataset, model: nn.Sequential, stages: list[ray.act
         rec = make_record(epoch, stats[-1]["loss"] / data.n_train, evaluate(model, data),
                           data.n_train, elapsed, time.perf_counter() - start)
         rec.update(pipeline_record(spec, stats, elapsed))
-        checkpoint.write(spec.out, {"epoch": epoch, "history": [*history, rec], "stages": states})
+        checkpoint.write(spec.out, {"spec": spec.to_dict(), "history": [*history, rec], "stages": states})
         history.append(rec)
         report(rec)
         if not math.isfinite(rec["train_loss"]):
@@ -406,32 +361,24 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     model = build_model(spec, data)  # the driver's copy, reassembled from the stages each epoch
     bounds = stage_bounds(spec, model)
     history: list[Record] = []
-    failures = unstarted = 0
+    restarts = checkpoint.Restarts("pipeline", spec.max_failures, StageFailed)
     while True:
-        # resume from this run's latest checkpoint; none yet means from the start
-        saved = checkpoint.read(spec.out) if history else None
+        # from this run's latest checkpoint (an earlier invocation's too); none: from the start
+        saved = checkpoint.resume("pipeline", spec, RESUMABLE)
+        history[:] = saved["history"] if saved else []
         if saved:
-            history[:] = saved["history"]
+            model.load_state_dict({k: v for st in saved["stages"] for k, v in st["model"].items()})
+        if len(history) == spec.epochs:
+            return RunResult(history, model.state_dict())
         stages = spawn(spec, data, bounds)
         started = False
         try:
-            restore(stages, saved)
+            start(stages, saved)
             started = True
             fit(spec, data, model, stages, history, report)
-            break
+            return RunResult(history, model.state_dict())
         except LOST as e:
-            if not started:
-                unstarted += 1
-                if unstarted > START_RETRIES:
-                    raise StageFailed(f"pipeline: stage actors died before they started, "
-                                      f"{unstarted} times ({type(e).__name__})") from e
-                continue
-            failures += 1
-            if failures > spec.max_failures:
-                raise StageFailed(f"pipeline: a stage actor died ({type(e).__name__}) and "
-                                  f"max_failures={spec.max_failures} restarts are used up") from e
+            (restarts.while_training if started else restarts.before_start)(e)
         finally:
             for stage in stages:
                 ray.kill(stage)
-    Path(spec.out, checkpoint.NAME).unlink(missing_ok=True)  # the outputs are local's
-    return RunResult(history, model.state_dict())

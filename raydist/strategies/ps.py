@@ -58,9 +58,6 @@ SERVER_CPUS = 0.5
 """A server only sums and steps: half a CPU lets 2 replicas and 2 servers share 3 CPUs."""
 WAIT_S = 300.0
 """The longest any single wait on Ray may take before the run is declared stuck."""
-START_RETRIES = 3
-"""Restarts whose new actors die before they ever run (placed on a node that has just died but
-that Ray has not yet declared dead: seconds) are retried this often, apart from max_failures."""
 RESUMABLE = ("epochs", "out", "address", "max_failures", "threads_per_worker", "straggler", "use_gpu")
 """Fields that may differ between a checkpoint's spec and the run resuming from it."""
 
@@ -443,18 +440,10 @@ def check(spec: RunSpec, data: Dataset) -> None:
 
 def resume_point(spec: RunSpec, model: nn.Module) -> dict[str, Any]:
     """The checkpoint in spec.out if there is one (it must be of this spec), else the start."""
-    saved = checkpoint.read(spec.out)
+    saved = checkpoint.resume("ps", spec, RESUMABLE)
     if saved is None:
         return {"history": [], "optimizer": {},
                 "weights": {n: p.detach().numpy() for n, p in model.named_parameters()}}
-    old, new = saved.get("spec") or {}, spec.to_dict()
-    differ = [k for k in new if k not in RESUMABLE and old.get(k) != new[k]]
-    if differ:
-        raise ConfigError(f"out: {spec.out} holds a checkpoint of another run (it differs in "
-                          f"{', '.join(differ)}); use another out or delete {checkpoint.NAME}")
-    if len(saved["history"]) > spec.epochs:
-        raise ConfigError(f"epochs: the checkpoint in {spec.out} is at epoch "
-                          f"{len(saved['history'])}; expected epochs >= {len(saved['history'])}")
     return saved
 
 
@@ -471,7 +460,7 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     data = load_data(spec)
     model = build_model(spec, data)
     parts = split_model(model, spec.servers)
-    failures = unstarted = 0
+    restarts = checkpoint.Restarts("ps", spec.max_failures, ActorFailed)
     while True:
         point = resume_point(spec, model)
         history = list(point["history"])
@@ -480,9 +469,7 @@ def run(spec: RunSpec, report: Report) -> RunResult:
         try:
             group = Group.start(spec, parts, point["weights"], point["optimizer"])
         except RayActorError as e:  # Group.start has killed the actors it started
-            unstarted += 1
-            if unstarted > START_RETRIES:
-                raise ActorFailed(f"ps: actors died before they started, {unstarted} times: {e}") from e
+            restarts.before_start(e)
             continue
         try:
             history = train(spec, data, group, history, report)
@@ -490,9 +477,6 @@ def run(spec: RunSpec, report: Report) -> RunResult:
         except (RayActorError, RayTaskError) as e:
             if isinstance(e, RayTaskError) and not isinstance(e.cause, RayActorError):
                 raise
-            failures += 1
-            if failures > spec.max_failures:
-                raise ActorFailed(f"ps: an actor died ({failures} failures, max_failures="
-                                  f"{spec.max_failures}): {e}") from e
+            restarts.while_training(e)
         finally:
             group.kill()
