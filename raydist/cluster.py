@@ -25,6 +25,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # ddp run that waits for the autoscaler would fail after a few of those.
 NODE_START_S = 600
 API_SERVER = "RAY_API_SERVER_ADDRESS"
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def connect(spec: RunSpec) -> None:
@@ -45,11 +46,32 @@ def start_local(**init: Any) -> None:
     it dead; without a dashboard its cleaner fails and warns every second. Naming the API
     server keeps its queries from guessing among other Ray instances on the machine: Ray's
     processes inherit the variable from this one. The driver keeps it afterwards (later runs
-    in this process talk to this Ray)."""
+    in this process talk to this Ray).
+
+    One embedded node is never drained or preempted, so Ray Train's preemption watcher, an actor
+    process started beside every worker group just as its workers begin to train, has nothing to
+    watch: it is switched off here (set before ray.init, so Tune trial processes inherit it too)."""
     port = free_port()
     os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
+    os.environ.setdefault(PREEMPTION_WATCHER, "0")
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, **init)
+
+
+def start_train_coordinator() -> None:
+    """Start Ray Train's autoscaling coordinator now, from the driver. Ray Train's controller
+    creates this named, detached actor on its first use and waits (up to 5 s) for its reply before
+    it starts any worker; started here, while the controller's own process still starts and imports
+    torch, it is ready by then. On a fresh embedded Ray it also takes a worker process that Ray
+    prestarted for the driver, which the controller's children (they carry its runtime_env) cannot
+    use. Ray Train's own function, so name and options match and Ray Train finds this one."""
+    if ray.util.client.ray.is_connected():  # a Ray Client driver: leave it to Ray Train
+        return
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    get_or_create_autoscaling_coordinator()
 
 
 def free_port() -> int:

@@ -42,7 +42,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer, get_device, prepare_model
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raydist import cluster, comm, faults
+from raydist import checkpoint, cluster, comm, faults
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Diverged, Record, Report, RunResult, fit, global_batches, make_optimizer
@@ -117,6 +117,7 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     # that Ray Train could otherwise restart from its checkpoint.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     channel = Channel.options(scheduling_strategy=here).remote()
+    cluster.start_train_coordinator()  # ready before the controller asks for it
     trainer = TorchTrainer(
         worker_loop,
         # The driver's data travels with the job: workers need neither the data file nor the
@@ -159,16 +160,11 @@ def absolute_paths(spec: RunSpec) -> RunSpec:
 
 
 def claim(storage: Path, spec: RunSpec) -> None:
-    """An output folder holds one ddp run. Resuming it with other training settings would
-    silently splice two different runs together, so only RESUMABLE settings may change."""
+    """An output folder holds one ddp run: its spec.yaml is checked against this spec."""
     path = storage / "spec.yaml"
     if path.exists():
-        old, new = yaml.safe_load(path.read_text()), spec.to_dict()
-        for key, value in new.items():
-            if key not in RESUMABLE and old.get(key) != value:
-                raise ConfigError(f"{key}: got {value!r}, but {spec.out} holds a ddp run with "
-                                  f"{key}={old.get(key)!r}; resume it with the same settings "
-                                  f"(only {', '.join(RESUMABLE)} may change) or choose another out")
+        checkpoint.check_resumable("ddp", spec.out, yaml.safe_load(path.read_text()), spec.to_dict(),
+                                   RESUMABLE)
     storage.mkdir(parents=True, exist_ok=True)
     spec.save(path)
 
