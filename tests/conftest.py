@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 import pytest
 
@@ -24,3 +26,29 @@ def ray_local():
                         resources={"trial_driver": 8})
     yield ray
     ray.shutdown()
+
+
+class Trained:
+    """Runs one module trained, for a later module that needs the very same run (an undisturbed
+    reference): a Ray Train fit costs ~35 CPU-seconds on this machine, mostly its processes'
+    imports. Keyed by the spec without `out` and `max_failures`, neither of which changes what
+    a run computes. A module run alone finds nothing here and trains its own."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, Any] = {}
+
+    @staticmethod
+    def key(spec: Any) -> str:
+        fields = {k: v for k, v in spec.to_dict().items() if k not in ("out", "max_failures")}
+        return json.dumps(fields, sort_keys=True)
+
+    def put(self, spec: Any, result: Any) -> None:
+        self.runs[self.key(spec)] = result
+
+    def get(self, spec: Any) -> Any:
+        return self.runs.get(self.key(spec))
+
+
+@pytest.fixture(scope="session")
+def trained() -> Trained:
+    return Trained()

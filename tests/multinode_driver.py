@@ -1,12 +1,16 @@
-"""One multi-node scenario on a private `ray.cluster_utils.Cluster` (a head and worker nodes, all
-on this machine), in a process of its own: a process joins one Ray only, and the test session
-already lives in its embedded one. tests/test_multinode.py runs it as
+"""Multi-node scenarios, one after the other, on one private `ray.cluster_utils.Cluster` (a head
+and worker nodes, all on this machine), in a process of its own: a process joins one Ray only,
+and the test session already lives in its embedded one. tests/test_multinode.py runs it as
 
     RAY_TMPDIR=<private dir> python tests/multinode_driver.py CONFIG.json
 
-CONFIG names the scenario, the RunSpec fields and the work folder; the driver writes
-`result.json` there (where every strategy actor ran, which node was lost, the records that
-reached the driver) and always shuts its cluster down, which stops only its own processes.
+CONFIG names the work folder and the runs: each a name, a scenario, the RunSpec fields and how
+many worker nodes it starts with. Before a run, nodes join (or idle ones leave) until that many
+are alive, so a run starts as if on a cluster of its own (one cluster start, not one per run).
+Each run works in WORK/<name>; after each, the driver rewrites `result.json` (per run: where
+every strategy actor ran, which node was lost, the records that reached the driver, or the
+error that ended it), so a run that hangs leaves the earlier ones readable. A failed run does
+not stop the next. The driver always shuts its cluster down, which stops only its own processes.
 
 Scenarios:
 - `loss`: after epoch `kill_after` (its checkpoint written and, for ddp, registered by Ray
@@ -15,7 +19,8 @@ Scenarios:
   (The undisturbed run it is compared with runs in the test's own embedded Ray.)
 - `elastic`: ddp with workers [min, max] starts on too few nodes for max; after epoch `grow_after`
   a node joins and Ray Train's elastic policy restarts the group, bigger, from a checkpoint.
-  Ray Train's autoscaling coordinator is started first, with a 1 s refresh instead of 20 s.
+  Ray Train's autoscaling coordinator is started first, with a 1 s refresh instead of 20 s; it
+  lives as long as the cluster, so an elastic run comes before any other ddp run on it.
 
 ddp's rank 0 sends each record through a channel actor; here that channel is `Gate`, which also
 logs every record it receives (a restarted group sends the epochs of its checkpoint again) and
@@ -37,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # inherited by every node
+# These nodes are killed, never drained: Ray Train's preemption watcher (an actor process beside
+# every worker group) would have nothing to see, as on the embedded Ray (raydist.cluster).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -82,6 +90,25 @@ class Nodes:
         self.count += 1
         self.names[node.node_id] = f"n{self.count}"
         return self.names[node.node_id]
+
+    def alive(self) -> list[str]:
+        """The worker nodes in the cluster now, in the order they joined."""
+        return sorted((self.names[n.node_id] for n in self.cluster.worker_nodes), key=lambda n: int(n[1:]))
+
+    def idle(self) -> list[Any]:
+        """The worker nodes that hold no live actor, in the order they joined."""
+        busy = {a["node"] for a in actors().values() if a["state"] != "DEAD"}
+        return sorted((n for n in self.cluster.worker_nodes if n.node_id not in busy),
+                      key=lambda n: int(self.names[n.node_id][1:]))
+
+    def resize(self, workers: int) -> None:
+        """Add nodes, or remove the newest idle ones (the last run's actors may take a moment to
+        go), until `workers` are alive."""
+        while len(self.alive()) < workers:
+            self.add()
+        while len(self.alive()) > workers:
+            wait_for("an idle worker node", self.idle)
+            self.cluster.remove_node(self.idle()[-1])
 
     def kill(self, name: str) -> None:
         """The machine dies: every process of the node at once (its raylet's children, the
@@ -310,20 +337,47 @@ def elastic(nodes: Nodes, cfg: dict[str, Any]) -> dict[str, Any]:
 SCENARIOS = {"loss": loss, "elastic": elastic}
 
 
+def run_one(nodes: Nodes, run: dict[str, Any], work: Path) -> dict[str, Any]:
+    """One run in its own work folder, on exactly `run["nodes"]` worker nodes. The module settings
+    a scenario patches (ddp's channel class, its elastic check interval) are put back after it."""
+    cfg = {**run, "work": str(work / run["name"])}
+    Path(cfg["work"]).mkdir(parents=True, exist_ok=True)
+    saved = ddp.Channel, ddp.ELASTIC_CHECK_S
+    result: dict[str, Any] = {}
+    t = time.monotonic()
+    try:
+        nodes.resize(run["nodes"])
+        result["workers_at_start"] = nodes.alive()
+        note(f"{run['name']}: starts on {', '.join(result['workers_at_start'])}")
+        before = set(actors())
+        result.update(SCENARIOS[run["scenario"]](nodes, cfg))
+        result["all_actors"] = placements(nodes, before, None)
+    except BaseException:  # noqa: BLE001 - the test reads it from result.json
+        result["error"] = traceback.format_exc()
+        note(f"{run['name']}: failed")
+    finally:
+        ddp.Channel, ddp.ELASTIC_CHECK_S = saved
+        result["run_s"] = time.monotonic() - t
+    return result
+
+
 def main(config_path: str) -> int:
     global PROGRESS
     cfg = json.loads(Path(config_path).read_text())
-    PROGRESS = Path(cfg["work"], "progress.log")
-    result: dict[str, Any] = {}
+    work = Path(cfg["work"])
+    PROGRESS = work / "progress.log"
+    result: dict[str, Any] = {"runs": {}}
+    out = work / "result.json"
     nodes = None
     t = time.monotonic()
     try:
-        nodes = Nodes(cfg["nodes"])
+        nodes = Nodes(cfg["runs"][0]["nodes"])
         result["cluster_start_s"] = time.monotonic() - t
         note("cluster up")
         ray.init(address=nodes.cluster.address, logging_level=logging.WARNING, log_to_driver=False)
-        result.update(SCENARIOS[cfg["scenario"]](nodes, cfg))
-        result["all_actors"] = placements(nodes, set(), None)
+        for run in cfg["runs"]:
+            result["runs"][run["name"]] = run_one(nodes, run, work)
+            out.write_text(json.dumps(result, indent=1))
     except BaseException:  # noqa: BLE001 - the test reads it from result.json
         result["error"] = traceback.format_exc()
         note("failed")
@@ -332,8 +386,9 @@ def main(config_path: str) -> int:
         if nodes is not None:
             nodes.shutdown()
         result["total_s"] = time.monotonic() - t
-        Path(cfg["work"], "result.json").write_text(json.dumps(result, indent=1))
-    return 1 if "error" in result else 0
+        out.write_text(json.dumps(result, indent=1))
+    failed = "error" in result or any("error" in r for r in result["runs"].values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

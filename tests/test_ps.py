@@ -124,12 +124,13 @@ def test_run_fails_fast_when_the_cluster_is_too_small(ray_local, tmp_path):
 
 @pytest.mark.parametrize("optimizer,servers", [("gd", 1), ("sgd", 2), ("momentum", 1),
                                                ("adagrad", 2), ("rmsprop", 1), ("adam", 2)])
-def test_sync_equals_local(ray_local, tmp_path, optimizer, servers):
+def test_sync_equals_local(ray_local, tmp_path, trained, optimizer, servers):
     spec = spec_of(tmp_path, "local", optimizer=optimizer)
     ref = local.run(spec, lambda r: None)
     reports = []
-    got = ps.run(spec.replace(strategy="ps", workers=2, servers=servers, out=str(tmp_path / "ps")),
-                 reports.append)
+    ps_spec = spec.replace(strategy="ps", workers=2, servers=servers, out=str(tmp_path / "ps"))
+    got = ps.run(ps_spec, reports.append)
+    trained.put(ps_spec, got)  # adam's is the undisturbed run the fault test below compares with
     assert max_diff(ref.state_dict, got.state_dict) <= 1e-5
     assert [r["epoch"] for r in reports] == [1, 2]
     for a, b in zip(ref.metrics, got.metrics, strict=True):
@@ -163,16 +164,16 @@ def test_async_reaches_local_accuracy_within_twice_the_epochs(ray_local, tmp_pat
 
 # --- faults, checkpoints, resuming ---------------------------------------------------------------
 
-def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, monkeypatch):
-    kw = {"strategy": "ps", "optimizer": "adam", "workers": 2}
-    train(spec_of(tmp_path, "clean", **kw), lambda r: None)
+def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, trained, monkeypatch):
+    kw = {"strategy": "ps", "optimizer": "adam", "workers": 2, "servers": 2}
+    undisturbed = spec_of(tmp_path, "clean", **kw)  # test_sync_equals_local[adam-2] trained it
+    clean = (trained.get(undisturbed) or train(undisturbed, lambda r: None)).state_dict
     monkeypatch.setenv("RAYDIST_FAULT", "1:2")
     reports = []
     spec = spec_of(tmp_path, "faulty", max_failures=1, **kw)
     train(spec, reports.append)
     assert (tmp_path / "faulty" / ".fault_fired").exists()
     assert [r["epoch"] for r in reports] == [1, 2]  # epoch 1 came from the checkpoint, not redone
-    clean = torch.load(tmp_path / "clean" / "model.pt")
     faulty = torch.load(tmp_path / "faulty" / "model.pt")
     assert all(torch.equal(clean[k], faulty[k]) for k in clean) and list(clean) == list(faulty)
 

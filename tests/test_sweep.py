@@ -177,38 +177,46 @@ def trial_table(results: pd.DataFrame) -> pd.DataFrame:
     return results.drop_duplicates("trial_id").set_index("trial_id")
 
 
-def test_sweep_with_two_worker_trials_and_a_diverged_one(ray_local, tmp_path):
-    # Two 2-worker ddp trials may run at once beside the local ones: 4 CPUs hold them, and the
-    # trial drivers take none. sgd with lr 1e8 turns the loss NaN in its first epoch.
-    file = write(tmp_path, """
+# Two 2-worker ddp trials may run at once beside the local ones: 4 CPUs hold them, and the trial
+# drivers take none. The ddp sgd trial's lr turns its loss NaN in the first epoch: ddp's own
+# divergence check (tests/test_ddp.py would need a Ray Train fit of its own for it) shares this
+# sweep's fit. max_failures 2: a diverged run is not a failure for Ray Train to retry.
+SWEEP = """
 epochs: 2
 sweep:
   max_concurrent: 2
   variants:
     - {strategy: local, optimizer: adam}
     - {strategy: ddp, workers: 2, optimizer: adam}
-    - {strategy: ddp, workers: 2, optimizer: sgd}
-    - {strategy: local, optimizer: sgd, lr: 1.0e+8}
+    - {strategy: ddp, workers: 2, optimizer: sgd, lr: 1.0e+20, max_failures: 2}
     - {strategy: local, optimizer: adam, model: cnn, data: synthetic}
-""")
-    out = tmp_path / "out"
-    results = sweep.run(file, out)
+"""
 
-    on_disk = pd.read_csv(out / "results.csv")
+
+@pytest.fixture(scope="module")
+def swept(ray_local, tmp_path_factory):
+    """The sweep above: what sweep.run returned, results.csv, and the sweep's folder."""
+    out = tmp_path_factory.mktemp("swept") / "out"
+    results = sweep.run(write(out.parent, SWEEP), out)
+    return results, pd.read_csv(out / "results.csv"), out
+
+
+def test_sweep_with_two_worker_trials_and_a_diverged_one(swept):
+    results, on_disk, out = swept
     shared = ["trial_id", "status", "epoch", "val_loss", "strategy", "workers", "optimizer", "lr", "out"]
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet")[shared], on_disk[shared])
     trials = trial_table(on_disk)
-    assert len(trials) == 5 and len(results) == len(on_disk)
+    assert len(trials) == 4 and len(results) == len(on_disk)
     failed = trials[trials["model"] == "cnn"].iloc[0]  # a combination only the run itself refuses
     assert (failed.status, failed.message) == (
         "error", "model: 'cnn' cannot take data 'synthetic' (features); it takes image")
     trials = trials[trials["model"] == "mlp"]
     by_setting = {(t.strategy, t.optimizer): t for t in trials.itertuples()}
-    assert sorted(by_setting) == [("ddp", "adam"), ("ddp", "sgd"), ("local", "adam"), ("local", "sgd")]
-    diverged = by_setting[("local", "sgd")]
+    assert sorted(by_setting) == [("ddp", "adam"), ("ddp", "sgd"), ("local", "adam")]
+    diverged = by_setting[("ddp", "sgd")]
     assert (diverged.status, diverged.message, diverged.lr) == (
-        "diverged", "training loss is nan at epoch 1", 1e8)
-    for key in [("ddp", "adam"), ("ddp", "sgd"), ("local", "adam")]:
+        "diverged", "training loss is nan at epoch 1", 1e20)
+    for key in [("ddp", "adam"), ("local", "adam")]:
         assert by_setting[key].status == "completed"
     assert by_setting[("ddp", "adam")].workers == 2 and by_setting[("local", "adam")].workers == 1
     # one row per trial per epoch; the diverged trial stops after the epoch that diverged
@@ -225,6 +233,22 @@ sweep:
         assert t.out == str(folder)
         assert yaml.safe_load((folder / "spec.yaml").read_text())["strategy"] == t.strategy
         assert (folder / "model.pt").exists() == (t.status == "completed")
+
+
+def test_ddp_divergence_raises_in_the_caller(swept):
+    """ddp's workers stop at the NaN epoch and the driver raises Diverged in the thread that
+    called `train` (the trial's), after reporting that epoch once with its NaN loss. Ray Train
+    may restart twice but must not: were the divergence a worker failure, it would retry it and
+    the trial would end in an error, not `diverged`."""
+    _, on_disk, out = swept
+    [trial_id] = on_disk[on_disk["lr"] == 1e20]["trial_id"].unique()
+    rows = on_disk[on_disk["trial_id"] == trial_id]
+    assert (rows["strategy"].tolist(), rows["workers"].tolist(), rows["max_failures"].tolist()) == (
+        ["ddp"], [2], [2])
+    assert (rows["status"].tolist(), rows["message"].tolist()) == (
+        ["diverged"], ["training loss is nan at epoch 1"])
+    assert rows["epoch"].tolist() == [1] and math.isnan(rows["train_loss"].iloc[0])
+    assert not (out / "trials" / trial_id / "model.pt").exists()
 
 
 def test_asha_stops_a_bad_trial_early(ray_local, tmp_path):
