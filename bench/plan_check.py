@@ -1,13 +1,21 @@
-"""The cost model against this machine: measure its inputs (compute per sample, loopback
-transports) and the step times of ddp, ps sync and pipeline at 1 and 2 workers/stages, all
-in one run; write them to bench/results/plan_check.json and print each prediction of
-raydist plan's formulas beside the measured step time.
+"""The cost model against this machine: measure its inputs (the engine's loop alone and two at
+once, loopback transports) and the step times of ddp, ps sync and pipeline at 1 and 2
+workers/stages, all in one run; write them to bench/results/plan_check.json and print each
+prediction of raydist plan's formulas beside the measured step time.
 
     .venv/bin/python bench/plan_check.py --reps 5
 
-Transports are measured apart from the runs they predict: a gloo all-reduce under torchrun
-(ddp's ring) and an array passed between two actors through the object store (ps and pipeline).
-Each is fitted to t(S) = latency + S / bandwidth from a small and a full-size message.
+Inputs are measured apart from the runs they predict, with Ray up (its processes take their
+share of the CPUs in the runs too) and at the niceness Ray gives its workers, once per round
+beside the runs (so load drifting on a shared machine hits both alike; each input is the median
+over the rounds): plan.calibrate times the engine's epoch loop at every batch size the runs use,
+and c copies of it at once in c processes; the transports are fitted to t(S) = latency +
+S / bandwidth from a small and a full-size message each: a gloo all-reduce under torchrun
+(ddp's ring); gloo send/recv under torchrun between two processes that compute as long as a
+stage does between messages (pipeline stages' activations and gradients: gloo moves a message
+only when its receiver asks, and a busy sender answers late); an array returned by one actor's
+task and copied by another's (ps: gradients up, weights down).
+tests/test_plan.py recomputes every prediction from the committed json.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 
 import common
@@ -22,14 +31,14 @@ import numpy as np
 import ray
 
 from raydist import plan
+from raydist.config import RunSpec
 
 OUT = common.BENCH_DIR / "results" / "plan_check.json"
 MICROBATCHES = 8
 RUNS = {  # name: (strategy, N, spec changes)
     "ddp 1": ("ddp", 1, {"workers": 1}), "ddp 2": ("ddp", 2, {"workers": 2}),
     "ps 1": ("ps", 1, {"workers": 1, "mode": "sync"}), "ps 2": ("ps", 2, {"workers": 2, "mode": "sync"}),
-    "pipeline 1": ("pipeline", 1, {"stages": 1, "microbatches": MICROBATCHES}),
-    "pipeline 2": ("pipeline", 2, {"stages": 2, "microbatches": MICROBATCHES}),
+    "pipeline 1": ("pipeline", 1, {"stages": 1}), "pipeline 2": ("pipeline", 2, {"stages": 2}),
 }
 
 
@@ -40,72 +49,144 @@ def fit_line(sizes: list[int], times: list[float], hops: float) -> dict[str, flo
     return {"latency": max(t0 - s0 / bandwidth, 0.0) / hops, "bandwidth": bandwidth}
 
 
-def gloo_network(grad_bytes: int) -> dict[str, float]:
-    """2-rank ring: t = S / B + 2 latency."""
-    sizes = [4096, grad_bytes]
-    r = common.torchrun("gloo_allreduce.py", 2, ["--bytes", ",".join(map(str, sizes))])
-    return fit_line(sizes, [r[str(s)] for s in sizes], hops=2)
+def gloo(script: str, sizes: list[int], niceness: int, *args: str) -> list[float]:
+    r = common.torchrun(script, 2, ["--bytes", ",".join(map(str, sizes)), *args], niceness=niceness)
+    return [r[str(s)] for s in sizes]
 
 
 @ray.remote(num_cpus=0)
-class Sink:
-    def take(self, a: np.ndarray) -> int:
-        return a.nbytes
+class Peer:
+    def make(self, size: int) -> np.ndarray:
+        return np.ones(size // 4, dtype=np.float32)
+
+    def bounce(self, a: np.ndarray) -> np.ndarray:
+        return a.copy()
 
 
-def object_store_network(big: int, repeats: int = 30) -> dict[str, float]:
-    """A numpy array put by one process and read by an actor: t = latency + S / B."""
-    sink = Sink.remote()
-    sizes, times = [4096, big], []
+def object_store(sizes: list[int], hops: int = 40) -> list[float]:
+    """An array returned by one actor's task, read and copied by the next task of another actor,
+    which returns its copy (a ps replica copies the weights in and returns gradients; a server
+    sums the gradients and returns weights): seconds per hop."""
+    peers = [Peer.remote(), Peer.remote()]
+    times = []
     for size in sizes:
-        a = np.ones(size // 4, dtype=np.float32)
-        ray.get(sink.take.remote(ray.put(a)))
-        samples = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            ray.get(sink.take.remote(ray.put(a)))
-            samples.append(time.perf_counter() - t)
-        times.append(common.median(samples))
-    ray.kill(sink)
-    return fit_line(sizes, times, hops=1)
+        ref = peers[0].make.remote(size)
+        for _ in range(4):  # warm-up
+            ref = peers[1].bounce.remote(peers[0].bounce.remote(ref))
+        ray.get(ref)
+        t = time.perf_counter()
+        for i in range(hops):
+            ref = peers[i % 2].bounce.remote(ref)
+        ray.get(ref)
+        times.append((time.perf_counter() - t) / hops)
+    for p in peers:
+        ray.kill(p)
+    return times
+
+
+def cut_bytes(costs: plan.Costs, batch: int) -> int:
+    """What crosses the 2-stage cut per micro-batch."""
+    cut = plan.stage_bounds(costs, 2)[1]
+    return -(-batch // MICROBATCHES) * costs.block_out_bytes[cut - 1]
+
+
+def stage_ms(costs: plan.Costs, batch: int) -> float:
+    """The slower of 2 stages' forward + backward of one micro-batch, alone: how long stages
+    compute between messages."""
+    cut = plan.stage_bounds(costs, 2)[1]
+    share = max(sum(costs.block_share[:cut]), sum(costs.block_share[cut:]))
+    return share * (plan.compute(costs, -(-batch // MICROBATCHES)) - costs.optimizer_s) * 1e3
+
+
+HOPS = {"allreduce": 2, "p2p": 1, "object_store": 1}
+"""Latencies in one measured message: a 2-rank ring all-reduce pays two."""
+
+
+@ray.remote(num_cpus=0)
+def worker_niceness() -> int:
+    return os.nice(0)
+
+
+def measure_inputs(base: RunSpec, seconds: float, niceness: int) -> dict:
+    """One round of the model's inputs: Costs (calibrated at the niceness of Ray's workers) and,
+    per transport, {bytes: seconds}."""
+    costs = plan.calibrate(base, [1, 2], seconds=seconds, niceness=niceness)
+    sizes = {"allreduce": [4096, costs.grad_bytes], "p2p": [4096, cut_bytes(costs, base.batch_size)],
+             "object_store": [4096, costs.grad_bytes]}
+    times = {"allreduce": gloo("gloo_allreduce.py", sizes["allreduce"], niceness),
+             "p2p": gloo("gloo_p2p.py", sizes["p2p"], niceness,
+                         "--busy-ms", f"{stage_ms(costs, base.batch_size):.2f}"),
+             "object_store": object_store(sizes["object_store"])}
+    return {"costs": costs, "transports": {k: dict(zip(sizes[k], times[k], strict=True)) for k in sizes}}
+
+
+def median_costs(rounds: list[plan.Costs]) -> plan.Costs:
+    """Field by field (element by element), the median over rounds of what was timed."""
+    def med(values: list) -> object:
+        if isinstance(values[0], list):
+            return [med(list(col)) for col in zip(*values, strict=True)]
+        return common.median(values) if isinstance(values[0], float) else values[0]
+
+    return plan.Costs(**{f.name: med([getattr(c, f.name) for c in rounds])
+                         for f in dataclasses.fields(plan.Costs)})
+
+
+def networks(rounds: list[dict]) -> dict[str, dict[str, float]]:
+    """Each transport fitted to the median time of each message size over the rounds."""
+    out = {}
+    for name, hops in HOPS.items():
+        sizes = list(rounds[0]["transports"][name])
+        out[name] = fit_line(sizes, [common.median([r["transports"][name][s] for r in rounds])
+                                     for s in sizes], hops)
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0, help="calibration time per batch size")
     args = p.parse_args()
-    base = common.spec()
-    costs = plan.calibrate(base, repeats=20)
+    base = common.spec(microbatches=MICROBATCHES)
     steps = common.samples(base) // base.batch_size
     common.start_ray()
-    nets = {"gloo": gloo_network(costs.grad_bytes), "object_store": object_store_network(costs.grad_bytes)}
-    specs = {name: common.spec(strategy=s, **changes) for name, (s, _, changes) in RUNS.items()}
-    times = common.alternate({name: (lambda s=s: common.steady(common.raydist_records(s)))
-                              for name, s in specs.items()}, args.reps)
+    rounds: list[dict] = []
+    niceness = ray.get(worker_niceness.remote())
+
+    def inputs() -> list[float]:
+        rounds.append(measure_inputs(base, args.seconds, niceness))
+        return []
+
+    specs = {name: base.replace(strategy=s, **changes) for name, (s, _, changes) in RUNS.items()}
+    variants = {"inputs": inputs, **{name: (lambda s=s: common.steady(common.raydist_records(s)))
+                                     for name, s in specs.items()}}
+    times = common.alternate(variants, args.reps)
     ray.shutdown()
+    kept = rounds[1:]  # round 0 warms up
     measured = [{"run": name, "strategy": RUNS[name][0], "n": RUNS[name][1],
-                 "step_s": common.median(t) / steps} for name, t in times.items()]
+                 "step_s": common.median(times[name]) / steps} for name in RUNS]
     result = {"machine": common.machine(), "command": f"bench/plan_check.py --reps {args.reps}",
-              "batch_size": base.batch_size, "microbatches": MICROBATCHES,
-              "costs": dataclasses.asdict(costs), "networks": nets, "measured": measured}
+              "worker_niceness": niceness, "batch_size": base.batch_size, "microbatches": MICROBATCHES,
+              "costs": dataclasses.asdict(median_costs([r["costs"] for r in kept])),
+              "networks": networks(kept), "measured": measured}
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(compare(result))
 
 
-TRANSPORT = {"ddp": "gloo", "ps": "object_store", "pipeline": "object_store"}
+def predictions(result: dict) -> list[tuple[dict, float]]:
+    """(measured run, predicted step time) from the inputs recorded in `result`."""
+    costs = plan.Costs(**result["costs"])
+    return [(run, plan.STEPS[run["strategy"]](
+                costs, plan.Network(**result["networks"][plan.TRANSPORTS[run["strategy"]]]),
+                result["batch_size"], run["n"], result["microbatches"]))
+            for run in result["measured"]]
 
 
 def compare(result: dict) -> str:
     """Predicted against measured step time, per run."""
-    costs = plan.Costs(**result["costs"])
-    rows = []
-    for run in result["measured"]:
-        net = plan.Network(**result["networks"][TRANSPORT[run["strategy"]]])
-        predicted = plan.STEPS[run["strategy"]](costs, net, result["batch_size"], run["n"],
-                                                result["microbatches"])
-        rows.append([run["run"], predicted * 1e3, run["step_s"] * 1e3, predicted / run["step_s"]])
+    rows = [[run["run"], t * 1e3, run["step_s"] * 1e3, t / run["step_s"]]
+            for run, t in predictions(result)]
     return common.markdown(["run", "predicted ms", "measured ms", "predicted / measured"], rows)
 
 

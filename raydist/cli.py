@@ -116,6 +116,8 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    help="worker (or stage) counts to predict, e.g. 1,2,4,8")
     p.add_argument("--bandwidth", default="25Gbit/s", help="link bandwidth, e.g. 25Gbit/s")
     p.add_argument("--latency", default="10us", help="per-message latency, e.g. 10us")
+    p.add_argument("--workers-per-node", type=int, help="workers (stages) that share one node; "
+                   "calibration runs up to this many at once (default: CPUs // threads per worker)")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
@@ -124,7 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
     counts = plan.parse_counts(args.counts)
     net = plan.Network(plan.parse_bandwidth(args.bandwidth), plan.parse_duration(args.latency))
-    rows = plan.predict(plan.calibrate(spec), net, spec.batch_size, counts, spec.microbatches)
+    costs = plan.calibrate(spec, counts, args.workers_per_node)
+    rows = plan.predict(costs, net, spec.batch_size, counts, spec.microbatches)
     print(plan.table(rows))
     plan.write(rows, Path(spec.out))
     print(f"wrote {spec.out}/plan.csv, plan.png")

@@ -1,13 +1,22 @@
-"""The cost model's formulas, on hand-computed numbers."""
+"""The cost model's formulas on hand-computed numbers, its calibration, and its predictions
+against the step times measured on this machine (bench/results/plan_check.json)."""
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import pytest
 
-from raydist.config import ConfigError
+from raydist.config import ConfigError, RunSpec
 from raydist.plan import (
+    STEPS,
+    TRANSPORTS,
     Costs,
     Network,
+    calibrate,
+    compute,
     ddp_step,
     parse_bandwidth,
     parse_duration,
@@ -16,7 +25,13 @@ from raydist.plan import (
     ps_step,
 )
 
-COSTS = Costs(fixed_s=0.01, per_sample_s=0.001, grad_bytes=8_000_000, activation_bytes=1000)
+PLAN_CHECK = Path(__file__).resolve().parents[1] / "bench" / "results" / "plan_check.json"
+# compute(b) measured at 64, 128, 256 samples; 2 workers per node, each 1.5x slower when both
+# compute; three blocks: 60/30/10 % of the time, 400/300/300 parameters
+COSTS = Costs(batches=[64, 128, 256], step_s=[0.02, 0.03, 0.05], optimizer_s=0.002,
+              workers_per_node=2, concurrency=[1, 2], slowdown=[1.0, 1.5], grad_bytes=8_000_000,
+              block_share=[0.6, 0.3, 0.1], block_params=[400, 300, 300],
+              block_out_bytes=[1000, 500, 4])
 NET = Network(bandwidth=1e9, latency=1e-5)
 
 
@@ -32,23 +47,52 @@ def test_units():
         parse_duration("3")
 
 
-def test_ring_allreduce_alpha_beta():
-    assert ddp_step(COSTS, NET, 256, 1) == pytest.approx(0.01 + 0.256)
-    # 2(N-1)/N * S/B + 2(N-1) * alpha, with N = 4
-    ring = 2 * 3 / 4 * 8e6 / 1e9 + 2 * 3 * 1e-5
-    assert ddp_step(COSTS, NET, 256, 4) == pytest.approx(0.01 + 0.064 + ring)
+def test_compute_is_linear_between_the_measured_batch_sizes():
+    assert compute(COSTS, 128) == pytest.approx(0.03)
+    assert compute(COSTS, 96) == pytest.approx(0.025)
+    assert compute(COSTS, 512) == pytest.approx(0.05 + 0.02 / 128 * 256)  # along the last segment
+    assert compute(COSTS, 32) == pytest.approx(0.015)  # along the first
+    assert compute(Costs(**{**vars(COSTS), "batches": [64], "step_s": [0.02]}), 32) == pytest.approx(0.01)
 
 
-def test_parameter_server_link_carries_every_replica():
-    assert ps_step(COSTS, NET, 256, 2) == pytest.approx(0.01 + 0.128 + 2 * 2 * 8e6 / 1e9 + 2e-5)
-    assert ps_step(COSTS, NET, 256, 2, servers=2) < ps_step(COSTS, NET, 256, 2)
+def test_ddp_ring_allreduce_on_slowed_workers():
+    assert ddp_step(COSTS, NET, 256, 1) == pytest.approx(0.05)
+    # compute(128) * 1.5 + S / B + 2 alpha
+    assert ddp_step(COSTS, NET, 256, 2) == pytest.approx(0.045 + 0.008 + 2e-5)
+    # 4 workers, 2 per node: slowdown of 2; ring 2(N-1)/N * S/B + 2(N-1) * alpha
+    assert ddp_step(COSTS, NET, 256, 4) == pytest.approx(0.03 + 2 * 3 / 4 * 0.008 + 6e-5)
 
 
-def test_pipeline_pays_the_bubble():
-    k, m = 2, 8
-    slot = 0.001 * 256 / (m * k)
-    hop = 2 * (1000 * 256 / m / 1e9 + 1e-5)
-    assert pipeline_step(COSTS, NET, 256, k, m) == pytest.approx(0.01 + (m + k - 1) * (slot + hop))
+def test_parameter_server_replicas_compute_servers_step_link_carries_gradients_and_weights():
+    # (compute(b) - opt) * slowdown + opt / servers + 2 alpha + (N + nodes) * S / (servers * B)
+    assert ps_step(COSTS, NET, 256, 1) == pytest.approx(0.048 + 0.002 + 2e-5 + 2 * 0.008)
+    assert ps_step(COSTS, NET, 256, 2) == pytest.approx(0.028 * 1.5 + 0.002 + 2e-5 + 3 * 0.008)
+    assert ps_step(COSTS, NET, 256, 4) == pytest.approx(0.018 * 1.5 + 0.002 + 2e-5 + 6 * 0.008)
+    assert ps_step(COSTS, NET, 256, 2, servers=2) == pytest.approx(0.042 + 0.001 + 2e-5 + 0.012)
+
+
+def test_pipeline_fill_drain_slowest_stage_and_its_messages_flush():
+    # M = 4 micro-batches of 64: (compute(64) - opt) = 0.018 per micro-batch on one stage
+    assert pipeline_step(COSTS, NET, 256, 1, 4) == pytest.approx(4 * 0.018 + 0.002)
+    # 2 stages cut after block 0 (400 | 600 parameters): 60 % and 40 % of the time; 1/0.6 stages
+    # busy on average: slowdown 1 + 0.5 * (1/0.6 - 1) = 4/3
+    t = [0.6 * 0.024, 0.4 * 0.024]
+    hop = 1e-5 + 64 * 1000 / 1e9  # 64 samples' activations of block 0
+    fill = 2 * hop
+    expected = sum(t) + 3 * (t[0] + hop) + fill + 0.002 * 0.6
+    assert pipeline_step(COSTS, NET, 256, 2, 4) == pytest.approx(expected)
+    assert expected == pytest.approx(0.024 + 3 * 0.014474 + 0.000148 + 0.0012)
+    # 3 stages: the first (60 %) still sets the pace; two cuts to fill and drain
+    t = [0.6 * 0.024, 0.3 * 0.024, 0.1 * 0.024]
+    hop2 = 1e-5 + 64 * 500 / 1e9
+    expected = sum(t) + 3 * (t[0] + hop) + 2 * (hop + hop2) + 0.002 * 0.4
+    assert pipeline_step(COSTS, NET, 256, 3, 4) == pytest.approx(expected)
+    # a slow network: the middle stage, receiving over both cuts, sets the pace
+    slow = Network(bandwidth=1e6, latency=1e-3)
+    hop, hop2 = 1e-3 + 64 * 1000 / 1e6, 1e-3 + 64 * 500 / 1e6
+    expected = sum(t) + 3 * (t[1] + hop + hop2) + 2 * (hop + hop2) + 0.002 * 0.4
+    assert pipeline_step(COSTS, slow, 256, 3, 4) == pytest.approx(expected)
+    assert math.isnan(pipeline_step(COSTS, NET, 256, 4, 4))  # 3 blocks cannot make 4 stages
 
 
 def test_predict_speedup_and_efficiency():
@@ -61,12 +105,49 @@ def test_predict_speedup_and_efficiency():
     assert ddp4["efficiency"] == pytest.approx(ddp4["speedup"] / 4)
 
 
+MISSED = pytest.mark.xfail(strict=True, reason="the model misses ps and pipeline on this machine "
+                           "(BENCHMARKS.md, cost model); a pass means it no longer does")
+
+
+@pytest.mark.parametrize("run", ["ddp 1", "ddp 2", pytest.param("ps 1", marks=MISSED),
+                                 pytest.param("ps 2", marks=MISSED), pytest.param("pipeline 1", marks=MISSED),
+                                 pytest.param("pipeline 2", marks=MISSED)])
+def test_prediction_within_15_percent_of_the_run_measured_on_this_machine(run):
+    """bench/plan_check.py measured the inputs apart from the runs; the prediction made from
+    them by today's formulas must land within 15 % of the measured step time."""
+    result = json.loads(PLAN_CHECK.read_text())
+    measured = {r["run"]: r for r in result["measured"]}
+    assert set(measured) == {f"{s} {n}" for s in ("ddp", "ps", "pipeline") for n in (1, 2)}
+    r = measured[run]
+    net = Network(**result["networks"][TRANSPORTS[r["strategy"]]])
+    step = STEPS[r["strategy"]](Costs(**result["costs"]), net, result["batch_size"], r["n"],
+                                result["microbatches"])
+    assert 0.85 <= step / r["step_s"] <= 1.15, step / r["step_s"]
+
+
+def test_calibrate_measures_every_batch_size_the_plan_needs():
+    spec = RunSpec.from_dict({"data": "synthetic", "samples": 200, "hidden": [16, 8], "batch_size": 64,
+                              "microbatches": 4, "threads_per_worker": 1})
+    c = calibrate(spec, [1, 2, 8], workers_per_node=2, seconds=0.05)
+    assert c.batches == [8, 16, 32, 64]  # B / N for N = 1, 2, 8 and the micro-batch B / 4
+    assert len(c.step_s) == 4 and all(t > 0 for t in c.step_s)
+    assert c.concurrency == [1, 2] and c.slowdown[0] == 1.0 and c.slowdown[1] > 0
+    assert c.workers_per_node == 2
+    assert c.block_params == [8 * 16 + 16, 16 * 8 + 8, 8 + 1]
+    assert c.block_out_bytes == [16 * 4, 8 * 4, 4]
+    assert c.grad_bytes == 4 * sum(c.block_params)
+    assert sum(c.block_share) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match=r"^workers_per_node: got 0; expected an integer >= 1$"):
+        calibrate(spec, [1, 2], workers_per_node=0)
+
+
 def test_plan_command_calibrates_prints_and_writes(tmp_path, capsys):
     from raydist.cli import main
 
     out = tmp_path / "plan"
     assert main(["plan", "--hidden", "32", "--batch-size", "64", "--counts", "1,2,8",
-                 "--bandwidth", "1Gbit/s", "--latency", "50us", "--out", str(out)]) == 0
+                 "--bandwidth", "1Gbit/s", "--latency", "50us", "--workers-per-node", "1",
+                 "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["strategy", "N", "step", "ms", "speedup", "efficiency"]
     assert [line.split()[:2] for line in lines[1:10]] == [
@@ -80,4 +161,3 @@ def test_plan_rejects_bad_counts(tmp_path, capsys):
 
     assert main(["plan", "--counts", "0,2", "--out", str(tmp_path / "p")]) == 2
     assert capsys.readouterr().err == "error: workers: got '0,2'; expected worker counts like 1,2,4,8\n"
-
