@@ -74,9 +74,10 @@ def start_train_coordinator() -> None:
     get_or_create_autoscaling_coordinator()
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free on `host` now (loopback by default)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

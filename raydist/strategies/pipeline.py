@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from ray.exceptions import ObjectLostError, RayActorError
 from torch import nn
 
 from raydist import checkpoint, faults
-from raydist.cluster import connect, require
+from raydist.cluster import connect, free_port, require
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import (
@@ -95,9 +94,7 @@ def check(spec: RunSpec, data: Dataset) -> None:
 def node_address() -> tuple[str, int]:
     """This node's address and a port free on it: where the other stages find stage 0."""
     ip = ray.util.get_node_ip_address()
-    with socket.socket() as s:
-        s.bind((ip, 0))
-        return ip, s.getsockname()[1]
+    return ip, free_port(ip)
 
 
 def on_cpu(state: Any) -> Any:
