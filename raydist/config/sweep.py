@@ -1,0 +1,169 @@
+"""SweepSpec: RunSpec fields, each a value or a search leaf, and how to search them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from raydist.config.run import RunSpec, at_least
+from raydist.config.values import as_float, as_int, as_str, load_yaml
+from raydist.registry import ConfigError, closest
+
+SEARCH_KINDS = ("grid", "choice", "loguniform", "uniform")
+SWEEP_METRICS = ("val_accuracy", "val_loss", "train_loss")
+Leaf = tuple[str, list[Any]]  # (kind, values) or, for the two ranges, (kind, [low, high])
+
+
+@dataclass
+class SweepSpec:
+    """A sweep file: RunSpec fields, each a value or a search leaf, and a `sweep:` section."""
+
+    base: dict[str, Any]
+    """fixed RunSpec fields, as written"""
+    space: dict[str, Leaf]
+    """searched RunSpec fields; `sweep.seeds` becomes a grid over `seed`"""
+    variants: list[dict[str, Any]] = field(default_factory=list)
+    """one grid axis of whole settings, e.g. local on 1 worker beside ddp on 1 and 2"""
+    metric: str = "val_accuracy"
+    mode: str = "max"
+    target: float | None = None
+    """metric value that counts as reached, for time to target"""
+    samples: int = 1
+    """Tune's num_samples: draws of the choice/range leaves, each crossed with every grid"""
+    scheduler: str = "none"
+    max_concurrent: int = 1
+    scale: str = "workers"
+    """the RunSpec field that is N in speedup(N)"""
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "sweep") -> SweepSpec:
+        raw = dict(raw)
+        settings = raw.pop("sweep", None) or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{source}: sweep: expected a mapping of setting: value")
+        if "out" in raw:
+            raise ConfigError(f"{source}: out: set by the sweep for each trial "
+                              "(DIR/trials/<trial-id>); remove it")
+        base = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+        RunSpec.from_dict(base, source)
+        space = {k: parse_leaf(k, v, base, source) for k, v in raw.items() if isinstance(v, dict)}
+        sweep = cls(base=base, space=space, **sweep_settings(settings, source))
+        if "seeds" in settings:
+            if "seed" in raw:
+                raise ConfigError(f"{source}: seed: also set by sweep.seeds; keep one of the two")
+            sweep.space["seed"] = ("grid", sweep_seeds(settings["seeds"], source))
+        variants = settings.get("variants") or []
+        if not isinstance(variants, list):
+            raise ConfigError(f"{source}: sweep.variants: expected a list of mappings of RunSpec "
+                              "field: value")
+        sweep.variants = [parse_variant(v, base, sweep.space, source) for v in variants]
+        return sweep
+
+    def run_spec(self, choice: dict[str, Any], out: str) -> RunSpec:
+        """The RunSpec of one trial; `choice` holds Tune's values and the trial's variant."""
+        values = {k: v for k, v in choice.items() if k != "variant"}
+        return RunSpec.from_dict({**self.base, **choice.get("variant", {}), **values, "out": out})
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    return SweepSpec.from_dict(load_yaml(path), source=str(path))
+
+
+def parse_leaf(key: str, leaf: dict[str, Any], base: dict[str, Any], source: str) -> Leaf:
+    where = f"{source}: {key}"
+    names = [f.name for f in fields(RunSpec)]
+    if key not in names:
+        raise ConfigError(f"{source}: unknown key '{key}'{closest(str(key), names)}")
+    if len(leaf) != 1:
+        raise ConfigError(f"{where}: a search leaf has exactly one key, one of "
+                          f"{', '.join(SEARCH_KINDS)}")
+    (kind, values), = leaf.items()
+    if kind not in SEARCH_KINDS:
+        raise ConfigError(f"{where}: unknown search kind '{kind}'{closest(str(kind), list(SEARCH_KINDS))}"
+                          f"; expected one of {', '.join(SEARCH_KINDS)}")
+    if kind in ("grid", "choice"):
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: {kind} expects a non-empty list of values")
+        return kind, [checked(key, v, base, source) for v in values]
+    return kind, parse_range(key, kind, values, base, source)
+
+
+def parse_range(key: str, kind: str, values: Any, base: dict[str, Any], source: str) -> list[float]:
+    where = f"{source}: {key}"
+    type_ = next(f.type for f in fields(RunSpec) if f.name == key)
+    if type_.removesuffix(" | None") != "float":
+        raise ConfigError(f"{where}: {kind} draws real numbers, but {key} is not a number field; "
+                          "use grid or choice")
+    rule = "0 < low < high" if kind == "loguniform" else "low < high"
+    if not isinstance(values, list) or len(values) != 2:
+        raise ConfigError(f"{where}: {kind} expects [low, high] with {rule}")
+    low, high = (checked(key, v, base, source) for v in values)
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise ConfigError(f"{where}: {kind} expects [low, high] with {rule}; got [{low}, {high}]")
+    return [low, high]
+
+
+def checked(key: str, value: Any, base: dict[str, Any], source: str) -> Any:
+    """`value` as the field's type, validated like any RunSpec value."""
+    return getattr(RunSpec.from_dict({**base, key: value}, source), key)
+
+
+def parse_variant(variant: Any, base: dict[str, Any], space: dict[str, Leaf],
+                  source: str) -> dict[str, Any]:
+    if not isinstance(variant, dict) or not variant:
+        raise ConfigError(f"{source}: sweep.variants: each variant is a mapping of RunSpec field: value")
+    for key, value in variant.items():
+        if key in space or key == "out" or isinstance(value, dict):
+            raise ConfigError(f"{source}: sweep.variants: {key} is searched or set per trial; "
+                              "a variant holds plain values of other fields")
+    spec = RunSpec.from_dict({**base, **variant}, source)
+    return {k: getattr(spec, k) for k in variant}
+
+
+def sweep_seeds(value: Any, source: str) -> list[int]:
+    bad = ConfigError(f"{source}: sweep.seeds: got {value!r}; expected an integer >= 1 (seeds "
+                      "0..n-1) or a list of integers >= 0")
+    try:
+        seeds = list(range(as_int(value))) if not isinstance(value, list) else [as_int(v) for v in value]
+    except (TypeError, ValueError):
+        raise bad from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise bad
+    return seeds
+
+
+SWEEP_SETTINGS: dict[str, tuple[Any, Any, str]] = {
+    # name: (parser, rule, what is allowed)
+    "metric": (as_str, lambda v: v in SWEEP_METRICS, "one of " + ", ".join(SWEEP_METRICS)),
+    "mode": (as_str, lambda v: v in ("max", "min"), "one of max, min"),
+    "target": (as_float, None, "a number"),
+    "samples": (as_int, at_least(1), "an integer >= 1"),
+    "scheduler": (as_str, lambda v: v in ("none", "asha"), "one of none, asha"),
+    "max_concurrent": (as_int, at_least(1), "an integer >= 1"),
+    "scale": (as_str, lambda v: v in {f.name for f in fields(RunSpec) if f.type.startswith("int")},
+              "an integer RunSpec field such as workers or stages"),
+}
+
+
+def sweep_settings(settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """The scalar settings of the `sweep:` section; seeds and variants are parsed by the caller."""
+    allowed = [*SWEEP_SETTINGS, "seeds", "variants"]
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if key not in allowed:
+            raise ConfigError(f"{source}: sweep: unknown key '{key}'{closest(str(key), allowed)}; "
+                              f"expected one of {', '.join(allowed)}")
+        if key not in SWEEP_SETTINGS:
+            continue
+        parse, rule, expected = SWEEP_SETTINGS[key]
+        if key == "scheduler" and value is None:
+            value = "none"
+        try:
+            out[key] = parse(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: sweep.{key}: got {value!r}; expected {expected}") from None
+        if rule and not rule(out[key]):
+            raise ConfigError(f"{source}: sweep.{key}: got {value!r}; expected {expected}")
+    out.setdefault("mode", "max" if out.get("metric", "val_accuracy") == "val_accuracy" else "min")
+    return out

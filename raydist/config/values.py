@@ -1,0 +1,124 @@
+"""Turning YAML / CLI values into a field's type, and the files and overrides they come from.
+
+Every message names the field (and the file, as `where`), so that bad input fails in one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydist.registry import ConfigError
+
+
+def coerce(name: str, value: Any, type_: str, where: str = "") -> Any:
+    optional = type_.endswith("| None")
+    base = type_.removesuffix(" | None")
+    if value is None or (optional and isinstance(value, str) and value in ("", "null", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}{name}: got nothing; expected {describe(base)}")
+    try:
+        return PARSERS[base](value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}{name}: got {value!r}; expected {describe(base)}") from None
+
+
+def as_int(v: Any) -> int:
+    if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+        raise ValueError(v)
+    return int(v) if not isinstance(v, str) else int(v.strip())
+
+
+def as_float(v: Any) -> float:
+    if isinstance(v, bool):
+        raise ValueError(v)
+    x = float(v)
+    if not math.isfinite(x):
+        raise ValueError(v)
+    return x
+
+
+def as_bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return v.lower() in ("true", "yes", "1")
+    raise ValueError(v)
+
+
+def as_str(v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError(v)
+    return v
+
+
+def as_int_list(v: Any) -> list[int]:
+    if isinstance(v, str):
+        v = [p for p in v.strip("[] ").split(",") if p.strip()]
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, list):
+        raise ValueError(v)
+    return [as_int(x) for x in v]
+
+
+def as_int_or_range(v: Any) -> int | list[int]:
+    """An integer, or a pair: [min, max] (YAML, --set) or MIN-MAX (a CLI flag)."""
+    if isinstance(v, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", v):
+        v = v.split("-")
+    if isinstance(v, str) and v.strip().startswith("["):
+        v = as_int_list(v)
+    if isinstance(v, list | tuple):
+        if len(v) != 2:
+            raise ValueError(v)
+        return [as_int(x) for x in v]
+    return as_int(v)
+
+
+PARSERS = {"int": as_int, "float": as_float, "bool": as_bool, "str": as_str, "list[int]": as_int_list,
+           "int | list[int]": as_int_or_range}
+
+
+def describe(base: str) -> str:
+    return {"int": "an integer", "float": "a number", "bool": "true or false",
+            "str": "a non-empty string", "list[int]": "a list of integers",
+            "int | list[int]": "an integer or a range [min, max]"}[base]
+
+
+# --- files and overrides ----------------------------------------------------------------------
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{line}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping of field: value at the top level")
+    return raw
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """`--set key=value` pairs; values stay strings and are typed by `coerce`."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: got '{item}'; expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def lookup(path: str) -> Any:
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
