@@ -121,12 +121,12 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from raydist import plan
+    from raydist import calibration, plan
 
     spec = spec_from_args(args)
     counts = plan.parse_counts(args.counts)
     net = plan.Network(plan.parse_bandwidth(args.bandwidth), plan.parse_duration(args.latency))
-    costs = plan.calibrate(spec, counts, args.workers_per_node)
+    costs = calibration.calibrate(spec, counts, args.workers_per_node)
     rows = plan.predict(costs, net, spec.batch_size, counts, spec.microbatches)
     print(plan.table(rows))
     plan.write(rows, Path(spec.out))

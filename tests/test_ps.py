@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydist import checkpoint, cli
+from raydist import checkpoint, cli, sharding
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.engine import setup
@@ -33,14 +33,14 @@ def n_params(spec: RunSpec) -> int:
 # --- no Ray: pure pieces -----------------------------------------------------------------------
 
 def test_balance_gives_whole_tensors_largest_first_to_the_least_loaded():
-    assert ps.balance([10, 1000, 10, 100], 2) == [[1], [0, 2, 3]]
-    assert ps.balance([5, 5, 5], 3) == [[0], [1], [2]]
+    assert sharding.balance([10, 1000, 10, 100], 2) == [[1], [0, 2, 3]]
+    assert sharding.balance([5, 5, 5], 3) == [[0], [1], [2]]
 
 
 def test_split_model_covers_every_tensor_once(tmp_path):
     spec = spec_of(tmp_path, "x", hidden=[16, 8])
     model = setup(spec)[1]
-    parts = ps.split_model(model, 3)
+    parts = sharding.split_model(model, 3)
     names = [n for p in parts for n in p.names]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     assert all(p.names for p in parts)
@@ -50,7 +50,7 @@ def test_split_model_covers_every_tensor_once(tmp_path):
                                                      ("bfloat16", torch.bfloat16, np.uint16)])
 def test_codec_rounds_like_torch_and_halves_the_bytes(dtype, torch_dtype, wire):
     t = torch.randn(1000) * 3
-    codec = ps.CODECS[dtype]
+    codec = sharding.CODECS[dtype]
     sent = codec.encode(t)
     assert sent.dtype == wire and sent.nbytes == 2000
     back = codec.decode(sent)
@@ -60,7 +60,7 @@ def test_codec_rounds_like_torch_and_halves_the_bytes(dtype, torch_dtype, wire):
 
 def test_float32_codec_is_exact():
     t = torch.randn(100)
-    assert np.array_equal(ps.CODECS["float32"].decode(ps.CODECS["float32"].encode(t)), t.numpy())
+    assert np.array_equal(sharding.CODECS["float32"].decode(sharding.CODECS["float32"].encode(t)), t.numpy())
 
 
 def test_async_schedule_discards_gradients_older_than_max_staleness():
@@ -81,7 +81,7 @@ def test_server_steps_on_the_sum_of_the_gradients(tmp_path):
     """Two half gradients summed by the server give local's step on the whole gradient."""
     spec = spec_of(tmp_path, "x", optimizer="adam")
     _, model, optimizer = setup(spec)
-    part = ps.split_model(model, 1)[0]
+    part = sharding.split_model(model, 1)[0]
     server = ps.Server(spec, part, {n: p.detach().numpy().copy() for n, p in model.named_parameters()})
     grads = [torch.randn_like(p) for p in model.parameters()]
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -46,13 +46,14 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from torch import nn
 
-from raydist import checkpoint, cluster, engine
+from raydist import checkpoint, cluster, engine, sharding
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data, shard
 from raydist.engine import Record, Report, RunResult
 from raydist.faults import maybe_fail
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
+from raydist.sharding import Part, split_model
 
 SERVER_CPUS = 0.5
 """A server only sums and steps: half a CPU lets 2 replicas and 2 servers share 3 CPUs."""
@@ -62,84 +63,7 @@ RESUMABLE = ("epochs", "out", "address", "max_failures", "threads_per_worker", "
 """Fields that may differ between a checkpoint's spec and the run resuming from it."""
 
 
-# --- the wire: one flat numpy array per server, in comm_dtype ----------------------------------
-
-@dataclass(frozen=True)
-class Codec:
-    encode: Callable[[torch.Tensor], np.ndarray]
-    """flat fp32 tensor -> array to send."""
-    decode: Callable[[np.ndarray], np.ndarray]
-    """received array -> fp32 values (may be the received, read-only array itself)."""
-
-
-def _bf16_encode(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-
-
-def _bf16_decode(a: np.ndarray) -> np.ndarray:
-    return (a.astype(np.uint32) << 16).view(np.float32)
-
-
-CODECS: dict[str, Codec] = {
-    "float32": Codec(lambda t: t.detach().numpy(), lambda a: a),
-    "float16": Codec(lambda t: t.to(torch.float16).numpy(), lambda a: a.astype(np.float32)),
-    "bfloat16": Codec(_bf16_encode, _bf16_decode),
-}
-
-
-# --- which server owns which tensors -----------------------------------------------------------
-
-@dataclass(frozen=True)
-class Part:
-    """The tensors one server owns, in model order, and where each sits in the flat array."""
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-    @property
-    def bounds(self) -> list[tuple[int, int]]:
-        ends = np.cumsum([math.prod(s) for s in self.shapes]).tolist()
-        return list(zip([0, *ends[:-1]], ends, strict=True))
-
-    @property
-    def size(self) -> int:
-        return sum(math.prod(s) for s in self.shapes)
-
-    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[a:b].view(s) for (a, b), s in zip(self.bounds, self.shapes, strict=True)]
-
-
-def balance(sizes: Sequence[int], servers: int) -> list[list[int]]:
-    """Tensor indices per server: largest tensor first onto the least-loaded server."""
-    loads, owned = [0] * servers, [[] for _ in range(servers)]
-    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-        s = loads.index(min(loads))
-        owned[s].append(i)
-        loads[s] += sizes[i]
-    return [sorted(o) for o in owned]
-
-
-def split_model(model: nn.Module, servers: int) -> list[Part]:
-    named = list(model.named_parameters())
-    return [Part(tuple(named[i][0] for i in idx), tuple(tuple(named[i][1].shape) for i in idx))
-            for idx in balance([p.numel() for _, p in named], servers)]
-
-
 # --- the actors: the math ----------------------------------------------------------------------
-
-def _numpy_state(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The optimizer's state keyed by tensor name, as numpy: independent of how tensors are split."""
-    return {names[i]: {k: v.numpy().copy() if torch.is_tensor(v) else v for k, v in st.items()}
-            for i, st in optimizer.state_dict()["state"].items()}
-
-
-def _load_state(optimizer: torch.optim.Optimizer, names: Sequence[str], state: dict[str, Any]) -> None:
-    sd = optimizer.state_dict()
-    # torch.tensor copies: arrays from the object store are read-only and must not back the state
-    sd["state"] = {i: {k: torch.tensor(v) if isinstance(v, np.ndarray) else v
-                       for k, v in state[n].items()}
-                   for i, n in enumerate(names) if n in state}
-    optimizer.load_state_dict(sd)
-
 
 class Server:
     """Owns `part`: fp32 master weights in one flat buffer (the parameters are views of it), and
@@ -148,13 +72,13 @@ class Server:
     def __init__(self, spec: RunSpec, part: Part, weights: dict[str, np.ndarray],
                  optimizer_state: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(1)
-        self.part, self.codec = part, CODECS[spec.comm_dtype]
+        self.part, self.codec = part, sharding.CODECS[spec.comm_dtype]
         self.flat = torch.from_numpy(np.concatenate(
             [np.asarray(weights[n], dtype=np.float32).reshape(-1) for n in part.names]))
         self.params = [nn.Parameter(v) for v in part.views(self.flat)]
         self.optimizer = engine.make_optimizer(spec, self.params)
         if optimizer_state:
-            _load_state(self.optimizer, part.names, optimizer_state)
+            sharding.load_state(self.optimizer, part.names, optimizer_state)
 
     def ready(self) -> bool:
         return True
@@ -175,7 +99,7 @@ class Server:
     def state(self) -> dict[str, Any]:
         return {"weights": {n: v.detach().numpy().copy()
                             for n, v in zip(self.part.names, self.part.views(self.flat), strict=True)},
-                "optimizer": _numpy_state(self.optimizer, self.part.names)}
+                "optimizer": sharding.numpy_state(self.optimizer, self.part.names)}
 
 
 class Replica:
@@ -186,7 +110,7 @@ class Replica:
             os.environ["RAYDIST_FAULT"] = fault
         torch.set_num_threads(spec.threads_per_worker)
         self.spec, self.index, self.parts = spec, index, parts
-        self.codec = CODECS[spec.comm_dtype]
+        self.codec = sharding.CODECS[spec.comm_dtype]
         self.data = load_data(spec)
         self.model = build_model(spec, self.data)
         named = dict(self.model.named_parameters())
