@@ -8,13 +8,15 @@ prediction of raydist plan's formulas beside the measured step time.
 Inputs are measured apart from the runs they predict, with Ray up (its processes take their
 share of the CPUs in the runs too) and at the niceness Ray gives its workers, once per round
 beside the runs (so load drifting on a shared machine hits both alike; each input is the median
-over the rounds): plan.calibrate times the engine's epoch loop at every batch size the runs use,
-and c copies of it at once in c processes; the transports are fitted to t(S) = latency +
-S / bandwidth from a small and a full-size message each: a gloo all-reduce under torchrun
-(ddp's ring); gloo send/recv under torchrun between two processes that compute as long as a
-stage does between messages (pipeline stages' activations and gradients: gloo moves a message
-only when its receiver asks, and a busy sender answers late); an array returned by one actor's
-task and copied by another's (ps: gradients up, weights down).
+over the rounds): calibration.calibrate times the engine's epoch loop at every batch size the
+runs use, and c copies of it at once in c processes; the transports are fitted to t(S) =
+latency + S / bandwidth from a small and a full-size message each, measured between two Ray
+actors as the workers and stages are: a gloo all-reduce (ddp's ring); gloo send/recv between
+two actors that compute as long as a stage does between messages (pipeline stages' activations
+and gradients: gloo moves a message only when its receiver asks, and a busy sender answers
+late); an array returned by one actor's task and copied by another's (ps: gradients up, weights
+down). Each run trains EPOCHS epochs and its step time is the median over the epochs after
+WARMUP_EPOCHS (step times settle over the first two or three epochs).
 tests/test_plan.py recomputes every prediction from the committed json.
 """
 
@@ -22,19 +24,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
+import sys
 import time
 
 import common
 import numpy as np
 import ray
+import torch
+import torch.distributed as dist
 
-from raydist import plan
+from raydist import calibration, cluster, plan
 from raydist.config import RunSpec
 
 OUT = common.BENCH_DIR / "results" / "plan_check.json"
 MICROBATCHES = 8
+EPOCHS, WARMUP_EPOCHS = 5, 2
+PEERS = str(common.BENCH_DIR / "peers")
 RUNS = {  # name: (strategy, N, spec changes)
     "ddp 1": ("ddp", 1, {"workers": 1}), "ddp 2": ("ddp", 2, {"workers": 2}),
     "ps 1": ("ps", 1, {"workers": 1, "mode": "sync"}), "ps 2": ("ps", 2, {"workers": 2, "mode": "sync"}),
@@ -49,9 +57,35 @@ def fit_line(sizes: list[int], times: list[float], hops: float) -> dict[str, flo
     return {"latency": max(t0 - s0 / bandwidth, 0.0) / hops, "bandwidth": bandwidth}
 
 
-def gloo(script: str, sizes: list[int], niceness: int, *args: str) -> list[float]:
-    r = common.torchrun(script, 2, ["--bytes", ",".join(map(str, sizes)), *args], niceness=niceness)
-    return [r[str(s)] for s in sizes]
+@ray.remote(num_cpus=0)
+class GlooPeer:
+    """One of two Ray actors (as workers and stages are) in a gloo group of their own."""
+
+    def port(self) -> int:
+        return cluster.free_port("127.0.0.1")
+
+    def measure(self, script: str, rank: int, port: int, sizes: list[int], **kwargs: float
+                ) -> dict[int, float]:
+        sys.path.insert(0, PEERS)
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        try:
+            return importlib.import_module(script).measure(sizes, **kwargs)
+        finally:
+            dist.destroy_process_group()
+
+
+def gloo(script: str, sizes: list[int], **kwargs: float) -> list[float]:
+    """bench/peers/SCRIPT's `measure` in two fresh actors: rank 0's seconds per size."""
+    peers = [GlooPeer.remote(), GlooPeer.remote()]
+    port = ray.get(peers[0].port.remote())
+    try:
+        out = ray.get([p.measure.remote(script, r, port, sizes, **kwargs) for r, p in enumerate(peers)],
+                      timeout=600)[0]
+    finally:
+        for p in peers:
+            ray.kill(p)
+    return [out[s] for s in sizes]
 
 
 @ray.remote(num_cpus=0)
@@ -84,13 +118,13 @@ def object_store(sizes: list[int], hops: int = 40) -> list[float]:
     return times
 
 
-def cut_bytes(costs: plan.Costs, batch: int) -> int:
+def cut_bytes(costs: calibration.Costs, batch: int) -> int:
     """What crosses the 2-stage cut per micro-batch."""
     cut = plan.stage_bounds(costs, 2)[1]
     return -(-batch // MICROBATCHES) * costs.block_out_bytes[cut - 1]
 
 
-def stage_ms(costs: plan.Costs, batch: int) -> float:
+def stage_ms(costs: calibration.Costs, batch: int) -> float:
     """The slower of 2 stages' forward + backward of one micro-batch, alone: how long stages
     compute between messages."""
     cut = plan.stage_bounds(costs, 2)[1]
@@ -110,25 +144,24 @@ def worker_niceness() -> int:
 def measure_inputs(base: RunSpec, seconds: float, niceness: int) -> dict:
     """One round of the model's inputs: Costs (calibrated at the niceness of Ray's workers) and,
     per transport, {bytes: seconds}."""
-    costs = plan.calibrate(base, [1, 2], seconds=seconds, niceness=niceness)
+    costs = calibration.calibrate(base, [1, 2], seconds=seconds, niceness=niceness)
     sizes = {"allreduce": [4096, costs.grad_bytes], "p2p": [4096, cut_bytes(costs, base.batch_size)],
              "object_store": [4096, costs.grad_bytes]}
-    times = {"allreduce": gloo("gloo_allreduce.py", sizes["allreduce"], niceness),
-             "p2p": gloo("gloo_p2p.py", sizes["p2p"], niceness,
-                         "--busy-ms", f"{stage_ms(costs, base.batch_size):.2f}"),
+    times = {"allreduce": gloo("gloo_allreduce", sizes["allreduce"]),
+             "p2p": gloo("gloo_p2p", sizes["p2p"], busy_ms=stage_ms(costs, base.batch_size)),
              "object_store": object_store(sizes["object_store"])}
     return {"costs": costs, "transports": {k: dict(zip(sizes[k], times[k], strict=True)) for k in sizes}}
 
 
-def median_costs(rounds: list[plan.Costs]) -> plan.Costs:
+def median_costs(rounds: list[calibration.Costs]) -> calibration.Costs:
     """Field by field (element by element), the median over rounds of what was timed."""
     def med(values: list) -> object:
         if isinstance(values[0], list):
             return [med(list(col)) for col in zip(*values, strict=True)]
         return common.median(values) if isinstance(values[0], float) else values[0]
 
-    return plan.Costs(**{f.name: med([getattr(c, f.name) for c in rounds])
-                         for f in dataclasses.fields(plan.Costs)})
+    return calibration.Costs(**{f.name: med([getattr(c, f.name) for c in rounds])
+                         for f in dataclasses.fields(calibration.Costs)})
 
 
 def networks(rounds: list[dict]) -> dict[str, dict[str, float]]:
@@ -141,12 +174,16 @@ def networks(rounds: list[dict]) -> dict[str, dict[str, float]]:
     return out
 
 
+def epoch_times(spec: RunSpec) -> list[float]:
+    return [r["epoch_time_s"] for r in common.raydist_records(spec)[WARMUP_EPOCHS:]]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--seconds", type=float, default=2.0, help="calibration time per batch size")
     args = p.parse_args()
-    base = common.spec(microbatches=MICROBATCHES)
+    base = common.spec(microbatches=MICROBATCHES, epochs=EPOCHS)
     steps = common.samples(base) // base.batch_size
     common.start_ray()
     rounds: list[dict] = []
@@ -157,8 +194,7 @@ def main() -> None:
         return []
 
     specs = {name: base.replace(strategy=s, **changes) for name, (s, _, changes) in RUNS.items()}
-    variants = {"inputs": inputs, **{name: (lambda s=s: common.steady(common.raydist_records(s)))
-                                     for name, s in specs.items()}}
+    variants = {"inputs": inputs, **{name: (lambda s=s: epoch_times(s)) for name, s in specs.items()}}
     times = common.alternate(variants, args.reps)
     ray.shutdown()
     kept = rounds[1:]  # round 0 warms up
@@ -176,7 +212,7 @@ def main() -> None:
 
 def predictions(result: dict) -> list[tuple[dict, float]]:
     """(measured run, predicted step time) from the inputs recorded in `result`."""
-    costs = plan.Costs(**result["costs"])
+    costs = calibration.Costs(**result["costs"])
     return [(run, plan.STEPS[run["strategy"]](
                 costs, plan.Network(**result["networks"][plan.TRANSPORTS[run["strategy"]]]),
                 result["batch_size"], run["n"], result["microbatches"]))

@@ -1,5 +1,6 @@
-"""Loopback point-to-point cost under torchrun (gloo), for each message size: the median time of
-a receive. Rank 0 prints one JSON line {bytes: seconds}.
+"""Loopback point-to-point cost (gloo), for each message size: the median time of a receive.
+Under torchrun, rank 0 prints one JSON line {bytes: seconds}; bench/plan_check.py calls
+`measure` in two Ray actors instead.
 
 Idle (default): half a send/recv round trip between two waiting processes. With --busy-ms D, as
 between pipeline stages in full flow: both ranks compute D ms per message; rank 1 posts each
@@ -52,6 +53,16 @@ def busy(t: torch.Tensor, rank: int, ms: float) -> float:
     return time.perf_counter() - start
 
 
+def measure(sizes: list[int], repeats: int = 50, busy_ms: float = 0.0) -> dict[int, float]:
+    """In an initialised process group of two: {bytes: median seconds of a receive} on rank 0."""
+    rank, out = dist.get_rank(), {}
+    for size in sizes:
+        t = torch.ones(max(1, size // 4))
+        busy(t, rank, busy_ms)  # warm-up: connections and buffers
+        out[size] = statistics.median(busy(t, rank, busy_ms) for _ in range(repeats))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--bytes", required=True, help="comma-separated message sizes")
@@ -60,13 +71,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    out = {}
-    for size in (int(b) for b in args.bytes.split(",")):
-        t = torch.ones(max(1, size // 4))
-        busy(t, rank, args.busy_ms)  # warm-up: connections and buffers
-        out[size] = statistics.median(busy(t, rank, args.busy_ms) for _ in range(args.repeats))
-    if rank == 0:
+    out = measure([int(b) for b in args.bytes.split(",")], args.repeats, args.busy_ms)
+    if dist.get_rank() == 0:
         print(json.dumps(out), flush=True)
     dist.destroy_process_group()
 
