@@ -72,15 +72,12 @@ def steady(records: list[Record], key: str = "epoch_time_s") -> list[float]:
     return [r[key] for r in records[1:]] or [r[key] for r in records]
 
 
-def torchrun(script: str, nproc: int, args: list[str], timeout: float = 600,
-             niceness: int = 0) -> dict[str, Any]:
-    """Run bench/peers/SCRIPT under torchrun on loopback (at `niceness`, e.g. that of Ray's
-    workers); its rank 0 prints one JSON line. `launched` is when torchrun was started
-    (time.time()), for start-up measurements."""
+def torchrun(script: str, nproc: int, args: list[str], timeout: float = 600) -> dict[str, Any]:
+    """Run bench/peers/SCRIPT under torchrun on loopback; its rank 0 prints one JSON line.
+    `launched` is when torchrun was started (time.time()), for start-up measurements."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(cluster.free_port()),
            str(BENCH_DIR / "peers" / script), *args]
-    cmd = ["nice", "-n", str(niceness), *cmd] if niceness else cmd
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
