@@ -12,11 +12,13 @@ over the rounds): calibration.calibrate times the engine's epoch loop at every b
 runs use, and c copies of it at once in c processes; the transports are fitted to t(S) =
 latency + S / bandwidth from a small and a full-size message each, measured between two Ray
 actors as the workers and stages are: a gloo all-reduce (ddp's ring); gloo send/recv between
-two actors that compute as long as a stage does between messages (pipeline stages' activations
-and gradients: gloo moves a message only when its receiver asks, and a busy sender answers
-late); an array returned by one actor's task and copied by another's (ps: gradients up, weights
-down). Each run trains EPOCHS epochs and its step time is the median over the epochs after
-WARMUP_EPOCHS (step times settle over the first two or three epochs).
+two actors running 2-stage GPipe's traffic with each forward and backward replaced by computing
+for the time the model predicts for it (pipeline stages' activations and gradients: gloo moves
+a message only when its receiver asks, and the sender is then mid-compute; per message, the
+step's time beyond the schedule's compute, bench/peers/gloo_p2p.py); an array returned by one
+actor's task and copied by another's (ps: gradients up, weights down). Each run trains EPOCHS
+epochs and its step time is the median over the epochs after WARMUP_EPOCHS (step times settle
+over the first two or three epochs).
 tests/test_plan.py recomputes every prediction from the committed json.
 """
 
@@ -29,6 +31,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import common
 import numpy as np
@@ -64,7 +67,7 @@ class GlooPeer:
     def port(self) -> int:
         return cluster.free_port("127.0.0.1")
 
-    def measure(self, script: str, rank: int, port: int, sizes: list[int], **kwargs: float
+    def measure(self, script: str, rank: int, port: int, sizes: list[int], **kwargs: Any
                 ) -> dict[int, float]:
         sys.path.insert(0, PEERS)
         torch.set_num_threads(1)
@@ -75,7 +78,7 @@ class GlooPeer:
             dist.destroy_process_group()
 
 
-def gloo(script: str, sizes: list[int], **kwargs: float) -> list[float]:
+def gloo(script: str, sizes: list[int], **kwargs: Any) -> list[float]:
     """bench/peers/SCRIPT's `measure` in two fresh actors: rank 0's seconds per size."""
     peers = [GlooPeer.remote(), GlooPeer.remote()]
     port = ray.get(peers[0].port.remote())
@@ -124,12 +127,16 @@ def cut_bytes(costs: calibration.Costs, batch: int) -> int:
     return -(-batch // MICROBATCHES) * costs.block_out_bytes[cut - 1]
 
 
-def stage_ms(costs: calibration.Costs, batch: int) -> float:
-    """The slower of 2 stages' forward + backward of one micro-batch, alone: how long stages
-    compute between messages."""
-    cut = plan.stage_bounds(costs, 2)[1]
-    share = max(sum(costs.block_share[:cut]), sum(costs.block_share[cut:]))
-    return share * (plan.compute(costs, -(-batch // MICROBATCHES)) - costs.optimizer_s) * 1e3
+FORWARD_SHARE = 1 / 3
+"""Of a micro-batch's forward + backward, the forward's (a backward costs about two forwards)."""
+
+
+def stage_ms(costs: calibration.Costs, batch: int) -> dict[str, list[float]]:
+    """Each of 2 stages' forward and backward of one micro-batch, as the model predicts them:
+    what the p2p measurement computes between messages."""
+    t = [ms * 1e3 for ms in plan.stage_times(costs, batch, 2, MICROBATCHES)]
+    return {"forward_ms": [FORWARD_SHARE * x for x in t],
+            "backward_ms": [(1 - FORWARD_SHARE) * x for x in t]}
 
 
 HOPS = {"allreduce": 2, "p2p": 1, "object_store": 1}
@@ -148,7 +155,8 @@ def measure_inputs(base: RunSpec, seconds: float, niceness: int) -> dict:
     sizes = {"allreduce": [4096, costs.grad_bytes], "p2p": [4096, cut_bytes(costs, base.batch_size)],
              "object_store": [4096, costs.grad_bytes]}
     times = {"allreduce": gloo("gloo_allreduce", sizes["allreduce"]),
-             "p2p": gloo("gloo_p2p", sizes["p2p"], busy_ms=stage_ms(costs, base.batch_size)),
+             "p2p": gloo("gloo_p2p", sizes["p2p"], microbatches=MICROBATCHES,
+                         **stage_ms(costs, base.batch_size)),
              "object_store": object_store(sizes["object_store"])}
     return {"costs": costs, "transports": {k: dict(zip(sizes[k], times[k], strict=True)) for k in sizes}}
 

@@ -33,8 +33,9 @@ Step time for a global batch of B samples, b = ceil(B / N) samples per worker:
             the first micro-batch fills the pipe and the last drains it (one message each way
             over every cut); in between the slowest stage sets the pace, and each message it
             receives costs t(): gloo moves a message only once its receiver asks, however early
-            the sender posted it (so the p2p transport is measured between busy processes, see
-            bench/plan_check.py); every stage steps at the flush. Nan for K > blocks.
+            the sender posted it, and the sender is then mid-compute (so the p2p transport is
+            measured in a pipeline's flow, see bench/plan_check.py); every stage steps at the
+            flush. Nan for K > blocks.
 """
 
 from __future__ import annotations
@@ -123,14 +124,21 @@ def stage_bounds(c: Costs, k: int) -> list[int]:
     return [0, *balanced_cuts(c.block_params, k), len(c.block_params)]
 
 
+def stage_times(c: Costs, batch: int, k: int, m: int) -> list[float]:
+    """t_k: each of k stages' forward + backward of one micro-batch, while they compute at once."""
+    bounds = stage_bounds(c, k)
+    shares = [sum(c.block_share[a:b]) for a, b in itertools.pairwise(bounds)]
+    busy = sum(shares) / max(shares)  # stages computing, on average, while the slowest one does
+    return [(compute(c, math.ceil(batch / m)) - c.optimizer_s) * slowdown(c, busy) * share
+            for share in shares]
+
+
 def pipeline_step(c: Costs, net: Network, batch: int, k: int, m: int) -> float:
     if k > len(c.block_params):
         return math.nan
     micro = math.ceil(batch / m)
     bounds = stage_bounds(c, k)
-    shares = [sum(c.block_share[a:b]) for a, b in itertools.pairwise(bounds)]
-    busy = sum(shares) / max(shares)  # stages computing, on average, while the slowest one does
-    t = [(compute(c, micro) - c.optimizer_s) * slowdown(c, busy) * share for share in shares]
+    t = stage_times(c, batch, k, m)
     cuts = {cut: micro * c.block_out_bytes[cut - 1] for cut in bounds[1:-1]}  # bytes per message
     # gloo moves a message only once its receiver asks for it: receiving what a neighbour sent
     # long ago still costs a message's time (the sender, computing, answers when it gets a core)

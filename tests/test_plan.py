@@ -104,12 +104,7 @@ def test_predict_speedup_and_efficiency():
     assert ddp4["efficiency"] == pytest.approx(ddp4["speedup"] / 4)
 
 
-MISSED = pytest.mark.xfail(strict=True, reason="the model misses 2 pipeline stages on this machine "
-                           "(BENCHMARKS.md, cost model); a pass means it no longer does")
-
-
-@pytest.mark.parametrize("run", ["ddp 1", "ddp 2", "ps 1", "ps 2", "pipeline 1",
-                                 pytest.param("pipeline 2", marks=MISSED)])
+@pytest.mark.parametrize("run", ["ddp 1", "ddp 2", "ps 1", "ps 2", "pipeline 1", "pipeline 2"])
 def test_prediction_within_15_percent_of_the_run_measured_on_this_machine(run):
     """bench/plan_check.py measured the inputs apart from the runs; the prediction made from
     them by today's formulas must land within 15 % of the measured step time."""

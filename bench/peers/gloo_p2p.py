@@ -1,11 +1,17 @@
-"""Loopback point-to-point cost (gloo), for each message size: the median time of a receive.
-Under torchrun, rank 0 prints one JSON line {bytes: seconds}; bench/plan_check.py calls
-`measure` in two Ray actors instead.
+"""Loopback point-to-point cost (gloo), for each message size. Under torchrun, rank 0 prints one
+JSON line {bytes: seconds}; bench/plan_check.py calls `measure` in two Ray actors instead.
 
-Idle (default): half a send/recv round trip between two waiting processes. With --busy-ms D, as
-between pipeline stages in full flow: both ranks compute D ms per message; rank 1 posts each
-message (isend) before computing, rank 0 receives it after computing, so the sender is busy when
-the receiver asks (gloo moves a message only once its receiver asks for it).
+Idle (default): half a send/recv round trip between two waiting processes.
+
+With --forward-ms F0,F1 --backward-ms B0,B1, as between 2 pipeline stages in full flow: the two
+ranks run GPipe's traffic for M micro-batches (rank 0 sends activations, rank 1 gradients, each
+on a fresh buffer as a stage does) with each forward and backward replaced by computing for the
+given time. A message then costs what it costs in a pipeline: its receiver usually asks while
+the sender is mid-compute, and gloo moves a message only once its receiver asks, so the sender's
+gloo thread must first get a core (on this 2-core VM ~2 ms per message whatever its size, against
+~0.4 ms between two ranks that are waiting). Per message: (step time - the schedule's time
+without messages) / (M + 1), the messages on stage 0's path (M - 1 between micro-batches, one
+each way to fill and drain), as raydist plan counts them.
 
     python -m torch.distributed.run --nproc_per_node 2 bench/peers/gloo_p2p.py --bytes 4096,262144
 """
@@ -39,39 +45,70 @@ def idle(t: torch.Tensor, rank: int) -> float:
     return (time.perf_counter() - start) / 2
 
 
-def busy(t: torch.Tensor, rank: int, ms: float) -> float:
-    if not ms:
-        return idle(t, rank)
-    if rank == 1:
-        work = dist.isend(t, 0)
-        spin(ms)
-        work.wait()
-        return 0.0
-    spin(ms)
+def gpipe(size: int, rank: int, forward_ms: list[float], backward_ms: list[float],
+          microbatches: int) -> float:
+    """One step of 2-stage GPipe traffic: seconds per message beyond the schedule's compute."""
+    sending = []
+
+    def receive(src: int) -> None:
+        dist.recv(torch.empty(max(1, size // 4)), src)
+
+    def send(dst: int) -> None:
+        buffer = torch.ones(max(1, size // 4))
+        sending.append((dist.isend(buffer, dst), buffer))
+
     start = time.perf_counter()
-    dist.recv(t, 1)
-    return time.perf_counter() - start
+    for _ in range(microbatches):
+        if rank == 1:
+            receive(0)
+        spin(forward_ms[rank])
+        if rank == 0:
+            send(1)
+    for _ in range(microbatches):
+        if rank == 0:
+            receive(1)
+        spin(backward_ms[rank])
+        if rank == 1:
+            send(0)
+    for work, _ in sending:
+        work.wait()
+    dist.barrier()  # both ranks start the next step together, as the driver's call makes them
+    ideal = microbatches * (forward_ms[0] + backward_ms[0]) + forward_ms[1] + backward_ms[1]
+    return (time.perf_counter() - start - ideal / 1e3) / (microbatches + 1)
 
 
-def measure(sizes: list[int], repeats: int = 50, busy_ms: float = 0.0) -> dict[int, float]:
-    """In an initialised process group of two: {bytes: median seconds of a receive} on rank 0."""
+def measure(sizes: list[int], repeats: int = 50, forward_ms: list[float] | None = None,
+            backward_ms: list[float] | None = None, microbatches: int = 8) -> dict[int, float]:
+    """In an initialised process group of two: {bytes: median seconds of a message} on rank 0,
+    idle or (given each rank's forward and backward time) in GPipe's flow."""
     rank, out = dist.get_rank(), {}
-    for size in sizes:
-        t = torch.ones(max(1, size // 4))
-        busy(t, rank, busy_ms)  # warm-up: connections and buffers
-        out[size] = statistics.median(busy(t, rank, busy_ms) for _ in range(repeats))
+    for size in sizes:  # the first of each size warms up: connections and buffers
+        if forward_ms and backward_ms:
+            times = [gpipe(size, rank, forward_ms, backward_ms, microbatches)
+                     for _ in range(1 + max(5, repeats // 4))]
+        else:
+            t = torch.ones(max(1, size // 4))
+            times = [idle(t, rank) for _ in range(1 + repeats)]
+        out[size] = statistics.median(times[1:])
     return out
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--bytes", required=True, help="comma-separated message sizes")
     p.add_argument("--repeats", type=int, default=50)
-    p.add_argument("--busy-ms", type=float, default=0.0, help="compute per message on both ranks")
+    p.add_argument("--forward-ms", type=floats, help="F0,F1: each rank's forward per micro-batch")
+    p.add_argument("--backward-ms", type=floats, help="B0,B1: each rank's backward per micro-batch")
+    p.add_argument("--microbatches", type=int, default=8)
     args = p.parse_args()
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    out = measure([int(b) for b in args.bytes.split(",")], args.repeats, args.busy_ms)
+    out = measure([int(b) for b in args.bytes.split(",")], args.repeats, args.forward_ms,
+                  args.backward_ms, args.microbatches)
     if dist.get_rank() == 0:
         print(json.dumps(out), flush=True)
     dist.destroy_process_group()
