@@ -9,6 +9,9 @@ are (their niceness, their threads, the engine's own epoch loop), apart from the
   node.
 - the optimizer step alone, each block's share of forward + backward, its parameters and output
   bytes, and the bytes of all gradients.
+
+Or given (`from_flops`): a worker's rate in floating-point operations per second, and the
+operations of a step counted, for a machine you cannot calibrate on.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, batch_order
@@ -177,11 +181,20 @@ def optimizer_time(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dat
     return statistics.median(times)
 
 
+def block_pass(block: nn.Module, i: int, inp: torch.Tensor, y: torch.Tensor, task: str,
+               last: bool) -> torch.Tensor:
+    """Block i's forward + backward on its own, as a stage runs it (its input detached, needing
+    a gradient unless it is the first); its output."""
+    inp = inp.detach().requires_grad_(i > 0 and inp.is_floating_point())
+    out = block(inp)
+    (LOSSES[task](out, y) if last else out).backward(None if last else torch.ones_like(out))
+    return out
+
+
 def block_times(model: nn.Sequential, data: Dataset, size: int, seed: int, repeats: int = 10
                 ) -> list[float]:
-    """Forward + backward seconds of each block on a real batch, each block on its own as a
-    stage runs it (its input detached, needing a gradient unless it is the first). The least of
-    `repeats`: only their ratios are used, and other processes only ever add time."""
+    """Forward + backward seconds of each block on a real batch. The least of `repeats`: only
+    their ratios are used, and other processes only ever add time."""
     idx = next(real_batches(data, size, seed))
     x, y = data.x_train[idx], data.y_train[idx]
     times: list[list[float]] = [[] for _ in model]
@@ -189,15 +202,24 @@ def block_times(model: nn.Sequential, data: Dataset, size: int, seed: int, repea
         model.zero_grad(set_to_none=True)
         inp = x
         for i, block in enumerate(model):
-            inp = inp.detach().requires_grad_(i > 0 and inp.is_floating_point())
             t = time.perf_counter()
-            out = block(inp)
-            last = i == len(model) - 1
-            (LOSSES[data.task](out, y) if last else out).backward(None if last else torch.ones_like(out))
+            inp = block_pass(block, i, inp, y, data.task, i == len(model) - 1)
             if rep:
                 times[i].append(time.perf_counter() - t)
-            inp = out
     return [min(t) for t in times]
+
+
+def block_flops(model: nn.Sequential, data: Dataset, size: int = 64) -> list[float]:
+    """Forward + backward floating-point operations per sample of each block, as torch's
+    FlopCounterMode counts them (matrix products and convolutions)."""
+    x, y = data.x_train[:size], data.y_train[:size]
+    flops = []
+    for i, block in enumerate(model):
+        with FlopCounterMode(display=False) as counter:
+            x = block_pass(block, i, x, y, data.task, i == len(model) - 1)
+        flops.append(counter.get_total_flops() / len(y))
+    model.zero_grad(set_to_none=True)
+    return flops
 
 
 @torch.no_grad()
@@ -234,4 +256,18 @@ def calibrate(spec: RunSpec, counts: Sequence[int] = (1, 2), workers_per_node: i
     return Costs(sizes, step_s, opt, per_node, together, slow,
                  sum(p.numel() * p.element_size() for p in model.parameters()),
                  [t / sum(blocks) for t in blocks], block_sizes(model),
+                 block_out_bytes(model, data.x_train[:1]))
+
+
+def from_flops(spec: RunSpec, rate: float, workers_per_node: int | None = None) -> Costs:
+    """Costs given, not measured: every worker computes at `rate` floating-point operations per
+    second, whatever else runs on its node (no slowdown), and its optimizer step is free; the
+    step's operations are counted (block_flops). For a machine you cannot calibrate on."""
+    if workers_per_node is not None and workers_per_node < 1:
+        raise ConfigError(f"workers_per_node: got {workers_per_node}; expected an integer >= 1")
+    data, model, _ = setup(spec)
+    flops = block_flops(model, data)
+    return Costs([1], [sum(flops) / rate], 0.0, workers_per_node or default_workers_per_node(spec),
+                 [1], [1.0], sum(p.numel() * p.element_size() for p in model.parameters()),
+                 [f / sum(flops) for f in flops], block_sizes(model),
                  block_out_bytes(model, data.x_train[:1]))

@@ -20,12 +20,13 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def add_spec_flags(p: argparse.ArgumentParser) -> None:
-    """--config FILE, --set key=value, and one flag per RunSpec field (--batch-size ...)."""
+def add_spec_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """--config FILE, --set key=value, and one flag per RunSpec field (--batch-size ...) but
+    those in `skip`."""
     p.add_argument("--config", help="YAML file whose keys are RunSpec fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field; repeatable")
-    for f in fields(RunSpec):
+    for f in (f for f in fields(RunSpec) if f.name not in skip):
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                        metavar=f.name.upper(), help=f.metadata["help"])
 
@@ -111,11 +112,13 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
-    add_spec_flags(p)
-    p.add_argument("--counts", default="1,2,4,8,16,64,256,1024",
+    add_spec_flags(p, skip=("workers",))  # --workers here is the list of counts to predict
+    p.add_argument("--workers", "--counts", dest="counts", default="1,2,4,8,16,64,256,1024",
                    help="worker (or stage) counts to predict, e.g. 1,2,4,8")
     p.add_argument("--bandwidth", default="25Gbit/s", help="link bandwidth, e.g. 25Gbit/s")
     p.add_argument("--latency", default="10us", help="per-message latency, e.g. 10us")
+    p.add_argument("--flops", help="each worker's compute rate, e.g. 2TFLOP/s: the step's "
+                   "operations are counted instead of timed (default: calibrate on this machine)")
     p.add_argument("--workers-per-node", type=int, help="workers (stages) that share one node; "
                    "calibration runs up to this many at once (default: CPUs // threads per worker)")
 
@@ -126,7 +129,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
     counts = plan.parse_counts(args.counts)
     net = plan.Network(plan.parse_bandwidth(args.bandwidth), plan.parse_duration(args.latency))
-    costs = calibration.calibrate(spec, counts, args.workers_per_node)
+    costs = (calibration.from_flops(spec, plan.parse_rate(args.flops), args.workers_per_node)
+             if args.flops else calibration.calibrate(spec, counts, args.workers_per_node))
     rows = plan.predict(costs, net, spec.batch_size, counts, spec.microbatches)
     print(plan.table(rows))
     plan.write(rows, Path(spec.out))

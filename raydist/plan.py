@@ -75,6 +75,15 @@ def parse_duration(text: str) -> float:
     return float(m.group(1)) * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
 
 
+def parse_rate(text: str) -> float:
+    """'2TFLOP/s', '500GFLOPS', '2e12' -> floating-point operations per second."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([kmgtKMGT]?)\s*(?:flop/s|flops)?\s*", text,
+                     re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"flops: got '{text}'; expected a rate like 2TFLOP/s or 2e12")
+    return float(m.group(1)) * UNITS[m.group(2).lower()]
+
+
 @dataclass
 class Network:
     bandwidth: float
@@ -103,7 +112,9 @@ def compute(c: Costs, samples: float) -> float:
 
 def slowdown(c: Costs, workers: float) -> float:
     """Slowdown of each of `workers` workers computing at once (spread over nodes of
-    workers_per_node; a fraction: on average)."""
+    workers_per_node; a fraction: on average). One point: the same for any count."""
+    if len(c.concurrency) == 1:
+        return c.slowdown[0]
     return interpolate(c.concurrency, c.slowdown, min(workers, c.workers_per_node))
 
 

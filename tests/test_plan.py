@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raydist.calibration import Costs, calibrate
+from raydist.calibration import Costs, calibrate, from_flops
 from raydist.config import ConfigError, RunSpec
 from raydist.plan import (
     STEPS,
@@ -19,9 +19,11 @@ from raydist.plan import (
     ddp_step,
     parse_bandwidth,
     parse_duration,
+    parse_rate,
     pipeline_step,
     predict,
     ps_step,
+    slowdown,
 )
 
 PLAN_CHECK = Path(__file__).resolve().parents[1] / "bench" / "results" / "plan_check.json"
@@ -44,6 +46,11 @@ def test_units():
         parse_bandwidth("fast")
     with pytest.raises(ConfigError, match=r"^latency: got '3'; expected a time like 10us or 2ms$"):
         parse_duration("3")
+    assert parse_rate("2TFLOP/s") == 2e12
+    assert parse_rate("500GFLOPS") == 5e11
+    assert parse_rate("2e12") == 2e12
+    with pytest.raises(ConfigError, match=r"^flops: got 'fast'; expected a rate like 2TFLOP/s or 2e12$"):
+        parse_rate("fast")
 
 
 def test_compute_is_linear_between_the_measured_batch_sizes():
@@ -132,6 +139,33 @@ def test_calibrate_measures_every_batch_size_the_plan_needs():
     assert sum(c.block_share) == pytest.approx(1.0)
     with pytest.raises(ConfigError, match=r"^workers_per_node: got 0; expected an integer >= 1$"):
         calibrate(spec, [1, 2], workers_per_node=0)
+
+
+def test_given_flops_count_the_step_instead_of_timing_it():
+    """mlp 8 -> 16 -> 8 -> 1: a linear layer of i -> o does 2io operations per sample forward and
+    as many for each gradient it computes backward (its weights'; its input's unless it is the
+    first block, whose input needs none)."""
+    spec = RunSpec.from_dict({"data": "synthetic", "samples": 200, "hidden": [16, 8], "batch_size": 64,
+                              "microbatches": 4, "threads_per_worker": 1})
+    c = from_flops(spec, 1e6, workers_per_node=2)
+    flops = [4 * 8 * 16, 6 * 16 * 8, 6 * 8 * 1]
+    assert c.step_s == [pytest.approx(sum(flops) / 1e6)] and c.batches == [1]
+    assert compute(c, 64) == pytest.approx(64 * sum(flops) / 1e6)
+    assert c.block_share == pytest.approx([f / sum(flops) for f in flops])
+    assert c.optimizer_s == 0.0 and slowdown(c, 2) == 1.0 and slowdown(c, 1.5) == 1.0
+    assert c.block_params == [8 * 16 + 16, 16 * 8 + 8, 8 + 1] and c.workers_per_node == 2
+
+
+def test_plan_command_takes_worker_counts_and_a_given_rate(tmp_path, capsys):
+    from raydist.cli import main
+
+    out = tmp_path / "plan"
+    assert main(["plan", "--hidden", "32", "--batch-size", "64", "--workers", "1,2,4",
+                 "--flops", "1GFLOP/s", "--out", str(out)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:10]]
+    assert [r[:2] for r in rows] == [[s, n] for s in ("ddp", "ps", "pipeline") for n in ("1", "2", "4")]
+    assert main(["plan", "--flops", "fast", "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err == "error: flops: got 'fast'; expected a rate like 2TFLOP/s or 2e12\n"
 
 
 def test_plan_command_calibrates_prints_and_writes(tmp_path, capsys):
