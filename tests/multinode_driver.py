@@ -112,12 +112,16 @@ class Nodes:
 
     def kill(self, name: str) -> None:
         """The machine dies: every process of the node at once (its raylet's children, the
-        workers, first: Cluster.remove_node alone leaves them running for a while)."""
+        workers, first: Cluster.remove_node alone leaves them running for a while). Returns once
+        Ray has declared it dead: until then Ray may still place a restarted run's actors there
+        (they die before they start and the run retries, a path these tests do not count)."""
         node = next(n for n in self.cluster.worker_nodes if self.names[n.node_id] == name)
         raylets = [p.process.pid for p in node.all_processes["raylet"]]
         for pid in descendants(raylets):
             os.kill(pid, signal.SIGKILL)
         self.cluster.remove_node(node, allow_graceful=False)
+        wait_for(f"Ray to declare {name} dead", lambda: not any(
+            n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()))
 
     def shutdown(self) -> None:
         self.cluster.shutdown()
