@@ -58,18 +58,13 @@ def gpipe(size: int, rank: int, forward_ms: list[float], backward_ms: list[float
         sending.append((dist.isend(buffer, dst), buffer))
 
     start = time.perf_counter()
-    for _ in range(microbatches):
-        if rank == 1:
-            receive(0)
-        spin(forward_ms[rank])
-        if rank == 0:
-            send(1)
-    for _ in range(microbatches):
-        if rank == 0:
-            receive(1)
-        spin(backward_ms[rank])
-        if rank == 1:
-            send(0)
+    for compute_ms, sender in ((forward_ms, 0), (backward_ms, 1)):  # activations, then gradients
+        for _ in range(microbatches):
+            if rank != sender:
+                receive(sender)
+            spin(compute_ms[rank])
+            if rank == sender:
+                send(1 - sender)
     for work, _ in sending:
         work.wait()
     dist.barrier()  # both ranks start the next step together, as the driver's call makes them
