@@ -66,8 +66,15 @@ class Costs:
     """bytes per sample each block outputs: what crosses a cut after it"""
 
 
-def default_workers_per_node(spec: RunSpec) -> int:
-    return max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
+def per_node_count(spec: RunSpec, given: int | None) -> int:
+    """The count given, checked, or as many workers as this machine's CPUs hold."""
+    if given is not None and given < 1:
+        raise ConfigError(f"workers_per_node: got {given}; expected an integer >= 1")
+    return given or max(1, (os.cpu_count() or 1) // spec.threads_per_worker)
+
+
+def grad_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def real_batches(data: Dataset, size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -237,9 +244,7 @@ def calibrate(spec: RunSpec, counts: Sequence[int] = (1, 2), workers_per_node: i
     batch size the plan needs (the shards B / N of `counts`, B / c for c workers on a node, the
     micro-batch B / microbatches), each for `seconds`, and c copies of it at once, c = 2, 4, 8 ..
     up to min(max(counts), workers_per_node) (linear between)."""
-    if workers_per_node is not None and workers_per_node < 1:
-        raise ConfigError(f"workers_per_node: got {workers_per_node}; expected an integer >= 1")
-    per_node = workers_per_node or default_workers_per_node(spec)
+    per_node = per_node_count(spec, workers_per_node)
     data, model, _ = setup(spec)
     batch = len(global_batches(spec, data, 1)[0])  # gd: the whole training set
     most = min(max(counts), per_node)
@@ -254,8 +259,7 @@ def calibrate(spec: RunSpec, counts: Sequence[int] = (1, 2), workers_per_node: i
         steps = max(3, math.ceil(seconds / 2 / step_s[sizes.index(size)]))  # about seconds / 2
         slow.append(contention(job, c, size, steps))
     return Costs(sizes, step_s, opt, per_node, together, slow,
-                 sum(p.numel() * p.element_size() for p in model.parameters()),
-                 [t / sum(blocks) for t in blocks], block_sizes(model),
+                 grad_bytes(model), [t / sum(blocks) for t in blocks], block_sizes(model),
                  block_out_bytes(model, data.x_train[:1]))
 
 
@@ -263,11 +267,9 @@ def from_flops(spec: RunSpec, rate: float, workers_per_node: int | None = None) 
     """Costs given, not measured: every worker computes at `rate` floating-point operations per
     second, whatever else runs on its node (no slowdown), and its optimizer step is free; the
     step's operations are counted (block_flops). For a machine you cannot calibrate on."""
-    if workers_per_node is not None and workers_per_node < 1:
-        raise ConfigError(f"workers_per_node: got {workers_per_node}; expected an integer >= 1")
+    per_node = per_node_count(spec, workers_per_node)
     data, model, _ = setup(spec)
     flops = block_flops(model, data)
-    return Costs([1], [sum(flops) / rate], 0.0, workers_per_node or default_workers_per_node(spec),
-                 [1], [1.0], sum(p.numel() * p.element_size() for p in model.parameters()),
+    return Costs([1], [sum(flops) / rate], 0.0, per_node, [1], [1.0], grad_bytes(model),
                  [f / sum(flops) for f in flops], block_sizes(model),
                  block_out_bytes(model, data.x_train[:1]))

@@ -154,6 +154,8 @@ def test_given_flops_count_the_step_instead_of_timing_it():
     assert c.block_share == pytest.approx([f / sum(flops) for f in flops])
     assert c.optimizer_s == 0.0 and slowdown(c, 2) == 1.0 and slowdown(c, 1.5) == 1.0
     assert c.block_params == [8 * 16 + 16, 16 * 8 + 8, 8 + 1] and c.workers_per_node == 2
+    with pytest.raises(ConfigError, match=r"^workers_per_node: got 0; expected an integer >= 1$"):
+        from_flops(spec, 1e6, workers_per_node=0)
 
 
 def test_plan_command_takes_worker_counts_and_a_given_rate(tmp_path, capsys):
