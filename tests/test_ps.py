@@ -11,6 +11,7 @@ from raydist import checkpoint, cli, sharding
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.engine import setup
+from raydist.staleness import AsyncSchedule
 from raydist.strategies import local, ps, train
 
 SMALL = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_size": 128,
@@ -64,7 +65,7 @@ def test_float32_codec_is_exact():
 
 
 def test_async_schedule_discards_gradients_older_than_max_staleness():
-    sched = ps.AsyncSchedule([(0, 0), (0, 1), (1, 0)], max_staleness=1)
+    sched = AsyncSchedule([(0, 0), (0, 1), (1, 0)], max_staleness=1)
     a, b, c = sched.next(), sched.next(), sched.next()
     assert (a, b, c) == ((0, 0), (0, 1), (1, 0))
     assert sched.next() is None

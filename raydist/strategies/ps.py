@@ -11,8 +11,8 @@ act per tensor, so S servers stepping their own tensors equal one optimizer over
 - async: (Downpour) the shards of an epoch's batches are a queue; whichever replica is free takes
          the next one, and its gradient is applied alone, against whatever weights are current.
          A gradient computed on weights more than `max_staleness` updates old is discarded and
-         its shard recomputed on fresh weights. A slow replica (`straggler`) no longer holds the
-         others back: they simply take more shards.
+         its shard recomputed on fresh weights (raydist/staleness.py). A slow replica
+         (`straggler`) no longer holds the others back: they simply take more shards.
 
 Communication is kept apart from the math: `Server` and `Replica` are plain classes (the math:
 engine.backward and the optimizer step); the functions under "driver" are the schedule, which
@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +53,7 @@ from raydist.faults import maybe_fail
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
 from raydist.sharding import Part, split_model
+from raydist.staleness import AsyncSchedule, Item
 
 SERVER_CPUS = 0.5
 """A server only sums and steps: half a CPU lets 2 replicas and 2 servers share 3 CPUs."""
@@ -157,35 +157,6 @@ class Replica:
     def evaluate(self, *weights: np.ndarray) -> Record:
         self.load(weights)
         return engine.evaluate(self.model, self.data)
-
-
-# --- async bookkeeping (pure Python, so that the staleness rule is testable) --------------------
-
-Item = tuple[int, int]
-"""(step, part): one shard of one global batch."""
-
-
-class AsyncSchedule:
-    """The shards of one async epoch, handed out in order to whichever replica is free. `version`
-    counts applied updates; a gradient read at version v is applied only if at most
-    `max_staleness` updates came after v, otherwise its shard goes back to the front."""
-
-    def __init__(self, items: Sequence[Item], max_staleness: int) -> None:
-        self.todo, self.max_staleness = deque(items), max_staleness
-        self.version = 0
-        self.discarded = 0
-
-    def next(self) -> Item | None:
-        return self.todo.popleft() if self.todo else None
-
-    def finish(self, item: Item, read_version: int) -> bool:
-        """True: apply the gradient (the version advances). False: discarded, shard re-queued."""
-        if self.version - read_version > self.max_staleness:
-            self.todo.appendleft(item)
-            self.discarded += 1
-            return False
-        self.version += 1
-        return True
 
 
 # --- driver: the communication schedule --------------------------------------------------------
