@@ -16,7 +16,6 @@ DIR/
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -136,15 +135,15 @@ def require_trial_drivers() -> None:
 # --- the search --------------------------------------------------------------------------------
 
 def param_space(sweep: SweepSpec) -> dict[str, Any]:
-    space = {key: SEARCH[kind](values) for key, (kind, values) in sweep.space.items()}
-    if sweep.variants:
-        space["variant"] = tune.grid_search(sweep.variants)
+    """The drawn leaves as Tune's samplers; the grids crossed with the variants as one grid axis
+    of whole settings, each trial with only the knobs its strategy reads (SweepSpec.trial_grid)."""
+    space = {key: SEARCH[kind](values) for key, (kind, values) in sweep.space.items() if kind != "grid"}
+    space["variant"] = tune.grid_search(sweep.trial_grid())
     return space
 
 
 def total_trials(sweep: SweepSpec) -> int:
-    grids = [len(values) for kind, values in sweep.space.values() if kind == "grid"]
-    return sweep.samples * math.prod(grids) * max(1, len(sweep.variants))
+    return sweep.samples * len(sweep.trial_grid())
 
 
 def max_epochs(sweep: SweepSpec) -> int:

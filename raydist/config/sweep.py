@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from raydist.config.run import RunSpec, at_least
+from raydist.config.run import KNOBS, RunSpec, at_least, reads
 from raydist.config.values import as_float, as_int, as_str, load_yaml
 from raydist.registry import ConfigError, closest
 
@@ -61,9 +62,31 @@ class SweepSpec:
         return sweep
 
     def run_spec(self, choice: dict[str, Any], out: str) -> RunSpec:
-        """The RunSpec of one trial; `choice` holds Tune's values and the trial's variant."""
+        """The RunSpec of one trial; `choice` holds Tune's values and the trial's variant. The
+        trial gets only the knobs its strategy reads (the others keep their defaults)."""
         values = {k: v for k, v in choice.items() if k != "variant"}
-        return RunSpec.from_dict({**self.base, **choice.get("variant", {}), **values, "out": out})
+        raw = {**self.base, **choice.get("variant", {}), **values, "out": out}
+        return RunSpec.from_dict(read_only(raw))
+
+    def trial_grid(self) -> list[dict[str, Any]]:
+        """Every combination of the grid leaves with every variant, as one grid axis of whole
+        settings. Each keeps only the knobs its trial's strategy reads, so that two
+        combinations differing only in knobs their strategy ignores are one trial."""
+        grids = {k: values for k, (kind, values) in self.space.items() if kind == "grid"}
+        out: list[dict[str, Any]] = []
+        for values in itertools.product(*grids.values()):
+            for variant in self.variants or [{}]:
+                combo = read_only({**dict(zip(grids, values, strict=True)), **variant},
+                                  self.base.get("strategy", RunSpec.strategy))
+                if combo not in out:
+                    out.append(combo)
+        return out
+
+
+def read_only(raw: dict[str, Any], strategy: str | None = None) -> dict[str, Any]:
+    """`raw` without the knobs its strategy (raw's own, else `strategy`) does not read."""
+    strategy = raw.get("strategy", strategy or RunSpec.strategy)
+    return {k: v for k, v in raw.items() if k not in KNOBS or reads(strategy, k)}
 
 
 def load_sweep(path: str | Path) -> SweepSpec:
