@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, batch_order
 from raydist.engine import LOSSES, backward, global_batches, setup, train_epoch
-from raydist.pipelining import block_sizes
+from raydist.strategies.pipeline.cuts import block_sizes
 
 CONTENDED_TIMEOUT_S = 600.0
 """Bound on the concurrent calibration processes: a stuck one surfaces as an error."""

@@ -1,12 +1,11 @@
 """How runs survive: the per-epoch checkpoint of the actor strategies (ps, pipeline), one file
-replaced atomically so that a crash mid-write never leaves a torn checkpoint; which settings a
-run may change when it resumes from its output folder; and how often an actor strategy restarts
-after its actors die."""
+replaced atomically so that a crash mid-write never leaves a torn checkpoint, and how often an
+actor strategy restarts after its actors die. Which settings a resumed run may change is the
+knobs' own metadata (config/run.py), checked by the pre-flight."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +32,13 @@ def read(out: str) -> dict[str, Any] | None:
     return torch.load(path, weights_only=False) if path.exists() else None
 
 
-def check_resumable(strategy: str, out: str, old: Mapping[str, Any], new: Mapping[str, Any],
-                    resumable: Iterable[str]) -> None:
-    """Resuming a run with other training settings would silently splice two runs together:
-    only the `resumable` ones (where and how fast it runs) may change."""
-    resumable = tuple(resumable)
-    for key, value in new.items():
-        if key not in resumable and old.get(key) != value:
-            raise ConfigError(f"{key}: got {value!r}, but {out} holds a {strategy} run with "
-                              f"{key}={old.get(key)!r}; resume it with the same settings "
-                              f"(only {', '.join(resumable)} may change) or choose another out")
-
-
-def resume(strategy: str, spec: Any, resumable: Iterable[str]) -> dict[str, Any] | None:
-    """The checkpoint in spec.out (a RunSpec) if there is one, after checking that it is of
-    this run and not past its epochs; None to start afresh."""
+def resume(spec: Any) -> dict[str, Any] | None:
+    """The checkpoint in spec.out (a RunSpec) if there is one, after checking that it is not
+    past the run's epochs; None to start afresh. Whether it is of this run is the pre-flight's
+    check (engine/preflight.py)."""
     saved = read(spec.out)
     if saved is None:
         return None
-    check_resumable(strategy, spec.out, saved["spec"], spec.to_dict(), resumable)
     done = len(saved["history"])
     if done > spec.epochs:
         raise ConfigError(f"epochs: got {spec.epochs}, but the checkpoint in {spec.out} is at "

@@ -13,10 +13,8 @@ from typing import Any
 
 import jsonschema
 import ray
-from ray._private.state import state
-from ray.autoscaler._private import util as autoscaler_util
-from ray.core.generated import autoscaler_pb2
 
+from raydist import ray_compat
 from raydist.config import ConfigError, RunSpec, load_yaml
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
@@ -67,11 +65,7 @@ def start_train_coordinator() -> None:
     use. Ray Train's own function, so name and options match and Ray Train finds this one."""
     if ray.util.client.ray.is_connected():  # a Ray Client driver: leave it to Ray Train
         return
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-        get_or_create_autoscaling_coordinator,
-    )
-
-    get_or_create_autoscaling_coordinator()
+    ray_compat.start_autoscaling_coordinator()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -94,7 +88,7 @@ def autoscaler_max() -> dict[str, float] | None:
     against the same record); None when there is no autoscaler or it recorded nothing. KubeRay
     records it; Ray 2.60's own autoscaler (`ray up`, `ray start --autoscaling-config`) does not,
     so the head publishes its config with `publish_max` after `ray start`."""
-    return state.get_max_resources_from_cluster_config()
+    return ray_compat.autoscaler_max_resources()
 
 
 def require(cpus: float, gpus: float, what: str) -> None:
@@ -116,14 +110,14 @@ def publish_max(config: dict[str, Any]) -> dict[str, float]:
     available_node_types, head_node_type, max_workers) in the GCS of the connected cluster, where
     `autoscaler_max` and Ray Train look for them. Returns the maximum recorded."""
     record = limits_record(config)
-    ray._private.worker.global_worker.gcs_client.report_cluster_config(record.SerializeToString())
+    ray_compat.report_cluster_config(record)
     return max_resources(config)
 
 
-def limits_record(config: dict[str, Any]) -> autoscaler_pb2.ClusterConfig:
+def limits_record(config: dict[str, Any]) -> Any:
     """The autoscaler config as Ray's ClusterConfig record: each node type with its count range,
     and the cap that the top-level max_workers puts on each resource (`max_resources`)."""
-    record = autoscaler_pb2.ClusterConfig()
+    record = ray_compat.cluster_config_record()
     for name, node_type in config["available_node_types"].items():
         head = name == config["head_node_type"]
         group = record.node_group_configs.add(
@@ -141,11 +135,8 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
     """The file as `ray up` sees it: merged with Ray's provider defaults and checked by Ray's own
     schema validation (offline: no cloud SDK, no credentials). Errors are one-line ConfigErrors."""
     raw = load_yaml(path)
-    # prepare_config logs one INFO line per node type it fills in; not news to a user.
-    logging.getLogger(autoscaler_util.__name__).setLevel(logging.WARNING)
     try:
-        config = autoscaler_util.prepare_config(copy.deepcopy(raw))
-        autoscaler_util.validate_config(config)
+        config = ray_compat.prepare_and_validate(copy.deepcopy(raw))
     except jsonschema.ValidationError as e:
         where = ".".join(str(p) for p in e.absolute_path) or "top level"
         raise ConfigError(f"{path}: {where}: {e.message.splitlines()[0]}") from None

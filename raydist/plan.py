@@ -50,7 +50,7 @@ from pathlib import Path
 
 from raydist.calibration import Costs
 from raydist.config import ConfigError
-from raydist.pipelining import balanced_cuts
+from raydist.strategies.pipeline.cuts import balanced_cuts
 
 UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 TRANSPORTS = {"ddp": "allreduce", "ps": "object_store", "pipeline": "p2p"}

@@ -20,7 +20,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from raydist.config import RunSpec
 from raydist.data import batch_order, load_data
 from raydist.models import build_model
-from raydist.pipelining import stage_bounds
+from raydist.strategies.pipeline.cuts import stage_bounds
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 

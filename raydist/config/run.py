@@ -17,12 +17,20 @@ import yaml
 from raydist.config.values import coerce, lookup
 from raydist.registry import ConfigError, closest
 
+RAY = ("ddp", "ps", "pipeline")
+"""The strategies that run on Ray (all but local)."""
+
 
 def knob(default: Any, help: str, *, check: Any = None, expected: str = "",
-         registry: str = "", choices: tuple[str, ...] = ()) -> Any:
-    """A RunSpec field with its documentation and its validation rule."""
+         registry: str = "", choices: tuple[str, ...] = (), strategies: tuple[str, ...] = (),
+         resumable: bool | tuple[str, ...] = False) -> Any:
+    """A RunSpec field with its documentation and its validation rule. `strategies`: the ones
+    that read it (empty: every strategy); a run of another strategy refuses it unless it keeps
+    its default. `resumable`: a run resumed from its checkpoint may change it (True: under
+    every strategy; a tuple: under those), because it changes where and how fast the run goes,
+    not what it computes."""
     meta = {"help": help, "check": check, "expected": expected, "registry": registry,
-            "choices": choices}
+            "choices": choices, "strategies": strategies, "resumable": resumable}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,18 +78,16 @@ class RunSpec:
                                expected="a number >= 0")
     # --- schedule ----------------------------------------------------------------------------
     epochs: int = knob(5, "passes over the training set", check=at_least(1),
-                       expected="an integer >= 1")
+                       expected="an integer >= 1", resumable=True)
     batch_size: int = knob(64, "GLOBAL batch, whatever the worker count (gd: the whole set)",
                            check=at_least(1), expected="an integer >= 1")
     workers: int | list[int] = knob(1, "data-parallel replicas (ddp, ps); ddp also takes a range "
                                     "MIN-MAX ([min, max] in YAML): elastic, grows when nodes join",
                                     check=worker_count,
-                                    expected="an integer >= 1, or [min, max] with 1 <= min <= max")
-    threads_per_worker: int = knob(1, "torch threads in each worker process",
-                                   check=at_least(1), expected="an integer >= 1")
+                                    expected="an integer >= 1, or [min, max] with 1 <= min <= max",
+                                    strategies=("ddp", "ps"), resumable=("ddp",))
     seed: int = knob(0, "seed of weights, data split and batch order", check=at_least(0),
                      expected="an integer >= 0")
-    out: str = knob("results/run", "directory for spec.yaml, metrics.csv, model.pt")
     # --- model options -----------------------------------------------------------------------
     hidden: list[int] = knob([64], "mlp hidden sizes, e.g. 64,32 (the article's net: 10)",
                              check=lambda v: all(h >= 1 for h in v),
@@ -102,42 +108,51 @@ class RunSpec:
                         expected="an integer >= 10")
     text_chars: int = knob(200_000, "text: characters of the corpus used", check=at_least(1000),
                            expected="an integer >= 1000")
-    # --- ddp / Ray ---------------------------------------------------------------------------
+    # --- where and how fast it runs: none of these changes what a run computes ---------------
+    out: str = knob("results/run", "directory for spec.yaml, metrics.csv, model.pt", resumable=True)
     address: str | None = knob(None, "Ray cluster to join (default: RAY_ADDRESS, else an "
-                               "embedded local Ray)")
-    use_gpu: bool | None = knob(None, "ddp, pipeline: train on GPUs (default: when the cluster "
-                                "has some now)")
+                               "embedded local Ray)", strategies=RAY, resumable=True)
     max_failures: int = knob(0, "restarts from the latest checkpoint after a worker dies",
-                             check=at_least(0), expected="an integer >= 0")
+                             check=at_least(0), expected="an integer >= 0", strategies=RAY,
+                             resumable=True)
+    threads_per_worker: int = knob(1, "torch threads in each worker process",
+                                   check=at_least(1), expected="an integer >= 1", resumable=True)
+    straggler: float = knob(1.0, "ps: slow-down factor of replica 0 (benchmarks)",
+                            check=at_least(1), expected="a number >= 1", strategies=("ps",),
+                            resumable=True)
+    use_gpu: bool | None = knob(None, "ddp, pipeline: train on GPUs (default: when the cluster "
+                                "has some now)", strategies=("ddp", "pipeline"), resumable=True)
+    # --- ddp ---------------------------------------------------------------------------------
     grad_compression: str = knob("none", "ddp: gradient communication hook (none, fp16, bf16, "
-                                 "powersgd)", registry="raydist.comm:COMPRESSIONS")
+                                 "powersgd)", registry="raydist.strategies.ddp.comm:COMPRESSIONS",
+                                 strategies=("ddp",))
     powersgd_rank: int = knob(1, "ddp: PowerSGD matrix rank", check=at_least(1),
-                              expected="an integer >= 1")
+                              expected="an integer >= 1", strategies=("ddp",))
     bucket_cap_mb: float = knob(25.0, "ddp: gradient bucket size in MB", check=positive,
-                                expected="a number > 0")
+                                expected="a number > 0", strategies=("ddp",), resumable=True)
     local_sgd_steps: int = knob(1, "ddp: average parameters every k local steps (1 = plain ddp)",
-                                check=at_least(1), expected="an integer >= 1")
+                                check=at_least(1), expected="an integer >= 1", strategies=("ddp",))
     # --- parameter server --------------------------------------------------------------------
     mode: str = knob("sync", "ps: apply averaged gradients (sync) or each as it comes (async)",
-                     choices=("sync", "async"))
+                     choices=("sync", "async"), strategies=("ps",))
     servers: int = knob(1, "ps: parameter-server actors, each owning part of the weights",
-                        check=at_least(1), expected="an integer >= 1")
+                        check=at_least(1), expected="an integer >= 1", strategies=("ps",))
     max_staleness: int = knob(4, "ps async: oldest gradient (in updates) that is still applied",
-                              check=at_least(0), expected="an integer >= 0")
-    straggler: float = knob(1.0, "ps: slow-down factor of replica 0 (benchmarks)",
-                            check=at_least(1), expected="a number >= 1")
+                              check=at_least(0), expected="an integer >= 0", strategies=("ps",))
     comm_dtype: str = knob("float32", "ps: dtype of gradients and weights on the wire",
-                           choices=("float32", "float16", "bfloat16"))
+                           choices=("float32", "float16", "bfloat16"), strategies=("ps",))
     # --- pipeline ----------------------------------------------------------------------------
     stages: int = knob(2, "pipeline: stage actors the model is cut into", check=at_least(1),
-                       expected="an integer >= 1")
+                       expected="an integer >= 1", strategies=("pipeline",))
     microbatches: int = knob(4, "pipeline: micro-batches per global batch", check=at_least(1),
-                             expected="an integer >= 1")
-    schedule: str = knob("gpipe", "pipeline: micro-batch schedule", registry="raydist.pipelining:SCHEDULES")
+                             expected="an integer >= 1", strategies=("pipeline",))
+    schedule: str = knob("gpipe", "pipeline: micro-batch schedule",
+                         registry="raydist.strategies.pipeline.schedules:SCHEDULES",
+                         strategies=("pipeline",))
     cuts: list[int] | None = knob(None, "pipeline: explicit block indices where stages start "
                                   "(default: balanced by parameter count)",
                                   check=lambda v: all(c >= 1 for c in v),
-                                  expected="a list of integers >= 1")
+                                  expected="a list of integers >= 1", strategies=("pipeline",))
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -200,9 +215,38 @@ class RunSpec:
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    def refuse_unread(self) -> None:
+        """A knob the chosen strategy never reads would be ignored silently (and would block a
+        resume): refused, unless it keeps its default."""
+        for f in fields(self):
+            if not reads(self.strategy, f.name) and getattr(self, f.name) != default_of(f):
+                readers = ", ".join(f.metadata["strategies"])
+                raise ConfigError(f"{f.name}: read only by {readers}; this run's strategy is "
+                                  f"{self.strategy}")
+
     def optimizer_hparams(self) -> dict[str, float]:
         return {"beta": self.beta, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                 "weight_decay": self.weight_decay}
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def reads(strategy: str, name: str) -> bool:
+    """Whether a run of `strategy` reads the knob `name`."""
+    readers = KNOBS[name].metadata["strategies"]
+    return not readers or strategy in readers
+
+
+def resumable(strategy: str) -> list[str]:
+    """The knobs a resumed run of `strategy` may change, in RunSpec's order."""
+    out = []
+    for name, f in KNOBS.items():
+        rule = f.metadata["resumable"]
+        if reads(strategy, name) and (rule is True or (rule and strategy in rule)):
+            out.append(name)
+    return out
 
 
 # Settings valid one by one but not together: (the field the error names, test, what is wrong).
@@ -214,3 +258,5 @@ COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
      lambda s: f"got {s.local_sgd_steps} with grad_compression '{s.grad_compression}'; local SGD "
                "exchanges parameters every k steps, no gradients to compress: set one of the two"),
 )
+
+KNOBS: dict[str, dataclasses.Field] = {f.name: f for f in fields(RunSpec)}

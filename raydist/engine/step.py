@@ -1,43 +1,27 @@
-"""The training step and the epoch loop every strategy shares, and the per-epoch record.
+"""The math every strategy shares: data, model and optimizer of a spec, the losses, one step,
+one pass over a shard of every global batch, evaluation.
 
-Loss scaling is what makes strategies agree: a worker's loss is the SUM of its samples'
-losses divided by `denom`. With `denom = global_batch / world`, DDP's gradient average
-equals the single-process gradient of the global batch, whatever the shard sizes.
+Loss scaling is what makes strategies agree, and it is written once, in `denominator`: every
+process divides the SUM of its samples' losses by the global batch, so that the gradients the
+strategy sums (ps servers, pipeline micro-batches) are the gradient of the global batch's mean
+loss; where the communication AVERAGES over N workers instead (DDP's all-reduce), by
+global batch / N, whatever the shard sizes.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import platform
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raydist.config import RunSpec
 from raydist.data import Dataset, batch_order, load_data, shard
+from raydist.engine.record import Record
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS, build_optimizer
-
-Record = dict[str, Any]
-Report = Callable[[Record], None]
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite; the run stops after reporting that epoch."""
-
-
-@dataclass
-class RunResult:
-    metrics: list[Record]
-    state_dict: dict[str, torch.Tensor]
 
 
 def setup(spec: RunSpec) -> tuple[Dataset, nn.Sequential, torch.optim.Optimizer]:
@@ -57,11 +41,16 @@ def global_batches(spec: RunSpec, data: Dataset, epoch: int) -> list[torch.Tenso
     return batch_order(data.n_train, size, spec.seed, epoch)
 
 
+def denominator(global_batch: int, averaged_over: int = 1) -> float:
+    """What one process divides its summed loss by (see the module's docstring)."""
+    return global_batch / averaged_over
+
+
 # --- losses: sum over samples of each sample's loss (a sequence's: mean over its tokens) ------
 
 def _ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum") * (
-        y.shape[0] / y.numel())
+    per_sample = y.shape[0] / y.numel() if y.numel() else 1.0  # an empty shard: loss 0, grads 0
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum") * per_sample
 
 
 def _bce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,7 +96,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Datase
     for batch in batches:
         idx = shard(batch, rank, world)
         total += step(model, optimizer, data.x_train[idx], data.y_train[idx], data.task,
-                      len(batch) / world)
+                      denominator(len(batch), world))
     return total
 
 
@@ -124,67 +113,3 @@ def evaluate(model: nn.Module, data: Dataset, batch: int = 2048) -> Record:
     if data.task != "mse":
         rec["val_accuracy"] = hits / len(data.x_val)
     return rec
-
-
-# --- the epoch loop ----------------------------------------------------------------------------
-
-def make_record(epoch: int, train_loss: float, val: Record, samples: int, epoch_time: float,
-                wall_time: float) -> Record:
-    return {"epoch": epoch, "train_loss": train_loss, **val,
-            "samples_per_s": samples / epoch_time, "epoch_time_s": epoch_time,
-            "wall_time_s": wall_time}
-
-
-def fit(spec: RunSpec, data: Dataset, model: nn.Module, optimizer: torch.optim.Optimizer,
-        report: Report, *, rank: int = 0, world: int = 1, history: list[Record] | None = None,
-        reduce: Callable[[float], float] = float,
-        on_epoch_end: Callable[[Record, list[Record]], None] | None = None) -> list[Record]:
-    """Train from epoch len(history)+1 to spec.epochs. `reduce` sums a float over workers;
-    `on_epoch_end` (checkpoints) sees each record and the history so far."""
-    history = list(history or [])
-    start = time.perf_counter() - (history[-1]["wall_time_s"] if history else 0.0)
-    for epoch in range(len(history) + 1, spec.epochs + 1):
-        batches = global_batches(spec, data, epoch)
-        t = time.perf_counter()
-        loss = reduce(train_epoch(model, optimizer, data, batches, rank, world))
-        elapsed = time.perf_counter() - t
-        rec = make_record(epoch, loss / data.n_train, evaluate(model, data), data.n_train,
-                          elapsed, time.perf_counter() - start)
-        history.append(rec)
-        report(rec)
-        if not math.isfinite(rec["train_loss"]):
-            raise Diverged(f"training loss is {rec['train_loss']} at epoch {epoch}")
-        if on_epoch_end:
-            on_epoch_end(rec, history)
-    return history
-
-
-# --- outputs -----------------------------------------------------------------------------------
-
-def machine_info(spec: RunSpec) -> Record:
-    import ray
-
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if "model name" in line),
-               platform.processor())
-    return {"host": platform.node(), "cpu_model": cpu, "cpus": os.cpu_count(),
-            "gpus": torch.cuda.device_count(), "threads_per_worker": spec.threads_per_worker,
-            "python": platform.python_version(), "torch": str(torch.__version__),
-            "ray": ray.__version__}
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def save_outputs(out: Path, spec: RunSpec, result: RunResult) -> None:
-    """spec.yaml, metrics.csv, model.pt and machine.yaml: the same files for every strategy."""
-    import yaml
-
-    out.mkdir(parents=True, exist_ok=True)
-    spec.save(out / "spec.yaml")
-    pd.DataFrame(result.metrics).to_csv(out / "metrics.csv", index=False)
-    torch.save({k: v.detach().cpu() for k, v in result.state_dict.items()}, out / "model.pt")
-    (out / "machine.yaml").write_text(yaml.safe_dump(machine_info(spec), sort_keys=False))

@@ -1,6 +1,14 @@
-"""Strategy registry. A strategy is a module with `check(spec, data)` (raises ConfigError
-before anything runs) and `run(spec, report) -> RunResult`. Adding one is a new module and
-its name below; strategies never import each other.
+"""Strategy registry and `train`, the one path every run takes: pre-flight, claim the output
+folder, run, save.
+
+A strategy is a module (local.py) or a package (ddp/, ps/, pipeline/) holding everything of
+it and nothing of another's, with:
+- `check(spec, data)`: what it needs of the spec and data (ConfigError before anything runs);
+- `resources`: `resources(spec) -> (CPUs, GPUs, what)` it asks of the cluster, or None for a
+  strategy that runs without Ray;
+- `RESUMES`: whether a run continues from the checkpoint in its output folder;
+- `run(spec, report) -> RunResult`: the recipe, driving the engine's epoch loop.
+Adding one is a new module or package and its name below; strategies never import each other.
 
 Modules are imported on first use: `ddp` pulls in Ray Train, which every ps replica and
 pipeline stage process would otherwise pay for at start-up."""
@@ -13,9 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from raydist.config import ConfigError, RunSpec
-from raydist.data import load_data
-from raydist.engine import Record, Report, RunResult, save_outputs
-from raydist.models import build_model
+from raydist.engine import Record, Report, RunResult, claim, preflight, save_outputs
 from raydist.registry import Registry
 
 STRATEGIES: Registry[str] = Registry("strategy")
@@ -36,14 +42,13 @@ def progress(rec: Record) -> None:
 
 
 def train(spec: RunSpec, report: Report = progress) -> RunResult:
-    """Check, run and save one spec. User errors surface before the output folder exists;
-    a ConfigError raised later removes the folder this call created."""
+    """Pre-flight, run and save one spec. User errors surface before the output folder
+    exists; a ConfigError raised later removes the folder this call created."""
     strategy = get(spec.strategy)
-    data = load_data(spec)
-    build_model(spec, data)
-    strategy.check(spec, data)
+    preflight(spec, strategy)
     out = Path(spec.out)
     created = not out.exists()
+    claim(spec)
     try:
         result = strategy.run(spec, report)
     except ConfigError:

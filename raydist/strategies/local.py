@@ -5,16 +5,40 @@ from __future__ import annotations
 import torch
 
 from raydist.config import RunSpec
-from raydist.data import Dataset
-from raydist.engine import Report, RunResult, fit, setup
+from raydist.data import Dataset, load_data
+from raydist.engine import Record, Report, RunResult, evaluate, fit, make_optimizer, train_epoch
+from raydist.models import build_model
+
+RESUMES = False
+"""A local run starts afresh: it keeps no checkpoint."""
+resources = None
+"""It runs in this process, without Ray."""
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
     """Nothing beyond the spec's own validation."""
 
 
+class Local:
+    """The engine's step over whole global batches, in this process."""
+
+    def __init__(self, spec: RunSpec, data: Dataset) -> None:
+        self.data = data
+        self.model = build_model(spec, data)
+        self.optimizer = make_optimizer(spec, self.model.parameters())
+
+    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
+        return train_epoch(self.model, self.optimizer, self.data, batches), {}
+
+    def evaluate(self) -> Record:
+        return evaluate(self.model, self.data)
+
+    def save(self, history: list[Record]) -> None:
+        pass
+
+
 def run(spec: RunSpec, report: Report) -> RunResult:
     torch.set_num_threads(spec.threads_per_worker)
-    data, model, optimizer = setup(spec)
-    history = fit(spec, data, model, optimizer, report)
-    return RunResult(history, model.state_dict())
+    data = load_data(spec)
+    trainer = Local(spec, data)
+    return RunResult(fit(spec, data, trainer, report), trainer.model.state_dict())

@@ -12,8 +12,11 @@ PeriodicModelAverager inside PostLocalSGDOptimizer all-reduces the parameters af
 0, k, 2k, ... (global step numbers, restored from checkpoints with the optimizer state).
 
 bytes_per_step has the parameter server's meaning: all bytes the workers put on the wire for
-one global batch. An all-reduce of P bytes over N workers moves 2(N-1)/N * P out of each
-worker (gloo's ring: reduce-scatter, then all-gather), 2(N-1) * P in all.
+one global batch. `Comm` counts the payload each step hands to all-reduce as it goes (the
+bucket in the hook's wire dtype, PowerSGD's factors from its own state, local SGD's averaged
+parameters); an all-reduce of P bytes over N workers moves 2(N-1)/N * P out of each worker
+(gloo's ring: reduce-scatter, then all-gather), 2(N-1) * P in all. `bytes_per_step` below is
+the same count as a formula, for `raydist plan` and the tests.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class Compression:
     """(state, hook) for DistributedDataParallel.register_comm_hook"""
     elements: Callable[[RunSpec, Shapes, int], tuple[int, int]]
     """(float32, 16-bit) elements one worker all-reduces at global step i"""
+    wire_bytes: int = 4
+    """bytes per element of a gradient bucket as the hook all-reduces it (0: it sends none)"""
 
 
 COMPRESSIONS: Registry[Compression] = Registry("grad_compression")
@@ -83,10 +88,10 @@ def _powersgd_hook(spec: RunSpec) -> tuple[Any, Hook]:
 
 
 COMPRESSIONS.register("none")(Compression(lambda spec: (None, default_hooks.allreduce_hook), _plain))
-COMPRESSIONS.register("fp16")(Compression(lambda spec: (None, default_hooks.fp16_compress_hook), _half))
+COMPRESSIONS.register("fp16")(Compression(lambda spec: (None, default_hooks.fp16_compress_hook), _half, 2))
 # DDP refuses bf16_compress_hook by its name unless CUDA and NCCL are there; gloo all-reduces
 # bfloat16 as well (tests/test_comm.py), and Comm.timed registers it under another name.
-COMPRESSIONS.register("bf16")(Compression(lambda spec: (None, default_hooks.bf16_compress_hook), _half))
+COMPRESSIONS.register("bf16")(Compression(lambda spec: (None, default_hooks.bf16_compress_hook), _half, 2))
 COMPRESSIONS.register("powersgd")(Compression(_powersgd_hook, powersgd_elements))
 
 
@@ -102,7 +107,8 @@ def local_sgd_elements(spec: RunSpec, shapes: Shapes, step: int) -> tuple[int, i
     return (_plain(spec, shapes, step) if step % spec.local_sgd_steps == 0 else (0, 0))
 
 
-LOCAL_SGD = Compression(_local_sgd_hook, local_sgd_elements)
+# its hook hands every gradient back untouched; the averager's parameters are counted instead
+LOCAL_SGD = Compression(_local_sgd_hook, local_sgd_elements, wire_bytes=0)
 
 
 def scheme(spec: RunSpec) -> Compression:
@@ -131,15 +137,16 @@ def bytes_per_step(spec: RunSpec, shapes: Shapes, world: int, first_step: int, s
 class Comm:
     """The communication of one ddp worker: sets it up and meters it.
 
-    comm_wait_s (seconds per epoch, this worker) is communication not hidden behind the backward
-    pass: from the moment the last gradient bucket reaches its hook (every gradient is computed
-    by then) until its all-reduce, compression included, is done; with local SGD, the time
-    spent averaging parameters."""
+    wait_s (seconds, this worker) is communication not hidden behind the backward pass: from
+    the moment the last gradient bucket reaches its hook (every gradient is computed by then)
+    until its all-reduce, compression included, is done; with local SGD, the time spent
+    averaging parameters. sent (bytes, this worker) is the payload handed to all-reduce."""
 
     def __init__(self, spec: RunSpec, model: nn.Module, world: int) -> None:
         self.spec, self.world = spec, world
+        self.scheme = scheme(spec)
         self.shapes = [p.shape for p in model.parameters() if p.requires_grad]
-        self.wait_s = 0.0
+        self.wait_s, self.sent = 0.0, 0
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Local SGD's optimizer; call before loading a checkpoint into it (its state_dict
@@ -163,23 +170,34 @@ class Comm:
         # No annotations on `run`: DDP compares them with the real classes, and this module's
         # are strings (from __future__ import annotations).
         def run(state, bucket):
-            if not bucket.is_last():
-                return hook(state, bucket)
+            before = getattr(state, "total_numel_after_compression", None)
             start = time.perf_counter()
+            fut = hook(state, bucket)
+            self.sent += self.payload(state, bucket, before)
+            if not bucket.is_last():
+                return fut
 
             def done(fut: torch.futures.Future) -> torch.Tensor:
                 self.wait_s += time.perf_counter() - start
                 return fut.value()
 
-            return hook(state, bucket).then(done)
+            return fut.then(done)
 
         return run
 
-    def epoch_metrics(self, first_step: int, steps: int) -> dict[str, float]:
-        """This epoch's bytes_per_step and comm_wait_s; starts the next epoch's clock."""
-        wait, self.wait_s = self.wait_s, 0.0
-        return {"bytes_per_step": bytes_per_step(self.spec, self.shapes, self.world, first_step, steps),
-                "comm_wait_s": wait}
+    def payload(self, state: Any, bucket: dist.GradBucket, before: int | None) -> int:
+        """Bytes the hook has just handed to all-reduce: PowerSGD counts what it all-reduced
+        (its factors and the uncompressed tensors) once it compresses; otherwise the bucket."""
+        after = getattr(state, "total_numel_after_compression", None)
+        if after is not None and after != before:
+            return 4 * (after - before)
+        return self.scheme.wire_bytes * bucket.buffer().numel()
+
+    def take(self) -> tuple[int, float]:
+        """(bytes sent, seconds waited) since the last call."""
+        out = (self.sent, self.wait_s)
+        self.sent, self.wait_s = 0, 0.0
+        return out
 
 
 class TimedAverager(averagers.PeriodicModelAverager):
@@ -190,6 +208,15 @@ class TimedAverager(averagers.PeriodicModelAverager):
         self.comm = comm
 
     def average_parameters(self, params: Any) -> None:
+        averaging = self.step >= self.warmup_steps and (self.step - self.warmup_steps) % self.period == 0
+        params = list(params)
         start = time.perf_counter()
         super().average_parameters(params)
         self.comm.wait_s += time.perf_counter() - start
+        if averaging:
+            self.comm.sent += sum(4 * p.numel() for group in params for p in _tensors(group))
+
+
+def _tensors(item: Any) -> list[torch.Tensor]:
+    """A parameter, or a parameter group's parameters (PostLocalSGDOptimizer passes groups)."""
+    return item["params"] if isinstance(item, dict) else [item]

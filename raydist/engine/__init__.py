@@ -1,0 +1,26 @@
+"""The engine: what every strategy shares and none writes again. step.py, the math (losses,
+the loss-scaling rule, one step, evaluation); loop.py, THE epoch loop and the Trainer a
+strategy drives it through; record.py, the per-epoch record's schema; preflight.py, the checks
+before any work; outputs.py, the files every run leaves."""
+
+from raydist.engine.loop import Diverged, Group, Report, RunResult, StateDict, Trainer, fit, fit_restarting
+from raydist.engine.outputs import claim, machine_info, save_outputs
+from raydist.engine.preflight import preflight
+from raydist.engine.record import EpochRecord, Record, make_record
+from raydist.engine.step import (
+    LOSSES,
+    backward,
+    correct,
+    denominator,
+    evaluate,
+    global_batches,
+    make_optimizer,
+    setup,
+    step,
+    train_epoch,
+)
+
+__all__ = ["LOSSES", "Diverged", "EpochRecord", "Group", "Record", "Report", "RunResult", "StateDict",
+           "Trainer", "backward", "claim", "correct", "denominator", "evaluate", "fit", "fit_restarting",
+           "global_batches", "machine_info", "make_optimizer", "make_record", "preflight", "save_outputs",
+           "setup", "step", "train_epoch"]

@@ -1,0 +1,115 @@
+"""THE epoch loop. Every strategy drives it through a `Trainer`: ddp inside each Ray Train
+worker, ps and pipeline in the driver around their actors, local in-process.
+
+The order is written once, here: train, evaluate, stop on a non-finite loss (that epoch is
+reported, never checkpointed), checkpoint, report. The actor strategies (ps, pipeline) also
+share `fit_restarting`: after a death, new actors start from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from raydist import checkpoint
+from raydist.config import RunSpec
+from raydist.data import Dataset
+from raydist.engine.record import Record, make_record
+from raydist.engine.step import global_batches
+
+Report = Callable[[Record], None]
+StateDict = dict[str, torch.Tensor]
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stops after reporting that epoch."""
+
+
+@dataclass
+class RunResult:
+    metrics: list[Record]
+    state_dict: StateDict
+    """the model's state_dict under local's keys, whatever strategy trained it"""
+
+
+class Trainer(Protocol):
+    """A strategy's side of the epoch loop."""
+
+    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
+        """Train on the epoch's global batches. Returns the sum of the per-sample training
+        losses over all processes, and the strategy's measurements for the record
+        (comm_wait_s, bytes_per_step, ...: see engine/record.py)."""
+
+    def evaluate(self) -> Record:
+        """val_loss (and val_accuracy) of the model as it is now."""
+
+    def save(self, history: list[Record]) -> None:
+        """Checkpoint the state reached at the end of epoch history[-1]['epoch']."""
+
+
+def fit(spec: RunSpec, data: Dataset, trainer: Trainer, report: Report,
+        history: list[Record] | None = None) -> list[Record]:
+    """Train from epoch len(history)+1 to spec.epochs; returns the whole history."""
+    history = list(history or [])
+    start = time.perf_counter() - (history[-1]["wall_time_s"] if history else 0.0)
+    for epoch in range(len(history) + 1, spec.epochs + 1):
+        batches = global_batches(spec, data, epoch)
+        t = time.perf_counter()
+        loss, measured = trainer.train_epoch(epoch, batches)
+        elapsed = time.perf_counter() - t
+        rec = make_record(epoch, loss / data.n_train, trainer.evaluate(), data.n_train, elapsed,
+                          time.perf_counter() - start, measured)
+        history.append(rec)
+        if not math.isfinite(rec["train_loss"]):
+            report(rec)
+            raise Diverged(f"training loss is {rec['train_loss']} at epoch {epoch}")
+        trainer.save(history)
+        report(rec)
+    return history
+
+
+class Group(Trainer, Protocol):
+    """The actors of one attempt of an actor strategy."""
+
+    def state_dict(self) -> StateDict:
+        """The model as the actors hold it, under local's keys."""
+
+    def close(self) -> None:
+        """Kill the actors."""
+
+
+def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
+                   start: Callable[[dict[str, Any] | None], Group],
+                   finished: Callable[[dict[str, Any]], StateDict],
+                   lost: Callable[[BaseException], bool], error: type[Exception]) -> RunResult:
+    """Run to spec.epochs from spec.out's checkpoint (an earlier invocation's too). `start`
+    makes the actors from a checkpoint (None: from the beginning) and kills them if they fail
+    to start; `finished` gives the model of a checkpoint already at spec.epochs; `lost` tells an
+    actor's death from any other error. Deaths restart at most spec.max_failures times."""
+    restarts = checkpoint.Restarts(spec.strategy, spec.max_failures, error)
+    while True:
+        saved = checkpoint.resume(spec)
+        history = saved["history"] if saved else []
+        if len(history) == spec.epochs:
+            return RunResult(history, finished(saved))
+        try:
+            group = start(saved)
+        except Exception as e:
+            if not lost(e):
+                raise
+            restarts.before_start(e)
+            continue
+        try:
+            history = fit(spec, data, group, report, history)
+            return RunResult(history, group.state_dict())
+        except Exception as e:
+            if not lost(e):
+                raise
+            restarts.while_training(e)
+        finally:
+            group.close()

@@ -1,0 +1,52 @@
+"""What every run leaves in its output folder: spec.yaml (written when the run starts),
+metrics.csv, model.pt and machine.yaml (when it ends): the same files for every strategy."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from raydist.config import RunSpec
+from raydist.engine.loop import RunResult
+from raydist.engine.preflight import SPEC_FILE
+from raydist.engine.record import Record
+
+
+def claim(spec: RunSpec) -> Path:
+    """Create the output folder and write the spec into it: a later run with the same out is
+    checked against it (preflight.check_resumable)."""
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec.save(out / SPEC_FILE)
+    return out
+
+
+def save_outputs(out: Path, spec: RunSpec, result: RunResult) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    spec.save(out / SPEC_FILE)
+    pd.DataFrame(result.metrics).to_csv(out / "metrics.csv", index=False)
+    torch.save({k: v.detach().cpu() for k, v in result.state_dict.items()}, out / "model.pt")
+    (out / "machine.yaml").write_text(yaml.safe_dump(machine_info(spec), sort_keys=False))
+
+
+def machine_info(spec: RunSpec) -> Record:
+    import ray
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if "model name" in line),
+               platform.processor())
+    return {"host": platform.node(), "cpu_model": cpu, "cpus": os.cpu_count(),
+            "gpus": torch.cuda.device_count(), "threads_per_worker": spec.threads_per_worker,
+            "python": platform.python_version(), "torch": str(torch.__version__),
+            "ray": ray.__version__}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []

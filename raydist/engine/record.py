@@ -1,0 +1,73 @@
+"""The per-epoch record: one schema for every strategy, each field with one meaning.
+
+A record is a plain dict (it travels through Ray, Tune and pandas); `EpochRecord` is its type
+and this module its documentation. `metrics.csv`, a sweep's `results.csv` and `raydist report`
+use these names. Fields a strategy cannot measure are absent, never filled with another meaning.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class EpochRecord(TypedDict, total=False):
+    epoch: int
+    """1-based epoch number."""
+    train_loss: float
+    """mean per-sample training loss over the epoch (a sequence's: mean over its tokens)."""
+    val_loss: float
+    """mean per-sample loss on the validation split after the epoch."""
+    val_accuracy: float
+    """share of right predictions on the validation split (classification only)."""
+    samples_per_s: float
+    """training samples of the epoch / epoch_time_s."""
+    epoch_time_s: float
+    """wall seconds of the epoch's training steps (evaluation and checkpoint excluded)."""
+    wall_time_s: float
+    """wall seconds since the run started (a resumed run continues its first attempt's clock)."""
+    world_size: int
+    """processes that trained this epoch: ddp workers, ps replicas, pipeline stages."""
+    comm_wait_s: float
+    """seconds of the epoch a training process spent waiting for communication instead of
+    computing, mean over the processes: ddp, all-reduce not hidden behind the backward pass
+    (local SGD: the averaging); ps, a replica's idle time between its gradients (weights in
+    flight, servers stepping); pipeline, a stage's time in receives and sends (the bubble)."""
+    bytes_per_step: float
+    """bytes all processes put on the wire per global batch, counted as sent: ddp, the payload
+    the communication hooks hand to gloo's ring all-reduce (each of N workers sends
+    2(N-1)/N of it); ps, gradients up and weights down as the replicas measured them
+    (discarded gradients included); pipeline, activations and their gradients between stages."""
+    compute_s: float
+    """ps: a replica's busy seconds in the epoch (mean over replicas)."""
+    discarded: int
+    """ps async: gradients computed but dropped as too stale (their shards were recomputed)."""
+    bubble_fraction: float
+    """pipeline: share of the stages' epoch time not spent computing."""
+    bubble_bound: float
+    """pipeline: GPipe's bubble for equal stages and free communication, (K-1)/(M+K-1)."""
+
+
+PER_STAGE = {
+    "stage{i}_compute_s": "pipeline: stage i's seconds of forward, backward and optimizer step",
+    "stage{i}_comm_s": "pipeline: stage i's seconds waiting in receives and sends",
+    "stage{i}_peak_activations": "pipeline: the most micro-batches stage i held at once",
+}
+"""Per-stage fields of a pipeline record, one of each per stage i."""
+
+Record = dict[str, Any]
+
+
+def make_record(epoch: int, train_loss: float, val: Record, samples: int, epoch_time: float,
+                wall_time: float, measured: Record | None = None) -> Record:
+    """The fields every strategy gives, then the strategy's own measurements."""
+    return {"epoch": epoch, "train_loss": train_loss, **val,
+            "samples_per_s": samples / epoch_time, "epoch_time_s": epoch_time,
+            "wall_time_s": wall_time, **(measured or {})}
+
+
+def documented(key: str) -> bool:
+    """Whether `key` is a field of the schema (a per-stage field for any stage included)."""
+    if key in EpochRecord.__annotations__:
+        return True
+    stem, _, rest = key.partition("_")
+    return stem.startswith("stage") and stem[5:].isdigit() and f"stage{{i}}_{rest}" in PER_STAGE

@@ -1,0 +1,68 @@
+"""Every private Ray API raydist uses, in one place. Written for Ray 2.60.0 and checked on import:
+another version warns once, since any of these may have moved. Each function says why raydist
+needs it; none of them has a public equivalent in 2.60."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import ray
+
+WRITTEN_FOR = "2.60.0"
+
+if ray.__version__ != WRITTEN_FOR:
+    warnings.warn(f"raydist's private Ray calls (raydist/ray_compat.py) were written for Ray "
+                  f"{WRITTEN_FOR}, this is Ray {ray.__version__}", stacklevel=2)
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """The autoscaler's maximum as Ray records it in the GCS (Ray Train checks its worker groups
+    against the same record)."""
+    from ray._private.state import state
+
+    return state.get_max_resources_from_cluster_config()
+
+
+def report_cluster_config(record: Any) -> None:
+    """Record an autoscaler.ClusterConfig in the connected cluster's GCS (what KubeRay does and
+    Ray 2.60's own autoscaler does not)."""
+    ray._private.worker.global_worker.gcs_client.report_cluster_config(record.SerializeToString())
+
+
+def cluster_config_record() -> Any:
+    """An empty autoscaler ClusterConfig protobuf (Ray's generated module)."""
+    from ray.core.generated import autoscaler_pb2
+
+    return autoscaler_pb2.ClusterConfig()
+
+
+def prepare_and_validate(config: dict[str, Any]) -> dict[str, Any]:
+    """A cluster-launcher config as `ray up` sees it: Ray's provider defaults merged in and its
+    schema checked (offline). Raises what Ray raises."""
+    from ray.autoscaler._private import util
+
+    # prepare_config logs one INFO line per node type it fills in; not news to a user.
+    logging.getLogger(util.__name__).setLevel(logging.WARNING)
+    config = util.prepare_config(config)
+    util.validate_config(config)
+    return config
+
+
+def start_autoscaling_coordinator() -> None:
+    """Ray Train's (and Ray Data's) autoscaling coordinator: a named, detached actor its
+    controller creates on first use, with the name and options it looks for."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    get_or_create_autoscaling_coordinator()
+
+
+def quiet_train_reports() -> None:
+    """Ray Train 2.60 logs every report at INFO under a logger named by its file path, which
+    LoggingConfig does not reach."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)

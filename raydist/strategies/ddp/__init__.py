@@ -1,0 +1,82 @@
+"""`ddp`: N replicas on Ray Train; every step all-reduces the gradients (DistributedDataParallel).
+
+The recipe (`run`): join Ray; make a channel actor for the per-epoch records; Ray Train's
+TorchTrainer runs `worker.loop` on N workers, each of which builds the model, restores the
+latest checkpoint, wraps it in DDP with the chosen communication hook (comm.py) and drives
+the engine's epoch loop on its shard of every global batch; the driver hands the records to
+`report` as they come (driver.py); rank 0 returns the final model.
+
+The engine divides a worker's loss sum by global_batch / world (engine.denominator), so DDP's
+gradient average is the single-process gradient of the global batch: the run follows `local`
+to float32 round-off. grad_compression and local_sgd_steps change what the workers exchange
+(comm.py). Every epoch ends in a checkpoint, so a restarted worker group, or a new run with
+the same `out`, continues from the latest one.
+
+This module imports without Ray: comm.py's registry is read by every RunSpec validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+from raydist.config import ConfigError, RunSpec
+from raydist.data import Dataset, load_data
+from raydist.engine import Diverged, Report, RunResult
+from raydist.optim import OPTIMIZERS
+
+RESUMES = True
+
+
+def check(spec: RunSpec, data: Dataset) -> None:
+    w = spec.max_workers
+    if OPTIMIZERS[spec.optimizer].full_batch:
+        if data.n_train < w:  # gd: the whole set is split as evenly as possible
+            raise ConfigError(f"workers: got {spec.workers}; {spec.optimizer} splits the "
+                              f"{data.n_train} training samples over the workers, so at most "
+                              f"{data.n_train}")
+        return
+    # An elastic group may run at any size in its range; the batch splits evenly at each of
+    # them, so every size follows the same (local's) trajectory and a resize is seamless.
+    step = math.lcm(*range(spec.min_workers, w + 1))
+    if spec.batch_size % step:
+        sizes = (f"workers ({w})" if isinstance(spec.workers, int) else
+                 f"every worker count in {spec.workers} (elastic), i.e. by {step}")
+        raise ConfigError(f"batch_size: got {spec.batch_size}; the global batch must divide by "
+                          f"{sizes}, e.g. {max(step, spec.batch_size // step * step)}")
+    # A short last batch may leave some workers an empty shard: they add a zero gradient.
+
+
+def resources(spec: RunSpec) -> tuple[float, float, str]:
+    """What the smallest group needs (an elastic one starts with as many as fit, at least min)."""
+    from raydist.strategies.ddp.driver import per_worker
+
+    need = per_worker(spec)
+    return (spec.min_workers * need["CPU"], spec.min_workers * need.get("GPU", 0.0),
+            f"ddp with {spec.workers} workers")
+
+
+def num_workers(spec: RunSpec) -> int | tuple[int, int]:
+    """A fixed count, or (min, max): Ray Train's elastic policy starts the group with as many
+    workers as the cluster holds and restarts it, bigger or smaller, from the latest
+    checkpoint when nodes come or go."""
+    return spec.workers if isinstance(spec.workers, int) else (spec.min_workers, spec.max_workers)
+
+
+def run(spec: RunSpec, report: Report) -> RunResult:
+    import ray
+    import torch
+
+    from raydist import cluster
+    from raydist.strategies.ddp import driver
+
+    cluster.connect(spec)
+    spec = driver.absolute_paths(spec)  # the workers run in Ray Train's own folder
+    channel = driver.open_channel()  # rank 0's records, to this process as they come
+    trainer = driver.torch_trainer(spec, load_data(spec), channel)  # N x worker.loop
+    try:
+        out = driver.deliver(trainer, channel, report).return_value
+    finally:
+        ray.kill(channel)
+    if out["diverged"]:
+        raise Diverged(out["diverged"])
+    return RunResult(out["history"], {k: torch.tensor(v) for k, v in out["state"].items()})

@@ -1,0 +1,93 @@
+"""`pipeline`: the model cut into K contiguous stages, one Ray actor each; GPipe and 1F1B.
+
+Every global batch is split into M micro-batches. The driver makes one call per stage per
+global batch; the stages then run their schedule among themselves, activations flowing forward
+and their gradients back over a gloo process group of the stage actors (point to point, never
+through the driver or the object store). The last stage's loss is the SUM over its micro-batch
+divided by the GLOBAL batch size (engine.denominator), so the gradients accumulated over the
+micro-batches are the full-batch gradient; every stage steps its own optimizer once all
+micro-batches are back (the flush), and the run equals `local` to round-off.
+
+cuts.py: where the model is cut and what crosses each cut; schedules.py: which op a stage
+runs when; stage.py: the Stage actor (the math and its messages); driver.py: the stages of one
+attempt as the engine's Trainer. This module imports without Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from raydist.config import ConfigError, RunSpec
+from raydist.data import Dataset, load_data
+from raydist.engine import Report, RunResult, fit_restarting, global_batches
+from raydist.models import build_model
+from raydist.strategies.pipeline.cuts import stage_bounds
+
+RESUMES = True
+
+
+class StageFailed(RuntimeError):
+    """Stages died more often than `max_failures` allows, or a stage stopped answering."""
+
+
+def check(spec: RunSpec, data: Dataset) -> None:
+    """The cut and the micro-batches must fit the model and the batch."""
+    blocks = len(build_model(spec, data))
+    k = spec.stages
+    if k > blocks:
+        raise ConfigError(f"stages: got {k}, but model '{spec.model}' has only {blocks} blocks; "
+                          f"expected at most {blocks}")
+    batch = len(global_batches(spec, data, 1)[0])  # gd: the whole training set
+    if spec.microbatches > batch:
+        raise ConfigError(f"microbatches: got {spec.microbatches}, more than the global batch of "
+                          f"{batch} samples; expected at most {batch}")
+    cuts = spec.cuts
+    if cuts is None:
+        return
+    if len(cuts) != k - 1:
+        raise ConfigError(f"cuts: got {cuts}; expected {k - 1} block indices (stages - 1) "
+                          f"for stages={k}")
+    if any(b <= a for a, b in itertools.pairwise(cuts)):
+        raise ConfigError(f"cuts: got {cuts}; expected strictly increasing block indices")
+    if not all(1 <= c < blocks for c in cuts):
+        raise ConfigError(f"cuts: got {cuts}; expected block indices from 1 to {blocks - 1} "
+                          f"(model '{spec.model}' has {blocks} blocks)")
+
+
+def resources(spec: RunSpec) -> tuple[float, float, str]:
+    from raydist.strategies.pipeline.driver import gpus_per_stage
+
+    return (spec.stages * spec.threads_per_worker, spec.stages * gpus_per_stage(spec),
+            f"pipeline ({spec.stages} stages x {spec.threads_per_worker} threads)")
+
+
+def run(spec: RunSpec, report: Report) -> RunResult:
+    """The recipe: cut the model's blocks into stages; start one actor per stage with its slice
+    (and the checkpoint's state, if any) and connect them; drive the engine's epoch loop, the
+    driver reassembling the model after every epoch; restart from the checkpoint when a stage
+    dies."""
+    from raydist import cluster
+    from raydist.strategies.pipeline.driver import Pipeline, lost
+
+    cluster.connect(spec)
+    data = load_data(spec)
+    model = build_model(spec, data)  # the driver's copy, reassembled from the stages each epoch
+    bounds = stage_bounds(spec, model)
+
+    def start(saved: dict[str, Any] | None) -> Pipeline:
+        if saved:
+            model.load_state_dict(assembled(saved))
+        return Pipeline(spec, data, model, bounds, saved)
+
+    def finished(saved: dict[str, Any]) -> Any:
+        model.load_state_dict(assembled(saved))
+        return model.state_dict()
+
+    return fit_restarting(spec, data, report, start=start, finished=finished, lost=lost,
+                          error=StageFailed)
+
+
+def assembled(saved: dict[str, Any]) -> dict[str, Any]:
+    """The whole model's state from a checkpoint's stages."""
+    return {k: v for st in saved["stages"] for k, v in st["model"].items()}

@@ -1,0 +1,115 @@
+"""The parameter server's two actors, the math only: `Server` owns some tensors' fp32 master
+weights and their optimizer; `Replica` holds the model and the data and turns weights into
+the gradient of one shard of a global batch. Plain classes, made remote by the driver."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from raydist import engine
+from raydist.config import RunSpec
+from raydist.data import load_data, shard
+from raydist.engine import Record
+from raydist.faults import Faults
+from raydist.models import build_model
+from raydist.strategies.ps import sharding
+from raydist.strategies.ps.sharding import Part
+
+
+class Server:
+    """Owns `part`: fp32 master weights in one flat buffer (the parameters are views of it), and
+    the optimizer over them."""
+
+    def __init__(self, spec: RunSpec, part: Part, weights: dict[str, np.ndarray],
+                 optimizer_state: dict[str, Any] | None = None) -> None:
+        torch.set_num_threads(1)
+        self.part, self.codec = part, sharding.CODECS[spec.comm_dtype]
+        self.flat = torch.from_numpy(np.concatenate(
+            [np.asarray(weights[n], dtype=np.float32).reshape(-1) for n in part.names]))
+        self.params = [nn.Parameter(v) for v in part.views(self.flat)]
+        self.optimizer = engine.make_optimizer(spec, self.params)
+        if optimizer_state:
+            sharding.load_state(self.optimizer, part.names, optimizer_state)
+
+    def ready(self) -> bool:
+        return True
+
+    def weights(self) -> np.ndarray:
+        return self.codec.encode(self.flat)
+
+    def apply(self, *grads: np.ndarray) -> np.ndarray:
+        """Sum the replicas' gradients (in replica order), step, return the new weights."""
+        total = np.zeros(self.part.size, dtype=np.float32)
+        for g in grads:
+            total += self.codec.decode(g)
+        for p, g in zip(self.params, self.part.views(torch.from_numpy(total)), strict=True):
+            p.grad = g
+        self.optimizer.step()
+        return self.weights()
+
+    def state(self) -> dict[str, Any]:
+        return {"weights": {n: v.detach().numpy().copy()
+                            for n, v in zip(self.part.names, self.part.views(self.flat), strict=True)},
+                "optimizer": sharding.numpy_state(self.optimizer, self.part.names)}
+
+
+class Replica:
+    """Holds the model and the data; turns weights into the gradient of one shard of a batch."""
+
+    def __init__(self, spec: RunSpec, index: int, parts: list[Part], faults: Faults | None = None) -> None:
+        torch.set_num_threads(spec.threads_per_worker)
+        self.spec, self.index, self.parts = spec, index, parts
+        self.faults = faults or Faults(spec.out)
+        self.codec = sharding.CODECS[spec.comm_dtype]
+        self.data = load_data(spec)
+        self.model = build_model(spec, self.data)
+        named = dict(self.model.named_parameters())
+        self.params = [[named[n] for n in part.names] for part in parts]
+        self._batches: tuple[int, list[torch.Tensor]] = (0, [])
+
+    def ready(self) -> bool:
+        return True
+
+    def load(self, weights: Sequence[np.ndarray]) -> int:
+        """Copy the servers' weights into the model; returns the bytes received."""
+        for part, params, w in zip(self.parts, self.params, weights, strict=True):
+            flat = self.codec.decode(w)
+            for p, (a, b) in zip(params, part.bounds, strict=True):
+                np.copyto(p.detach().view(-1).numpy(), flat[a:b])
+        return sum(w.nbytes for w in weights)
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        if self._batches[0] != epoch:
+            self._batches = (epoch, engine.global_batches(self.spec, self.data, epoch))
+        return self._batches[1]
+
+    def gradients(self, epoch: int, step: int, part: int, *weights: np.ndarray) -> tuple[Any, ...]:
+        """Gradient of shard `part` of batch `step`, scaled by the GLOBAL batch size, one array
+        per server; first comes a small dict of stats (loss, bytes moved, busy seconds)."""
+        self.faults.maybe_fail(self.index, epoch)
+        t = time.perf_counter()
+        received = self.load(weights)
+        batch = self.batches(epoch)[step]
+        idx = shard(batch, part, self.spec.workers)
+        self.model.zero_grad(set_to_none=True)
+        # a short last batch can leave a shard empty: its gradient is zero, its loss 0
+        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        denom = engine.denominator(len(batch))  # the servers SUM the replicas' gradients
+        loss = engine.backward(self.model, x, y, self.data.task, denom) if len(idx) else 0.0
+        grads = [self.codec.encode(torch.cat([p.grad.reshape(-1) if p.grad is not None
+                                              else torch.zeros(p.numel()) for p in params]))
+                 for params in self.params]
+        self.faults.straggle(self.index, time.perf_counter() - t)
+        stats = {"loss": loss, "bytes": received + sum(g.nbytes for g in grads),
+                 "busy_s": time.perf_counter() - t}
+        return (stats, *grads)
+
+    def evaluate(self, *weights: np.ndarray) -> Record:
+        self.load(weights)
+        return engine.evaluate(self.model, self.data)

@@ -1,0 +1,196 @@
+"""The ps driver's side: the actors of one attempt (`Group`, the engine's Trainer for ps) and
+the communication schedule of an epoch, sync or async. The driver only moves object refs:
+every ref goes straight from actor to actor (the replicas' gradient refs are the servers'
+`apply` arguments, the servers' weight refs the replicas' next arguments)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from torch import nn
+
+from raydist import checkpoint
+from raydist.config import RunSpec
+from raydist.data import shard
+from raydist.engine import Record
+from raydist.faults import Faults
+from raydist.strategies.ps import SERVER_CPUS
+from raydist.strategies.ps.actors import Replica, Server
+from raydist.strategies.ps.sharding import Part
+from raydist.strategies.ps.staleness import AsyncSchedule, Item
+
+WAIT_S = 300.0
+"""The longest any single wait on Ray may take before the run is declared stuck."""
+
+RemoteServer = ray.remote(Server)
+RemoteReplica = ray.remote(Replica)
+
+
+def lost(e: BaseException) -> bool:
+    """An actor died: its own call failed, or a call that read what it made."""
+    return isinstance(e, RayActorError) or (isinstance(e, RayTaskError)
+                                            and isinstance(e.cause, RayActorError))
+
+
+def _get(refs: Any) -> Any:
+    try:
+        return ray.get(refs, timeout=WAIT_S)
+    except GetTimeoutError:
+        raise RuntimeError(f"ps: no answer from the actors in {WAIT_S:g} s; is the cluster "
+                           "overloaded?") from None
+
+
+def _wait_all(refs: list[ray.ObjectRef]) -> None:
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=WAIT_S, fetch_local=False)
+    if len(done) < len(refs):
+        raise RuntimeError(f"ps: the servers did not finish a step in {WAIT_S:g} s")
+
+
+@dataclass
+class EpochWork:
+    applied: list[dict[str, Any]]
+    """Stats of the gradients that were applied."""
+    discarded: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    """The actors of one attempt and the refs of the servers' latest weights."""
+    spec: RunSpec
+    model: nn.Module
+    """the driver's copy: its buffers (untouched by ps) complete the final state_dict"""
+    servers: list[Any]
+    replicas: list[Any]
+    weights: list[ray.ObjectRef] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, spec: RunSpec, model: nn.Module, parts: list[Part], weights: dict[str, np.ndarray],
+              optimizer_state: dict[str, Any]) -> Group:
+        faults = Faults.of(spec)
+        group = cls(spec, model,
+                    [RemoteServer.options(num_cpus=SERVER_CPUS).remote(
+                        spec, p, {n: weights[n] for n in p.names},
+                        {n: optimizer_state[n] for n in p.names if n in optimizer_state})
+                     for p in parts],
+                    [RemoteReplica.options(num_cpus=spec.threads_per_worker).remote(spec, i, parts, faults)
+                     for i in range(spec.workers)])
+        try:
+            _get([a.ready.remote() for a in group.servers + group.replicas])
+        except BaseException:
+            group.close()
+            raise
+        group.weights = [s.weights.remote() for s in group.servers]
+        return group
+
+    # --- the engine's Trainer --------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
+        t = time.perf_counter()
+        work = EPOCHS[self.spec.mode](self, epoch, batches)
+        elapsed = time.perf_counter() - t
+        return sum(s["loss"] for s in work.applied), epoch_metrics(work, len(batches), self.spec.workers,
+                                                                    elapsed)
+
+    def evaluate(self) -> Record:
+        return _get(self.replicas[0].evaluate.remote(*self.weights))
+
+    def save(self, history: list[Record]) -> None:
+        checkpoint.write(self.spec.out, {"history": history, **self.state()})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return state_dict(self.model, self.state()["weights"])
+
+    def close(self) -> None:
+        for actor in self.servers + self.replicas:
+            ray.kill(actor)
+
+    # --- moving refs ---------------------------------------------------------------------------
+
+    def grad(self, rank: int, epoch: int, step: int, part: int) -> list[ray.ObjectRef]:
+        """[stats, grad for server 0, grad for server 1, ...], read from the latest weights."""
+        return self.replicas[rank].gradients.options(num_returns=1 + len(self.servers)).remote(
+            epoch, step, part, *self.weights)
+
+    def apply(self, grads: Sequence[Sequence[ray.ObjectRef]]) -> None:
+        """grads[r][s]: replica r's gradient for server s; the refs go straight to the servers."""
+        self.weights = [s.apply.remote(*(g[i] for g in grads)) for i, s in enumerate(self.servers)]
+
+    def state(self) -> dict[str, Any]:
+        states = _get([s.state.remote() for s in self.servers])
+        return {key: {k: v for st in states for k, v in st[key].items()}
+                for key in ("weights", "optimizer")}
+
+
+def state_dict(model: nn.Module, weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The servers' tensors under local's keys (buffers, untouched by ps, come from `model`)."""
+    return {k: torch.tensor(weights[k]) if k in weights else v for k, v in model.state_dict().items()}
+
+
+
+
+def sync_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochWork:
+    """Every step: all gradients -> each server sums and steps once -> new weights to all.
+    The driver only waits for the stats of the step before the one it has just queued."""
+    stats, pending = [], []
+    for step in range(len(batches)):
+        outs = [group.grad(rank, epoch, step, rank) for rank in range(len(group.replicas))]
+        group.apply([out[1:] for out in outs])
+        stats += _get(pending)
+        pending = [out[0] for out in outs]
+    stats += _get(pending)
+    _wait_all(group.weights)
+    return EpochWork(stats)
+
+
+def async_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochWork:
+    """Each gradient is applied alone as it arrives, unless it is too stale."""
+    world = len(group.replicas)
+    sched = AsyncSchedule([(step, part) for step, b in enumerate(batches) for part in range(world)
+                           if len(shard(b, part, world))], group.spec.max_staleness)
+    flying: dict[ray.ObjectRef, tuple[int, Item, int, list[ray.ObjectRef]]] = {}
+
+    def dispatch(rank: int) -> None:
+        item = sched.next()
+        if item is not None:
+            outs = group.grad(rank, epoch, *item)
+            flying[outs[0]] = (rank, item, sched.version, outs[1:])
+
+    for rank in range(world):
+        dispatch(rank)
+    work = EpochWork([])
+    while flying:
+        ready, _ = ray.wait(list(flying), num_returns=1, timeout=WAIT_S)
+        if not ready:
+            raise RuntimeError(f"ps: no gradient arrived in {WAIT_S:g} s")
+        rank, item, version, grads = flying.pop(ready[0])
+        stats = _get(ready[0])
+        if sched.finish(item, version):
+            group.apply([grads])
+            work.applied.append(stats)
+        else:
+            work.discarded.append(stats)
+        dispatch(rank)
+    _wait_all(group.weights)
+    return work
+
+
+EPOCHS: dict[str, Callable[[Group, int, list[torch.Tensor]], EpochWork]] = {
+    "sync": sync_epoch, "async": async_epoch}
+
+
+def epoch_metrics(work: EpochWork, steps: int, workers: int, elapsed: float) -> Record:
+    """bytes_per_step: gradients up plus weights down per global batch, as measured by the
+    replicas (discarded gradients count: they were sent). compute_s: a replica's mean busy time;
+    comm_wait_s: the rest of the epoch, spent moving tensors or waiting."""
+    every = work.applied + work.discarded
+    compute = sum(s["busy_s"] for s in every) / workers
+    return {"world_size": workers, "bytes_per_step": sum(s["bytes"] for s in every) / steps,
+            "compute_s": compute,
+            "comm_wait_s": max(0.0, elapsed - compute), "discarded": len(work.discarded)}
