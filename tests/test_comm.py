@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from raydist import comm
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.models import build_model
 from raydist.strategies import train
+from raydist.strategies.ddp import comm
 
 pytestmark = pytest.mark.timeout(600)
 

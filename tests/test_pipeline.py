@@ -13,9 +13,10 @@ import torch
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
 from raydist.faults import MARKER
-from raydist.pipelining import balanced_cuts, gpipe, one_f_one_b
 from raydist.strategies import train
 from raydist.strategies.pipeline import StageFailed
+from raydist.strategies.pipeline.cuts import balanced_cuts
+from raydist.strategies.pipeline.schedules import gpipe, one_f_one_b
 
 # digits: 1438 training samples; 50 = 13+13+12+12 leaves micro-batches of unequal size
 MLP = {"model": "mlp", "data": "digits", "optimizer": "adam", "epochs": 2, "batch_size": 50}

@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from raydist import checkpoint, cli, sharding
+from raydist import checkpoint, cli
 from raydist.config import ConfigError, RunSpec
-from raydist.data import load_data
-from raydist.engine import setup
-from raydist.staleness import AsyncSchedule
+from raydist.data import load_data, shard
+from raydist.engine import global_batches, setup
+from raydist.engine.record import documented
 from raydist.strategies import local, ps, train
+from raydist.strategies.ps import sharding
+from raydist.strategies.ps.actors import Server
+from raydist.strategies.ps.staleness import AsyncSchedule
 
 SMALL = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_size": 128,
          "seed": 3}
@@ -83,7 +86,7 @@ def test_server_steps_on_the_sum_of_the_gradients(tmp_path):
     spec = spec_of(tmp_path, "x", optimizer="adam")
     _, model, optimizer = setup(spec)
     part = sharding.split_model(model, 1)[0]
-    server = ps.Server(spec, part, {n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    server = Server(spec, part, {n: p.detach().numpy().copy() for n, p in model.named_parameters()})
     grads = [torch.randn_like(p) for p in model.parameters()]
     flat = torch.cat([g.reshape(-1) for g in grads])
     server.apply(flat.numpy() * 0.25, flat.numpy() * 0.75)
@@ -160,7 +163,22 @@ def test_async_reaches_local_accuracy_within_twice_the_epochs(ray_local, tmp_pat
                               epochs=4, out=str(tmp_path / "ps")), lambda r: None)
     accs = [r["val_accuracy"] for r in got.metrics]
     assert max(accs) >= target, (accs, target)
-    assert all(r["discarded"] >= 0 and r["bytes_per_step"] > 0 for r in got.metrics)
+    assert all(r["bytes_per_step"] > 0 and documented_record(r) for r in got.metrics)
+
+
+def test_async_discards_a_slow_replicas_stale_gradients_when_no_staleness_is_allowed(ray_local, tmp_path):
+    """max_staleness 0: a gradient is applied only if no update came after the weights it read.
+    Both replicas start on the same weights, and replica 0 (three times as slow) finishes after
+    replica 1 has updated them: its gradient is discarded and its shard recomputed."""
+    spec = spec_of(tmp_path, "ps", strategy="ps", mode="async", workers=2, straggler=3.0,
+                   max_staleness=0, epochs=1)
+    rec = ps.run(spec, lambda r: None).metrics[0]
+    assert rec["discarded"] >= 1
+    # every computed gradient, discarded or not, brought its weights down and went up: 2 x 4 bytes
+    batches = global_batches(spec, load_data(spec), 1)
+    shards = sum(1 for b in batches for part in range(2) if len(shard(b, part, 2)))
+    assert rec["bytes_per_step"] == pytest.approx(
+        (shards + rec["discarded"]) * 2 * 4 * n_params(spec) / len(batches), rel=1e-12)
 
 
 # --- faults, checkpoints, resuming ---------------------------------------------------------------
@@ -189,7 +207,7 @@ def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, trai
         train(spec.replace(lr=0.5), lambda r: None)
     assert str(e.value) == (
         f"lr: got 0.5, but {spec.out} holds a ps run with lr={spec.lr!r}; resume it with the same "
-        "settings (only epochs, out, address, max_failures, threads_per_worker, straggler, use_gpu "
+        "settings (only epochs, out, address, max_failures, threads_per_worker, straggler "
         "may change) or choose another out")
 
 
@@ -212,3 +230,7 @@ def test_cli_train_ps_writes_the_same_outputs_as_local(ray_local, tmp_path):
     assert local_files <= {p.name for p in (tmp_path / "ps").iterdir()}
     a, b = torch.load(tmp_path / "local" / "model.pt"), torch.load(tmp_path / "ps" / "model.pt")
     assert max_diff(a, b) <= 1e-5
+
+
+def documented_record(rec) -> bool:
+    return all(documented(k) for k in rec)

@@ -249,6 +249,8 @@ def test_ddp_divergence_raises_in_the_caller(swept):
         ["diverged"], ["training loss is nan at epoch 1"])
     assert rows["epoch"].tolist() == [1] and math.isnan(rows["train_loss"].iloc[0])
     assert not (out / "trials" / trial_id / "model.pt").exists()
+    # the diverged epoch was never checkpointed (Ray Train's checkpoints are folders)
+    assert [p for p in (out / "trials" / trial_id / "ray").rglob("checkpoint_*") if p.is_dir()] == []
 
 
 def test_asha_stops_a_bad_trial_early(ray_local, tmp_path):

@@ -1,0 +1,95 @@
+"""One shape for every strategy: the pre-flight's refusals (knobs the strategy does not read,
+an output folder that cannot be written), the knobs' resume rules, a sweep's trials holding
+only the knobs their strategy reads, and the record schema."""
+
+from __future__ import annotations
+
+import pytest
+
+from raydist.cli import main
+from raydist.config import RunSpec, SweepSpec
+from raydist.config.run import resumable
+from raydist.engine.record import documented
+from raydist.strategies import train
+
+pytestmark = pytest.mark.unit
+
+
+def run_cli(args, capsys):
+    code = main(["train", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--strategy", "ddp", "--servers", "3"], "servers: read only by ps; this run's strategy is ddp"),
+    (["--strategy", "ps", "--stages", "3"], "stages: read only by pipeline; this run's strategy is ps"),
+    (["--strategy", "pipeline", "--workers", "2"],
+     "workers: read only by ddp, ps; this run's strategy is pipeline"),
+    (["--strategy", "local", "--grad-compression", "fp16"],
+     "grad_compression: read only by ddp; this run's strategy is local"),
+    (["--strategy", "local", "--max-failures", "1"],
+     "max_failures: read only by ddp, ps, pipeline; this run's strategy is local"),
+])
+def test_a_knob_the_strategy_does_not_read_is_refused_by_name(tmp_path, capsys, args, message):
+    out = tmp_path / "never"
+    code, err = run_cli([*args, "--out", str(out)], capsys)
+    assert (code, err) == (2, f"error: {message}\n")
+    assert not out.exists()
+
+
+def test_a_knob_at_its_default_is_no_mistake(tmp_path):
+    spec = RunSpec.from_dict({"strategy": "local", "servers": 1, "epochs": 1, "out": str(tmp_path / "a")})
+    spec.refuse_unread()
+
+
+def test_out_that_is_a_file_is_refused_before_any_training(tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("not a folder")
+    code, err = run_cli(["--epochs", "50", "--out", str(file)], capsys)
+    assert (code, err) == (2, f"error: out: {file} is a file; expected a folder (created if missing)\n")
+    assert file.read_text() == "not a folder"
+    code, err = run_cli(["--out", str(file / "run")], capsys)
+    assert (code, err) == (2, f"error: out: cannot create {file / 'run'}: {file} is a file\n")
+
+
+def test_a_local_run_writes_its_spec_when_it_starts(tmp_path):
+    seen = []
+    spec = RunSpec.from_dict({"epochs": 1, "out": str(tmp_path / "r")})
+    train(spec, lambda rec: seen.append((tmp_path / "r" / "spec.yaml").exists()))
+    assert seen == [True]
+
+
+def test_which_knobs_a_resume_may_change():
+    # where and how fast a run goes, never what it computes; ddp's elastic group may resize
+    assert resumable("ps") == ["epochs", "out", "address", "max_failures", "threads_per_worker", "straggler"]
+    assert resumable("pipeline") == ["epochs", "out", "address", "max_failures", "threads_per_worker",
+                                     "use_gpu"]
+    assert resumable("ddp") == ["epochs", "workers", "out", "address", "max_failures", "threads_per_worker",
+                                "use_gpu", "bucket_cap_mb"]
+
+
+def test_a_sweep_trial_gets_only_the_knobs_its_strategy_reads():
+    sweep = SweepSpec.from_dict({
+        "servers": 2, "epochs": 1, "optimizer": {"grid": ["sgd", "adam"]},
+        "stages": {"grid": [1, 2]},
+        "sweep": {"variants": [{"strategy": "ps", "workers": 2}, {"strategy": "local"},
+                               {"strategy": "pipeline"}]}})
+    grid = sweep.trial_grid()
+    # local ignores stages: its two trials per optimizer are one; ps ignores it too
+    assert grid == [
+        {"optimizer": "sgd", "strategy": "ps", "workers": 2}, {"optimizer": "sgd", "strategy": "local"},
+        {"optimizer": "sgd", "stages": 1, "strategy": "pipeline"},
+        {"optimizer": "sgd", "stages": 2, "strategy": "pipeline"},
+        {"optimizer": "adam", "strategy": "ps", "workers": 2}, {"optimizer": "adam", "strategy": "local"},
+        {"optimizer": "adam", "stages": 1, "strategy": "pipeline"},
+        {"optimizer": "adam", "stages": 2, "strategy": "pipeline"}]
+    ps, local = (sweep.run_spec({"variant": v}, "/tmp/t") for v in grid[:2])
+    assert (ps.servers, ps.workers) == (2, 2)
+    assert (local.servers, local.stages) == (1, 2)  # the defaults: local reads neither
+    local.refuse_unread()
+
+
+def test_every_record_field_is_documented(tmp_path):
+    metrics = train(RunSpec.from_dict({"epochs": 1, "out": str(tmp_path)}), lambda r: None).metrics
+    assert all(documented(k) for k in metrics[0]), metrics[0]
+    assert documented("stage3_comm_s") and not documented("stage_x_comm_s") and not documented("speed")
