@@ -1,5 +1,5 @@
-"""Imports run one way (../shared/DESIGN.md): cli -> sweep/report -> strategies -> engine ->
-models/data/optim/config. A strategy never imports another strategy."""
+"""Imports run one way (docs/design.md, the layering section): cli -> sweep/report -> strategies ->
+engine -> models/data/optim/config. A strategy never imports another strategy."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_imports_only_point_down():
                 assert path.name == "__init__.py" or len(parts) < 3 or parts[2] not in _strategies(), \
                     f"{me} imports {target}"
                 continue
-            assert LAYER[parts[1]] < mine, f"{me} imports {target} against the direction in DESIGN.md"
+            assert LAYER[parts[1]] < mine, f"{me} imports {target} against the direction in docs/design.md"
 
 
 def _strategies() -> set[str]:

@@ -1,4 +1,6 @@
-"""Every optimizer against a plain numpy implementation of the article's formula."""
+"""Every optimizer against a plain numpy implementation of its formula. The formulas are those of
+the article's six optimizers as written in docs/design.md (section "Optimizers"); adamw and lars,
+the two added for large batches, are checked the same way."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ STEPS = 60
 
 
 def numpy_rule(name: str):
-    """(state init, update) of the formula in ../shared/DESIGN.md; every accumulator starts at 0."""
+    """(state init, update) of the formula in docs/design.md, "Optimizers"; every accumulator
+    starts at 0."""
     def sgd(w, g, s, t):
         return w - LR * g
 
