@@ -6,6 +6,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit
+
 PKG = Path(__file__).resolve().parents[1] / "raydist"
 LAYER = {"registry": 0, "config": 1, "faults": 1, "checkpoint": 1, "staleness": 1, "optim": 2, "data": 2,
          "models": 3, "engine": 4, "cluster": 4, "comm": 4, "pipelining": 4, "sharding": 4, "strategies": 5,

@@ -10,6 +10,8 @@ import torch
 
 from raydist.optim import OPTIMIZERS, build_optimizer
 
+pytestmark = pytest.mark.unit
+
 LR, B, B1, B2, EPS = 0.05, 0.8, 0.85, 0.95, 1e-6
 STEPS = 60
 

@@ -23,6 +23,8 @@ from raydist.plan import (
     slowdown,
 )
 
+pytestmark = pytest.mark.unit
+
 # compute(b) measured at 64, 128, 256 samples; 2 workers per node, each 1.5x slower when both
 # compute; three blocks: 60/30/10 % of the time, 400/300/300 parameters
 COSTS = Costs(batches=[64, 128, 256], step_s=[0.02, 0.03, 0.05], optimizer_s=0.002,
