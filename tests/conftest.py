@@ -1,9 +1,12 @@
-"""One embedded Ray for the whole session: private (address="local"), small, quiet."""
+"""One embedded Ray for the whole session: private (address="local"), small, quiet. And the
+test tiers: every test carries exactly one of the marks in TIERS (pyproject.toml describes them),
+and a `unit` test that tries to start Ray fails."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -13,6 +16,47 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Logical CPUs: enough for a 2-worker run beside a parameter server and Tune trial drivers;
 # the machine has 2 cores, the tests keep the work small.
 RAY_CPUS = 4
+
+TIERS = ("unit", "ray", "multinode")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run when a test has no tier, or more than one, so a new test cannot slip in
+    untiered (and out of `pytest -m unit` as well as out of the slower tiers)."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'none'}")
+        elif tiers == ["unit"] and "ray_local" in getattr(item, "fixturenames", ()):
+            wrong.append(f"  {item.nodeid}: unit, but it uses the ray_local fixture (mark it ray)")
+    if wrong:
+        raise pytest.UsageError(
+            f"each test needs exactly one tier mark, one of {', '.join(TIERS)} (a whole file: "
+            "`pytestmark = pytest.mark.unit`; one test: `@pytest.mark.ray`); these have:\n"
+            + "\n".join(wrong))
+
+
+def _refuse_ray(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("unit tests start no Ray")
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a `unit` test, ray.init (which every way of starting or joining Ray goes through, Ray's
+    own auto-init included) and raydist.cluster.start_local raise. `import ray` is cheap (0.3 s
+    once per process, measured; it imports no torch), so ray is imported here if no test module
+    has done it yet: a test that imports it later still finds ray.init patched. raydist.cluster
+    is patched only if imported, its ray.init call is caught anyway."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import ray
+
+    monkeypatch.setattr(ray, "init", _refuse_ray)
+    cluster = sys.modules.get("raydist.cluster")
+    if cluster is not None and hasattr(cluster, "start_local"):
+        monkeypatch.setattr(cluster, "start_local", _refuse_ray)
 
 
 @pytest.fixture(scope="session")
