@@ -23,19 +23,25 @@ TIERS = ("unit", "ray", "multinode")
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Refuse to run when a test has no tier, or more than one, so a new test cannot slip in
-    untiered (and out of `pytest -m unit` as well as out of the slower tiers)."""
+    untiered (out of `pytest -m unit` and out of the slower tiers alike); or when a unit test
+    uses ray_local, or a ray test does not."""
     wrong = []
     for item in items:
         tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
         if len(tiers) != 1:
-            wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'none'}")
+            marked = f"marked {' and '.join(tiers)}" if tiers else "no tier mark"
+            wrong.append(f"  {item.nodeid}: {marked}")
         elif tiers == ["unit"] and "ray_local" in getattr(item, "fixturenames", ()):
-            wrong.append(f"  {item.nodeid}: unit, but it uses the ray_local fixture (mark it ray)")
+            wrong.append(f"  {item.nodeid}: marked unit, but it uses the ray_local fixture")
+        elif tiers == ["ray"] and "ray_local" not in getattr(item, "fixturenames", ()):
+            # Else its train or sweep would start this process's Ray itself, with other
+            # resources than ray_local's, and whichever module came next would find that one.
+            wrong.append(f"  {item.nodeid}: marked ray, but it does not use the ray_local fixture")
     if wrong:
         raise pytest.UsageError(
             f"each test needs exactly one tier mark, one of {', '.join(TIERS)} (a whole file: "
-            "`pytestmark = pytest.mark.unit`; one test: `@pytest.mark.ray`); these have:\n"
-            + "\n".join(wrong))
+            "`pytestmark = pytest.mark.unit`; one test: `@pytest.mark.ray`); a unit test never uses "
+            "the ray_local fixture, a ray test always does (tests/conftest.py):\n" + "\n".join(wrong))
 
 
 def _refuse_ray(*args: Any, **kwargs: Any) -> None:
