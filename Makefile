@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test unit lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
+
+# The quick tier: the tests that start no Ray (under a minute on a 2-core machine).
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

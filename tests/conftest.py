@@ -1,9 +1,12 @@
-"""One embedded Ray for the whole session: private (address="local"), small, quiet."""
+"""One embedded Ray for the whole session: private (address="local"), small, quiet. And the
+test tiers: every test carries exactly one of the marks in TIERS (pyproject.toml describes them),
+and a `unit` test that tries to start Ray fails."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import pytest
@@ -13,6 +16,53 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Logical CPUs: enough for a 2-worker run beside a parameter server and Tune trial drivers;
 # the machine has 2 cores, the tests keep the work small.
 RAY_CPUS = 4
+
+TIERS = ("unit", "ray", "multinode")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse to run when a test has no tier, or more than one, so a new test cannot slip in
+    untiered (out of `pytest -m unit` and out of the slower tiers alike); or when a unit test
+    uses ray_local, or a ray test does not."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            marked = f"marked {' and '.join(tiers)}" if tiers else "no tier mark"
+            wrong.append(f"  {item.nodeid}: {marked}")
+        elif tiers == ["unit"] and "ray_local" in getattr(item, "fixturenames", ()):
+            wrong.append(f"  {item.nodeid}: marked unit, but it uses the ray_local fixture")
+        elif tiers == ["ray"] and "ray_local" not in getattr(item, "fixturenames", ()):
+            # Else its train or sweep would start this process's Ray itself, with other
+            # resources than ray_local's, and whichever module came next would find that one.
+            wrong.append(f"  {item.nodeid}: marked ray, but it does not use the ray_local fixture")
+    if wrong:
+        raise pytest.UsageError(
+            f"each test needs exactly one tier mark, one of {', '.join(TIERS)} (a whole file: "
+            "`pytestmark = pytest.mark.unit`; one test: `@pytest.mark.ray`); a unit test never uses "
+            "the ray_local fixture, a ray test always does (tests/conftest.py):\n" + "\n".join(wrong))
+
+
+def _refuse_ray(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("unit tests start no Ray")
+
+
+@pytest.fixture(autouse=True)
+def _unit_starts_no_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a `unit` test, ray.init (which every way of starting or joining Ray goes through, Ray's
+    own auto-init included) and raydist.cluster.start_local raise. `import ray` is cheap (0.3 s
+    once per process, measured; it imports no torch), so ray is imported here if no test module
+    has done it yet: a test that imports it later still finds ray.init patched. raydist.cluster
+    is patched only if imported, its ray.init call is caught anyway."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    import ray
+
+    monkeypatch.setattr(ray, "init", _refuse_ray)
+    cluster = sys.modules.get("raydist.cluster")
+    if cluster is not None and hasattr(cluster, "start_local"):
+        monkeypatch.setattr(cluster, "start_local", _refuse_ray)
 
 
 @pytest.fixture(scope="session")

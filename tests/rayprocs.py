@@ -1,7 +1,7 @@
 """Ray heads that a test starts and stops itself, safely on a shared machine: a private temp
 dir (RAY_TMPDIR), free ports, token authentication with a private token file, and shutdown
 by the PIDs of the processes whose command line names that temp dir, plus their descendants
-(never `ray stop`, which kills every Ray process on the machine; ../shared/RAY_NOTES.md)."""
+(never `ray stop`, which kills every Ray process on the machine; docs/ray-notes.md)."""
 
 from __future__ import annotations
 

@@ -168,6 +168,7 @@ def fake_ray(monkeypatch):
     return install
 
 
+@pytest.mark.unit
 def test_require_counts_the_nodes_the_autoscaler_can_add(fake_ray):
     fake_ray({"trial_driver": 2.0}, {"CPU": 4, "trial_driver": 2})
     cluster.require(4, 0, "ddp with 4 workers")
@@ -178,6 +179,7 @@ def test_require_counts_the_nodes_the_autoscaler_can_add(fake_ray):
     assert str(e.value) == MESSAGE.format(n=8, limit="can scale to at most", cap=4)
 
 
+@pytest.mark.unit
 def test_require_counts_nodes_beyond_the_autoscalers_maximum(fake_ray):
     fake_ray({"CPU": 6.0, "GPU": 1.0}, {"CPU": 4, "GPU": 0})  # e.g. nodes joined by hand
     cluster.require(6, 1, "ddp with 6 workers")
@@ -186,6 +188,7 @@ def test_require_counts_nodes_beyond_the_autoscalers_maximum(fake_ray):
     assert str(e.value) == "ddp with 6 workers needs 2 GPUs but the cluster can scale to at most 1"
 
 
+@pytest.mark.unit
 def test_require_without_an_autoscaler_keeps_its_message(fake_ray):
     fake_ray({"CPU": 2.0}, None)
     cluster.require(2, 0, "ddp with 2 workers")
@@ -195,6 +198,7 @@ def test_require_without_an_autoscaler_keeps_its_message(fake_ray):
     assert str(e.value) == MESSAGE.format(n=4, limit="can provide at most", cap=2)
 
 
+@pytest.mark.unit
 def test_published_limits_read_back_through_rays_own_reader(monkeypatch):
     """publish_max's record, read by Ray (the same reader Ray Train's worker groups use): each
     node type up to its max_workers, all of them up to the top-level max_workers (3 here)."""
@@ -210,6 +214,7 @@ def test_published_limits_read_back_through_rays_own_reader(monkeypatch):
 
 # --- the sweep on the fake autoscaling cluster -----------------------------------------------
 
+@pytest.mark.multinode
 @pytest.mark.timeout(180)
 def test_sweep_scales_the_cluster_up_and_down(tmp_path):
     out, stop, observed = tmp_path / "sweep", tmp_path / "stop", tmp_path / "observed.jsonl"

@@ -6,6 +6,8 @@ import pytest
 
 from raydist.cli import main
 
+pytestmark = pytest.mark.unit
+
 OPTIMIZER_NAMES = "gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars"
 
 

@@ -12,6 +12,8 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from raydist.cli import main
 from raydist.cluster import load_cluster_config
 
+pytestmark = pytest.mark.unit
+
 SHIPPED = Path(__file__).resolve().parent.parent / "cluster.yaml"
 
 # A head with 2 CPUs; 4 worker slots. CPU: 2 + 3*4 (type a, its max) + 1*2 (type b fills the

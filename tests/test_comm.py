@@ -39,6 +39,7 @@ def spec(**changes: Any) -> RunSpec:
 
 # --- bytes on the wire ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_shapes_are_those_of_the_digits_mlp():
     s = spec()
     model = build_model(s, load_data(s))
@@ -68,6 +69,7 @@ BYTES = {  # (changes, workers, first step, steps): all bytes on the wire per st
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", BYTES)
 def test_bytes_per_step(case):
     changes, world, first, steps, expected = BYTES[case]
@@ -151,6 +153,7 @@ def probed() -> dict[str, dict[str, Any]]:
                 p.kill()
 
 
+@pytest.mark.unit
 def test_plain_and_compressed_ddp_all_reduce_every_step(probed):
     """The control for the local SGD test below: the same checks see every all-reduce."""
     for name in ("plain", "fp16", "bf16", "powersgd"):
@@ -159,6 +162,7 @@ def test_plain_and_compressed_ddp_all_reduce_every_step(probed):
         assert probed[name]["wait_s"] > 0, name
 
 
+@pytest.mark.unit
 def test_local_sgd_steps_alone_between_averages(probed):
     """k = 4: between averages each worker steps alone (its parameters drift from the other's,
     and the profiler sees no gloo all-reduce); after steps 0, 4 and 8 they are averaged. A
@@ -171,6 +175,7 @@ def test_local_sgd_steps_alone_between_averages(probed):
     assert got["wait_s"] > 0
 
 
+@pytest.mark.unit
 def test_powersgd_sends_what_the_formula_says(probed):
     """PowerSGD's own count of the floats it all-reduced once compressing (from step 2 on)
     equals comm's rank-1 count for the same model."""
@@ -213,6 +218,7 @@ def runs(ray_local, tmp_path_factory):
 HALF_TOLERANCE = {"fp16": 0.002, "bf16": 0.01}
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("name", HALF_TOLERANCE)
 def test_half_precision_gradients_stay_with_plain_ddp(runs, name):
     plain, fits = runs
@@ -224,6 +230,7 @@ def test_half_precision_gradients_stay_with_plain_ddp(runs, name):
     assert all(r["comm_wait_s"] > 0 for r in got)
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("name", ["powersgd", "local sgd 4"])
 def test_reaches_locals_target_within_twice_the_epochs(runs, name):
     plain, fits = runs
@@ -259,6 +266,7 @@ ERRORS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ERRORS)
 def test_bad_settings_are_one_config_error(case):
     changes, message = ERRORS[case]
@@ -267,6 +275,7 @@ def test_bad_settings_are_one_config_error(case):
     assert str(e.value) == message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", ["powersgd on 1 worker", "local sgd and compression"])
 def test_bad_settings_on_the_command_line(case, tmp_path, capsys):
     changes, message = ERRORS[case]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from raydist.config import RunSpec
 from raydist.data import batch_order, load_data, shard
 from raydist.models import build_model
+
+pytestmark = pytest.mark.unit
 
 
 def spec(**kw) -> RunSpec:

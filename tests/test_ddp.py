@@ -64,6 +64,7 @@ def six_runs(ray_local, tmp_path_factory, trained):
     return tmp, {opt: (local[opt], *ddp_runs[opt]) for opt in SIX}
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("optimizer", SIX)
 def test_ddp_matches_local(six_runs, optimizer):
     tmp, runs = six_runs
@@ -84,6 +85,7 @@ def test_ddp_matches_local(six_runs, optimizer):
     assert yaml.safe_load((out / "spec.yaml").read_text())["strategy"] == "ddp"
 
 
+@pytest.mark.ray
 def test_killed_worker_resumes_bit_for_bit(six_runs, monkeypatch):
     """Worker 1 dies in epoch 2 of the first attempt; Ray Train restarts the group from the
     latest checkpoint, and the model equals the uninterrupted run's exactly."""
@@ -98,6 +100,7 @@ def test_killed_worker_resumes_bit_for_bit(six_runs, monkeypatch):
     assert all(torch.equal(result.state_dict[k], reference[k]) for k in reference)
 
 
+@pytest.mark.ray
 def test_second_run_continues_from_the_first(six_runs):
     """A finished 3-epoch run (a copy of the adam one) run again with 4 epochs: epochs 1-3 come
     from its checkpoint (their timings too, so they were not trained again) and epoch 4 is
@@ -122,6 +125,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.ray
 def test_embedded_start_skips_the_watcher_and_starts_the_coordinator_early(six_runs):
     """On the embedded Ray no run starts a preemption watcher, and Ray Train's autoscaling
     coordinator is the one the driver started (Ray Train's own would carry its controller's
@@ -134,6 +138,7 @@ def test_embedded_start_skips_the_watcher_and_starts_the_coordinator_early(six_r
     assert "RAY_TRAIN" not in (coordinator.serialized_runtime_env or "")
 
 
+@pytest.mark.ray
 def test_failing_report_stops_the_run(ray_local, tmp_path):
     """An exception from `report` (Tune stopping a trial, Ctrl-C) reaches the caller, and the
     workers are told to stop: no training thread outlives the call."""
@@ -152,6 +157,7 @@ def test_failing_report_stops_the_run(ray_local, tmp_path):
 # diverges, so the check shares its Ray Train fit instead of paying for one of its own.
 
 
+@pytest.mark.ray
 def test_too_many_workers_fails_fast(ray_local, tmp_path, capsys):
     out = tmp_path / "big"
     code = cli.main(["train", "--strategy", "ddp", "--workers", "64", "--out", str(out)])
@@ -162,6 +168,7 @@ def test_too_many_workers_fails_fast(ray_local, tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.unit
 def test_global_batch_must_divide_by_workers(tmp_path):
     s = spec(tmp_path, workers=3)
     with pytest.raises(ConfigError) as e:
@@ -170,6 +177,7 @@ def test_global_batch_must_divide_by_workers(tmp_path):
                             "e.g. 63")
 
 
+@pytest.mark.unit
 def test_gd_is_not_bound_by_batch_size(tmp_path):
     """gd takes the whole training set as one batch and splits it as evenly as it can."""
     s = spec(tmp_path, workers=3, optimizer="gd")

@@ -20,7 +20,8 @@ from raydist.models import build_model
 REPO = Path(__file__).resolve().parents[1]
 JOB_ARGS = ["--strategy", "ddp", "--workers", "2", "--epochs", "2", "--hidden", "16"]
 
-pytestmark = pytest.mark.timeout(420)  # one head start, one 2-worker job, two CLI calls
+# a head of its own: one head start, one 2-worker job, two CLI calls
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(420)]
 
 
 @pytest.fixture(scope="module")

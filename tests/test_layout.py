@@ -1,10 +1,14 @@
-"""Imports run one way (../shared/DESIGN.md): cli -> sweep/report -> strategies -> engine ->
-models/data/optim/config. A strategy never imports another strategy."""
+"""Imports run one way (docs/design.md, the layering section): cli -> sweep/report -> strategies ->
+engine -> models/data/optim/config. A strategy never imports another strategy."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parents[1] / "raydist"
 LAYER = {"registry": 0, "config": 1, "faults": 1, "checkpoint": 1, "optim": 2, "data": 2, "models": 3,
@@ -49,7 +53,7 @@ def test_imports_only_point_down():
                 if len(parts) >= 3 and parts[2] in _strategies() and me != "raydist.strategies":
                     assert parts[2] == mine_, f"{me} imports {target}"
                 continue
-            assert LAYER[parts[1]] < mine, f"{me} imports {target} against the direction in DESIGN.md"
+            assert LAYER[parts[1]] < mine, f"{me} imports {target} against the direction in docs/design.md"
 
 
 def _strategies() -> set[str]:

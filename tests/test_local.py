@@ -12,6 +12,8 @@ from raydist.config import RunSpec
 from raydist.engine import Diverged
 from raydist.strategies import train
 
+pytestmark = pytest.mark.unit
+
 SEED_SIX = ["gd", "sgd", "momentum", "adagrad", "rmsprop", "adam"]
 
 

@@ -205,6 +205,7 @@ def reference(refs: dict[str, Any], name: str) -> Any:
 
 # --- spread over nodes, and a node lost mid-run --------------------------------------------------
 
+@pytest.mark.multinode
 @pytest.mark.timeout(LIMIT_S)
 @pytest.mark.parametrize("strategy", list(LAYOUT))
 def test_spread_over_nodes_and_a_lost_node(cluster_runs, strategy):
@@ -247,6 +248,7 @@ def test_spread_over_nodes_and_a_lost_node(cluster_runs, strategy):
 
 # --- elastic ddp ----------------------------------------------------------------------------------
 
+@pytest.mark.multinode
 @pytest.mark.timeout(LIMIT_S)
 def test_elastic_ddp_grows_when_a_node_joins(cluster_runs):
     """workers [1, 2] on one 1-CPU node: the group starts with 1 worker. After epoch 2 a second
@@ -279,6 +281,7 @@ def test_elastic_ddp_grows_when_a_node_joins(cluster_runs):
                                                            rel=1e-5)
 
 
+@pytest.mark.multinode
 @pytest.mark.timeout(LIMIT_S)
 def test_the_driver_ends_and_leaves_no_process_behind(cluster_runs):
     """The driver finished every run in time, by itself, and shut its cluster down: no process
@@ -294,6 +297,7 @@ def test_the_driver_ends_and_leaves_no_process_behind(cluster_runs):
 
 # --- `workers: [min, max]`: parsing and checks (no Ray) ------------------------------------------
 
+@pytest.mark.unit
 def test_workers_range_from_yaml_cli_and_set(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("strategy: ddp\nworkers: [1, 3]\n")
@@ -308,6 +312,7 @@ def test_workers_range_from_yaml_cli_and_set(tmp_path):
     assert RunSpec.from_dict(yaml.safe_load((tmp_path / "spec.yaml").read_text())) == spec
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("raw, message", [
     ({"strategy": "ps", "workers": [1, 2]},
      "workers: got [1, 2]; a range [min, max] (elastic scaling) needs strategy ddp, not 'ps'"),
@@ -327,12 +332,14 @@ def test_workers_range_errors(raw, message):
     assert str(e.value) == message
 
 
+@pytest.mark.unit
 def test_cli_range_for_ps_is_one_error(capsys):
     assert cli.main(["train", "--strategy", "ps", "--workers", "1-2"]) == 2
     assert capsys.readouterr().err == ("error: workers: got [1, 2]; a range [min, max] (elastic "
                                        "scaling) needs strategy ddp, not 'ps'\n")
 
 
+@pytest.mark.unit
 def test_elastic_batch_divides_by_every_world_size(tmp_path):
     spec = RunSpec.from_dict({**ELASTIC, "workers": [2, 3], "out": str(tmp_path)})
     data = load_data(spec)

@@ -1,4 +1,6 @@
-"""Every optimizer against a plain numpy implementation of the article's formula."""
+"""Every optimizer against a plain numpy implementation of its formula. The formulas are those of
+the article's six optimizers as written in docs/design.md (section "Optimizers"); adamw and lars,
+the two added for large batches, are checked the same way."""
 
 from __future__ import annotations
 
@@ -8,12 +10,15 @@ import torch
 
 from raydist.optim import OPTIMIZERS, build_optimizer
 
+pytestmark = pytest.mark.unit
+
 LR, B, B1, B2, EPS = 0.05, 0.8, 0.85, 0.95, 1e-6
 STEPS = 60
 
 
 def numpy_rule(name: str):
-    """(state init, update) of the formula in ../shared/DESIGN.md; every accumulator starts at 0."""
+    """(state init, update) of the formula in docs/design.md, "Optimizers"; every accumulator
+    starts at 0."""
     def sgd(w, g, s, t):
         return w - LR * g
 

@@ -77,6 +77,7 @@ def assert_same_as_local(result, reference) -> None:
 
 # --- the plan: cuts and schedules -----------------------------------------------------------------
 
+@pytest.mark.unit
 def test_balanced_cuts_minimise_the_largest_stage():
     assert balanced_cuts([10, 10, 10, 10], 2) == [2]
     assert balanced_cuts([100, 1, 1, 100], 2) == [2]
@@ -85,6 +86,7 @@ def test_balanced_cuts_minimise_the_largest_stage():
     assert balanced_cuts([0, 30, 10, 10, 10], 3) == [2, 3]
 
 
+@pytest.mark.unit
 def test_schedules_order_each_stages_ops():
     f = [("F", i) for i in range(3)]
     b = [("B", i) for i in range(3)]
@@ -98,6 +100,7 @@ def test_schedules_order_each_stages_ops():
 
 # --- bad settings -----------------------------------------------------------------------------------
 
+@pytest.mark.ray
 @pytest.mark.parametrize("raw,message", [
     ({"stages": 3}, "stages: got 3, but model 'mlp' has only 2 blocks; expected at most 2"),
     ({"microbatches": 65, "batch_size": 64},
@@ -128,12 +131,14 @@ def test_bad_settings_fail_before_training_with_a_clear_message(raw, message, ra
 
 # --- equal to local -------------------------------------------------------------------------------
 
+@pytest.mark.ray
 @pytest.mark.parametrize("name", ["mlp-gpipe", "text-1f1b", "text-gpipe"])
 def test_ends_equal_to_local(name, runs):
     result, _, reference = runs(name)
     assert_same_as_local(result, reference)
 
 
+@pytest.mark.ray
 def test_cli_train_writes_the_outputs_of_local(runs, tmp_path):
     reference = runs("mlp")
     raw = pipeline_raw("mlp-1f1b")
@@ -155,6 +160,7 @@ def test_cli_train_writes_the_outputs_of_local(runs, tmp_path):
 
 # --- what each schedule holds, and what it reports --------------------------------------------------
 
+@pytest.mark.ray
 def test_1f1b_holds_at_most_stages_activations_gpipe_holds_all_microbatches(runs):
     def peaks(name):
         result, spec, _ = runs(name)
@@ -165,6 +171,7 @@ def test_1f1b_holds_at_most_stages_activations_gpipe_holds_all_microbatches(runs
     assert peaks("text-1f1b") == [[3, 2, 1]] * 2  # K = 3 < M = 4: stage k holds K - k
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("name", ["mlp-gpipe", "text-1f1b"])
 def test_each_epoch_reports_bubble_and_stage_times(name, runs):
     result, spec, _ = runs(name)
@@ -179,6 +186,7 @@ def test_each_epoch_reports_bubble_and_stage_times(name, runs):
 
 # --- a stage dies ---------------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_dead_stage_is_restarted_from_the_checkpoint_and_ends_bit_identical(runs, tmp_path,
                                                                           monkeypatch):
     _, uninterrupted, _ = runs("mlp-gpipe")
@@ -191,6 +199,7 @@ def test_dead_stage_is_restarted_from_the_checkpoint_and_ends_bit_identical(runs
     assert (tmp_path / "model.pt").read_bytes() == (Path(uninterrupted.out) / "model.pt").read_bytes()
 
 
+@pytest.mark.ray
 def test_a_second_invocation_continues_from_the_checkpoint_of_the_first(runs, tmp_path):
     _, two_epochs, _ = runs("mlp-gpipe")
     first = two_epochs.replace(out=str(tmp_path), epochs=1)
@@ -208,6 +217,7 @@ def test_a_second_invocation_continues_from_the_checkpoint_of_the_first(runs, tm
         "change) or choose another out")
 
 
+@pytest.mark.ray
 def test_dead_stage_beyond_max_failures_stops_the_run(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYDIST_FAULT", "0:1")
     spec = RunSpec.from_dict({**MLP, "epochs": 1, "strategy": "pipeline", "stages": 1,

@@ -1,19 +1,16 @@
-"""The cost model's formulas on hand-computed numbers, its calibration, and its predictions
-against the step times measured on this machine (bench/results/plan_check.json)."""
+"""The cost model's formulas on hand-computed numbers, its calibration, and the `raydist plan`
+command. How its predictions compare with step times measured on this machine is
+bench/plan_check.py's job: it measures both and prints them side by side."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 
 from raydist.calibration import Costs, calibrate, from_flops
 from raydist.config import ConfigError, RunSpec
 from raydist.plan import (
-    STEPS,
-    TRANSPORTS,
     Network,
     compute,
     ddp_step,
@@ -26,7 +23,8 @@ from raydist.plan import (
     slowdown,
 )
 
-PLAN_CHECK = Path(__file__).resolve().parents[1] / "bench" / "results" / "plan_check.json"
+pytestmark = pytest.mark.unit
+
 # compute(b) measured at 64, 128, 256 samples; 2 workers per node, each 1.5x slower when both
 # compute; three blocks: 60/30/10 % of the time, 400/300/300 parameters
 COSTS = Costs(batches=[64, 128, 256], step_s=[0.02, 0.03, 0.05], optimizer_s=0.002,
@@ -109,20 +107,6 @@ def test_predict_speedup_and_efficiency():
     ddp4 = next(r for r in rows if r["strategy"] == "ddp" and r["workers"] == 4)
     assert ddp4["speedup"] == pytest.approx(ddp_step(COSTS, NET, 256, 1) / ddp_step(COSTS, NET, 256, 4))
     assert ddp4["efficiency"] == pytest.approx(ddp4["speedup"] / 4)
-
-
-@pytest.mark.parametrize("run", ["ddp 1", "ddp 2", "ps 1", "ps 2", "pipeline 1", "pipeline 2"])
-def test_prediction_within_15_percent_of_the_run_measured_on_this_machine(run):
-    """bench/plan_check.py measured the inputs apart from the runs; the prediction made from
-    them by today's formulas must land within 15 % of the measured step time."""
-    result = json.loads(PLAN_CHECK.read_text())
-    measured = {r["run"]: r for r in result["measured"]}
-    assert set(measured) == {f"{s} {n}" for s in ("ddp", "ps", "pipeline") for n in (1, 2)}
-    r = measured[run]
-    net = Network(**result["networks"][TRANSPORTS[r["strategy"]]])
-    step = STEPS[r["strategy"]](Costs(**result["costs"]), net, result["batch_size"], r["n"],
-                                result["microbatches"])
-    assert 0.85 <= step / r["step_s"] <= 1.15, step / r["step_s"]
 
 
 def test_calibrate_measures_every_batch_size_the_plan_needs():

@@ -36,11 +36,13 @@ def n_params(spec: RunSpec) -> int:
 
 # --- no Ray: pure pieces -----------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_balance_gives_whole_tensors_largest_first_to_the_least_loaded():
     assert sharding.balance([10, 1000, 10, 100], 2) == [[1], [0, 2, 3]]
     assert sharding.balance([5, 5, 5], 3) == [[0], [1], [2]]
 
 
+@pytest.mark.unit
 def test_split_model_covers_every_tensor_once(tmp_path):
     spec = spec_of(tmp_path, "x", hidden=[16, 8])
     model = setup(spec)[1]
@@ -50,6 +52,7 @@ def test_split_model_covers_every_tensor_once(tmp_path):
     assert all(p.names for p in parts)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype,torch_dtype,wire", [("float16", torch.float16, np.float16),
                                                      ("bfloat16", torch.bfloat16, np.uint16)])
 def test_codec_rounds_like_torch_and_halves_the_bytes(dtype, torch_dtype, wire):
@@ -62,11 +65,13 @@ def test_codec_rounds_like_torch_and_halves_the_bytes(dtype, torch_dtype, wire):
     assert np.array_equal(back, t.to(torch_dtype).float().numpy())
 
 
+@pytest.mark.unit
 def test_float32_codec_is_exact():
     t = torch.randn(100)
     assert np.array_equal(sharding.CODECS["float32"].decode(sharding.CODECS["float32"].encode(t)), t.numpy())
 
 
+@pytest.mark.unit
 def test_async_schedule_discards_gradients_older_than_max_staleness():
     sched = AsyncSchedule([(0, 0), (0, 1), (1, 0)], max_staleness=1)
     a, b, c = sched.next(), sched.next(), sched.next()
@@ -81,6 +86,7 @@ def test_async_schedule_discards_gradients_older_than_max_staleness():
     assert sched.version == 3
 
 
+@pytest.mark.unit
 def test_server_steps_on_the_sum_of_the_gradients(tmp_path):
     """Two half gradients summed by the server give local's step on the whole gradient."""
     spec = spec_of(tmp_path, "x", optimizer="adam")
@@ -99,6 +105,7 @@ def test_server_steps_on_the_sum_of_the_gradients(tmp_path):
 
 # --- user errors -------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_check_rejects_more_servers_than_tensors(tmp_path):
     spec = spec_of(tmp_path, "x", strategy="ps", servers=5)
     with pytest.raises(ConfigError) as e:
@@ -107,6 +114,7 @@ def test_check_rejects_more_servers_than_tensors(tmp_path):
                             "expected servers <= 4")
 
 
+@pytest.mark.unit
 def test_check_rejects_more_workers_than_samples_in_a_batch(tmp_path):
     spec = spec_of(tmp_path, "x", strategy="ps", workers=5, batch_size=4)
     with pytest.raises(ConfigError) as e:
@@ -116,6 +124,7 @@ def test_check_rejects_more_workers_than_samples_in_a_batch(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.ray
 def test_run_fails_fast_when_the_cluster_is_too_small(ray_local, tmp_path):
     spec = spec_of(tmp_path, "x", strategy="ps", workers=4, servers=2)
     with pytest.raises(ConfigError) as e:
@@ -126,6 +135,7 @@ def test_run_fails_fast_when_the_cluster_is_too_small(ray_local, tmp_path):
 
 # --- with Ray: equivalence, async, wire dtypes -------------------------------------------------
 
+@pytest.mark.ray
 @pytest.mark.parametrize("optimizer,servers", [("gd", 1), ("sgd", 2), ("momentum", 1),
                                                ("adagrad", 2), ("rmsprop", 1), ("adam", 2)])
 def test_sync_equals_local(ray_local, tmp_path, trained, optimizer, servers):
@@ -144,6 +154,7 @@ def test_sync_equals_local(ray_local, tmp_path, trained, optimizer, servers):
     assert got.metrics[0]["bytes_per_step"] == 2 * 2 * 4 * n_params(spec)
 
 
+@pytest.mark.ray
 def test_bfloat16_on_the_wire_halves_bytes_and_stays_close(ray_local, tmp_path):
     spec = spec_of(tmp_path, "local", optimizer="sgd")
     ref = local.run(spec, lambda r: None)
@@ -154,6 +165,7 @@ def test_bfloat16_on_the_wire_halves_bytes_and_stays_close(ray_local, tmp_path):
     assert 0 < max_diff(ref.state_dict, got.state_dict) < 0.02
 
 
+@pytest.mark.ray
 def test_async_reaches_local_accuracy_within_twice_the_epochs(ray_local, tmp_path):
     """Target: local's val_accuracy after E=2 epochs minus 0.03; async with 2 replicas, replica 0
     twice as slow and max_staleness 1 must reach it by epoch 2E=4."""
@@ -183,6 +195,7 @@ def test_async_discards_a_slow_replicas_stale_gradients_when_no_staleness_is_all
 
 # --- faults, checkpoints, resuming ---------------------------------------------------------------
 
+@pytest.mark.ray
 def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, trained, monkeypatch):
     kw = {"strategy": "ps", "optimizer": "adam", "workers": 2, "servers": 2}
     undisturbed = spec_of(tmp_path, "clean", **kw)  # test_sync_equals_local[adam-2] trained it
@@ -211,6 +224,7 @@ def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, trai
         "may change) or choose another out")
 
 
+@pytest.mark.ray
 def test_a_death_beyond_max_failures_ends_the_run(ray_local, tmp_path, monkeypatch):
     monkeypatch.setenv("RAYDIST_FAULT", "0:1")
     with pytest.raises(ps.ActorFailed,
@@ -220,6 +234,7 @@ def test_a_death_beyond_max_failures_ends_the_run(ray_local, tmp_path, monkeypat
 
 # --- the command line ----------------------------------------------------------------------------
 
+@pytest.mark.ray
 def test_cli_train_ps_writes_the_same_outputs_as_local(ray_local, tmp_path):
     args = ["train", "--model", "mlp", "--data", "digits", "--hidden", "16", "--epochs", "1",
             "--batch-size", "128", "--optimizer", "momentum"]

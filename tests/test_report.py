@@ -14,6 +14,8 @@ from raydist import report
 from raydist.cli import main
 from raydist.config import ConfigError
 
+pytestmark = pytest.mark.unit
+
 PNG = b"\x89PNG\r\n\x1a\n"
 
 # trial: (strategy, workers, seed, samples/s per epoch, val_accuracy per epoch, wall time per epoch)

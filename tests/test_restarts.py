@@ -8,6 +8,8 @@ import pytest
 
 from raydist.checkpoint import START_RETRIES, Restarts
 
+pytestmark = pytest.mark.unit
+
 
 class Failed(RuntimeError):
     pass

@@ -32,6 +32,7 @@ def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> str:
 
 # --- the search space ----------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_parse_leaves_seeds_variants_and_settings(tmp_path):
     s = load_sweep(write(tmp_path, """
 epochs: 2
@@ -110,6 +111,7 @@ BAD = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text,message", BAD.values(), ids=BAD.keys())
 def test_bad_sweep_files(tmp_path, text, message):
     path = write(tmp_path, text)
@@ -118,6 +120,7 @@ def test_bad_sweep_files(tmp_path, text, message):
     assert str(e.value) == message.replace("F", path, 1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_sweep_files_parse(path):
     s = load_sweep(path)
@@ -126,6 +129,7 @@ def test_shipped_sweep_files_parse(path):
     assert sweep.total_trials(s) >= 4
 
 
+@pytest.mark.unit
 def test_quickstart_is_the_six_optimizers_on_local_and_ddp():
     s = load_sweep(CONFIGS / "quickstart.yaml")
     assert s.space["optimizer"] == ("grid", SIX)
@@ -134,6 +138,7 @@ def test_quickstart_is_the_six_optimizers_on_local_and_ddp():
     assert (s.base["data"], sweep.total_trials(s), s.max_concurrent) == ("digits", 18, 1)
 
 
+@pytest.mark.unit
 def test_optimizers_sweep_follows_the_protocol():
     s = load_sweep(CONFIGS / "optimizers.yaml")
     kind, lrs = s.space["lr"]
@@ -141,6 +146,7 @@ def test_optimizers_sweep_follows_the_protocol():
     assert len(s.space["seed"][1]) >= 3 and s.target is not None
 
 
+@pytest.mark.unit
 def test_cli_usage_errors(tmp_path, capsys):
     file = write(tmp_path, "epochs: 1\n", "s.yaml")
     (tmp_path / "done").mkdir()
@@ -161,6 +167,7 @@ def test_cli_usage_errors(tmp_path, capsys):
         assert capsys.readouterr().err.strip() == message
 
 
+@pytest.mark.unit
 def test_connect_refuses_a_cluster_without_trial_drivers(monkeypatch):
     import ray
 
@@ -201,6 +208,7 @@ def swept(ray_local, tmp_path_factory):
     return results, pd.read_csv(out / "results.csv"), out
 
 
+@pytest.mark.ray
 def test_sweep_with_two_worker_trials_and_a_diverged_one(swept):
     results, on_disk, out = swept
     shared = ["trial_id", "status", "epoch", "val_loss", "strategy", "workers", "optimizer", "lr", "out"]
@@ -235,6 +243,7 @@ def test_sweep_with_two_worker_trials_and_a_diverged_one(swept):
         assert (folder / "model.pt").exists() == (t.status == "completed")
 
 
+@pytest.mark.ray
 def test_ddp_divergence_raises_in_the_caller(swept):
     """ddp's workers stop at the NaN epoch and the driver raises Diverged in the thread that
     called `train` (the trial's), after reporting that epoch once with its NaN loss. Ray Train
@@ -253,6 +262,7 @@ def test_ddp_divergence_raises_in_the_caller(swept):
     assert [p for p in (out / "trials" / trial_id / "ray").rglob("checkpoint_*") if p.is_dir()] == []
 
 
+@pytest.mark.ray
 def test_asha_stops_a_bad_trial_early(ray_local, tmp_path):
     # One trial at a time: the second reaches ASHA's first rung below the first one and stops.
     file = write(tmp_path, """
@@ -286,6 +296,7 @@ def interrupt_after_first_completed(trials: Path) -> threading.Thread:
     return thread
 
 
+@pytest.mark.ray
 def test_resume_continues_without_rerunning_finished_trials(ray_local, tmp_path, capsys):
     file = write(tmp_path, """
 strategy: local
@@ -315,6 +326,7 @@ sweep: {max_concurrent: 1}
     assert results.groupby("trial_id")["epoch"].apply(list).map(tuple).unique().tolist() == [(1, 2)]
 
 
+@pytest.mark.unit
 def test_job_entrypoint_runs_the_sweep_then_its_report(monkeypatch):
     import importlib.util
 
