@@ -4,7 +4,7 @@
 Each trial is a function trainable holding {"cpu": 0, "trial_driver": 1}: the trial's driver
 takes no CPU from the workers its strategy starts (a 2-worker ddp trial fits on 2 CPUs), and
 `max_concurrent` bounds how many trials run at once, so trials never wait on each other's
-workers (RAY_NOTES.md, "Ray Tune with Ray Train V2").
+workers (docs/ray-notes.md, "Ray Tune with Ray Train V2").
 
 DIR/
   sweep.yaml                      the sweep file as given: what --resume and the report read
