@@ -197,7 +197,7 @@ def runs(ray_local, tmp_path_factory):
     two fits at a time. Plain ddp equals local to round-off (tests/test_ddp.py), so local's
     records stand in for plain ddp's."""
     tmp = tmp_path_factory.mktemp("comm")
-    local = train(spec(strategy="local", epochs=6, out=str(tmp / "local")), report=lambda r: None)
+    local = train(spec(strategy="local", workers=1, epochs=6, out=str(tmp / "local")), report=lambda r: None)
     reached = [r["epoch"] for r in local.metrics if r["val_accuracy"] >= TARGET]
     assert reached, "local never reached the target: the test's settings are off"
     epochs = 2 * reached[0]

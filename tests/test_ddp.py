@@ -17,6 +17,7 @@ from raydist import cli, faults
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.engine import Record, RunResult
+from raydist.engine.record import documented
 from raydist.strategies import ddp, train
 
 # Each Ray Train fit costs ~10 s on an idle 2-core machine, several times that under load.
@@ -55,7 +56,7 @@ def six_runs(ray_local, tmp_path_factory, trained):
     shutdown, and 2 x 2 workers fit the fixture's 4 CPUs. The ddp runs are kept for later
     modules (tests/test_multinode.py compares a run that lost a node with the adam one)."""
     tmp = tmp_path_factory.mktemp("six")
-    local = {opt: train(spec(tmp / f"local_{opt}", strategy="local", optimizer=opt),
+    local = {opt: train(spec(tmp / f"local_{opt}", strategy="local", workers=1, optimizer=opt),
                         report=lambda rec: None) for opt in SIX}
     with ThreadPoolExecutor(2) as pool:
         ddp_runs = dict(zip(SIX, pool.map(lambda opt: run_ddp(tmp, opt), SIX), strict=True))
@@ -77,6 +78,7 @@ def test_ddp_matches_local(six_runs, optimizer):
     for mine, ref in zip(result.metrics, local.metrics, strict=True):
         assert mine["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
         assert abs(mine["val_accuracy"] - ref["val_accuracy"]) <= 0.005
+        assert mine["world_size"] == 2 and all(documented(k) for k in mine)
     out = tmp / f"ddp_{optimizer}"
     saved = torch.load(out / "model.pt")
     assert list(saved) == list(local.state_dict)
@@ -112,7 +114,8 @@ def test_second_run_continues_from_the_first(six_runs):
     result = train(spec(out, optimizer="adam", epochs=4), report=records.append)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     assert result.metrics[:3] == runs["adam"][1].metrics
-    local = train(spec(tmp / "local_adam_4", strategy="local", optimizer="adam", epochs=4),
+    local = train(spec(tmp / "local_adam_4", strategy="local", workers=1, optimizer="adam",
+                       epochs=4),
                   report=lambda rec: None)
     assert max((result.state_dict[k] - local.state_dict[k]).abs().max().item()
                for k in local.state_dict) <= 1e-5

@@ -4,6 +4,7 @@ refuses settings that cannot work with a message that says why."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -12,10 +13,14 @@ import torch
 
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
+from raydist.data import load_data
+from raydist.engine import global_batches
+from raydist.engine.record import documented
 from raydist.faults import MARKER
+from raydist.models import build_model
 from raydist.strategies import train
 from raydist.strategies.pipeline import StageFailed
-from raydist.strategies.pipeline.cuts import balanced_cuts
+from raydist.strategies.pipeline.cuts import balanced_cuts, boundary_shapes, stage_bounds
 from raydist.strategies.pipeline.schedules import gpipe, one_f_one_b
 
 # digits: 1438 training samples; 50 = 13+13+12+12 leaves micro-batches of unequal size
@@ -178,10 +183,26 @@ def test_each_epoch_reports_bubble_and_stage_times(name, runs):
     k, m = spec.stages, spec.microbatches
     for rec in result.metrics:
         assert rec["bubble_bound"] == (k - 1) / (m + k - 1)
-        assert 0 <= rec["bubble_fraction"] < 1
+        # the bubble is what the stages' own timers leave idle of the epoch (not clamped): each
+        # stage computes within the epoch, and with K >= 2 the later stages must wait to start
+        compute = [rec[f"stage{i}_compute_s"] for i in range(k)]
+        assert all(c < rec["epoch_time_s"] for c in compute)
+        assert rec["bubble_fraction"] == pytest.approx(1 - sum(compute) / (k * rec["epoch_time_s"]))
+        assert 0 < rec["bubble_fraction"] < 1
+        # one meaning for every strategy: the stages' mean wait on their neighbours
+        assert rec["comm_wait_s"] == pytest.approx(sum(rec[f"stage{i}_comm_s"] for i in range(k)) / k)
+        assert rec["world_size"] == k and all(documented(key) for key in rec)
         busy = [rec[f"stage{i}_compute_s"] + rec[f"stage{i}_comm_s"] for i in range(k)]
         assert all(rec[f"stage{i}_compute_s"] > 0 and rec[f"stage{i}_comm_s"] > 0 for i in range(k))
         assert max(busy) <= rec["epoch_time_s"]
+    # bytes as sent: every sample's activations forward and their gradients back, over each cut
+    data = load_data(spec)
+    model = build_model(spec, data)
+    shapes = boundary_shapes(model, data.x_train[:1], stage_bounds(spec, model))[1:]
+    steps = len(global_batches(spec, data, 1))
+    per_sample = sum(2 * math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                     for shape, dtype in shapes)
+    assert all(rec["bytes_per_step"] == data.n_train * per_sample / steps for rec in result.metrics)
 
 
 # --- a stage dies ---------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ def test_async_reaches_local_accuracy_within_twice_the_epochs(ray_local, tmp_pat
     assert all(r["bytes_per_step"] > 0 and documented_record(r) for r in got.metrics)
 
 
+@pytest.mark.ray
 def test_async_discards_a_slow_replicas_stale_gradients_when_no_staleness_is_allowed(ray_local, tmp_path):
     """max_staleness 0: a gradient is applied only if no update came after the weights it read.
     Both replicas start on the same weights, and replica 0 (three times as slow) finishes after

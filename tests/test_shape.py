@@ -48,6 +48,9 @@ def test_out_that_is_a_file_is_refused_before_any_training(tmp_path, capsys):
     code, err = run_cli(["--epochs", "50", "--out", str(file)], capsys)
     assert (code, err) == (2, f"error: out: {file} is a file; expected a folder (created if missing)\n")
     assert file.read_text() == "not a folder"
+    # a Ray strategy too, before it starts any Ray (the unit tier forbids ray.init)
+    code, err = run_cli(["--strategy", "ddp", "--workers", "2", "--out", str(file)], capsys)
+    assert (code, err) == (2, f"error: out: {file} is a file; expected a folder (created if missing)\n")
     code, err = run_cli(["--out", str(file / "run")], capsys)
     assert (code, err) == (2, f"error: out: cannot create {file / 'run'}: {file} is a file\n")
 

@@ -1,8 +1,9 @@
 """The one pre-flight, before any process starts or any folder is made, in this order: the
 spec (validated when it was built), the data and the model, what the strategy needs (knobs it
-does not read are refused by name), the cluster's capacity, the output folder, and whether a
-run already in that folder may be resumed by this spec. Every failure is a ConfigError: one
-line naming the field or file."""
+does not read are refused by name), the output folder, whether a run already in that folder
+may be resumed by this spec, and last the cluster's capacity: asking a cluster costs a Ray
+start (seconds on a laptop), so every check that needs none comes first. Every failure is a
+ConfigError: one line naming the field or file."""
 
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     build_model(spec, data)
     spec.refuse_unread()
     strategy.check(spec, data)
+    check_out(spec.out)
+    if strategy.RESUMES:
+        check_resumable(spec, Path(spec.out) / SPEC_FILE)
     if strategy.resources is not None:  # a Ray strategy: join (or start) Ray, measure it
         from raydist import cluster  # imports Ray: the engine itself imports without it
 
         cluster.connect(spec)
         cluster.require(*strategy.resources(spec))
-    check_out(spec.out)
-    if strategy.RESUMES:
-        check_resumable(spec, Path(spec.out) / SPEC_FILE)
     return data
 
 
