@@ -14,7 +14,7 @@ import torch
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
-from raydist.engine import global_batches
+from raydist.engine import Diverged, global_batches
 from raydist.engine.record import documented
 from raydist.faults import MARKER
 from raydist.models import build_model
@@ -183,11 +183,14 @@ def test_each_epoch_reports_bubble_and_stage_times(name, runs):
     k, m = spec.stages, spec.microbatches
     for rec in result.metrics:
         assert rec["bubble_bound"] == (k - 1) / (m + k - 1)
-        # the bubble is what the stages' own timers leave idle of the epoch (not clamped): each
-        # stage computes within the epoch, and with K >= 2 the later stages must wait to start
+        # the bubble is what the stages' own timers leave idle of the epoch's steps (not
+        # clamped): each stage computes within them, and with K >= 2 the later stages must wait
+        # to start. epoch_time_s also holds the collection of the stages' statistics (a few ms),
+        # so measured over it the idle share is a little larger.
         compute = [rec[f"stage{i}_compute_s"] for i in range(k)]
         assert all(c < rec["epoch_time_s"] for c in compute)
-        assert rec["bubble_fraction"] == pytest.approx(1 - sum(compute) / (k * rec["epoch_time_s"]))
+        idle = 1 - sum(compute) / (k * rec["epoch_time_s"])
+        assert idle - 0.02 <= rec["bubble_fraction"] <= idle
         assert 0 < rec["bubble_fraction"] < 1
         # one meaning for every strategy: the stages' mean wait on their neighbours
         assert rec["comm_wait_s"] == pytest.approx(sum(rec[f"stage{i}_comm_s"] for i in range(k)) / k)
@@ -236,6 +239,17 @@ def test_a_second_invocation_continues_from_the_checkpoint_of_the_first(runs, tm
         f"lr: got 0.5, but {tmp_path} holds a pipeline run with lr={two_epochs.lr!r}; resume it with "
         "the same settings (only epochs, out, address, max_failures, threads_per_worker, use_gpu may "
         "change) or choose another out")
+
+
+@pytest.mark.ray
+def test_a_diverged_run_leaves_no_checkpoint_of_the_diverged_epoch(ray_local, tmp_path):
+    spec = RunSpec.from_dict({**MLP, "epochs": 2, "strategy": "pipeline", "optimizer": "sgd",
+                              "lr": 1e20, "out": str(tmp_path)})
+    reports = []
+    with pytest.raises(Diverged, match=r"^training loss is (nan|inf) at epoch 1$"):
+        train(spec, reports.append)
+    assert [r["epoch"] for r in reports] == [1]  # reported, with its non-finite loss
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "model.pt").exists()
 
 
 @pytest.mark.ray

@@ -10,7 +10,7 @@ import torch
 from raydist import checkpoint, cli
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data, shard
-from raydist.engine import global_batches, setup
+from raydist.engine import Diverged, global_batches, setup
 from raydist.engine.record import documented
 from raydist.strategies import local, ps, train
 from raydist.strategies.ps import sharding
@@ -223,6 +223,16 @@ def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, trai
         f"lr: got 0.5, but {spec.out} holds a ps run with lr={spec.lr!r}; resume it with the same "
         "settings (only epochs, out, address, max_failures, threads_per_worker, straggler "
         "may change) or choose another out")
+
+
+@pytest.mark.ray
+def test_a_diverged_run_leaves_no_checkpoint_of_the_diverged_epoch(ray_local, tmp_path):
+    spec = spec_of(tmp_path, "nan", strategy="ps", workers=2, optimizer="sgd", lr=1e20)
+    reports = []
+    with pytest.raises(Diverged, match=r"^training loss is (nan|inf) at epoch 1$"):
+        train(spec, reports.append)
+    assert [r["epoch"] for r in reports] == [1]  # reported, with its non-finite loss
+    assert checkpoint.read(spec.out) is None and not (tmp_path / "nan" / "model.pt").exists()
 
 
 @pytest.mark.ray
