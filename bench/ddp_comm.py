@@ -14,7 +14,7 @@ seed luck hit every variant alike; a warm-up round comes first and is not counte
   (docs/design.md, "Metrics"); t1 is the 1-worker run, where no variant sends anything.
 - bytes/step: all bytes the workers put on the wire per global step
   (raydist/strategies/ddp/comm.py), mean over every step of the counted runs.
-- comm wait: rank 0's communication not hidden behind backward, per step
+- comm wait: the workers' mean communication not hidden behind backward, per step
   (raydist/strategies/ddp/comm.py), mean over the timed epochs.
 - final accuracy: val_accuracy after the last epoch, median over rounds (one seed each).
 """

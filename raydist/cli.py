@@ -42,12 +42,18 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
     return RunSpec.from_dict(raw)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
+    from raydist.engine import Diverged
     from raydist.strategies import train
 
     spec = spec_from_args(args)
-    train(spec)
+    try:
+        train(spec)
+    except Diverged as e:  # the user's settings (an lr too large); the epoch was printed
+        print(f"error: diverged: {e}; try a smaller lr", file=sys.stderr)
+        return 1
     print(f"wrote {spec.out}/spec.yaml, metrics.csv, model.pt")
+    return 0
 
 
 def add_sweep_flags(p: argparse.ArgumentParser) -> None:
@@ -162,14 +168,14 @@ def build_parser() -> Parser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        code = args.handler(args) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code
 
 
 if __name__ == "__main__":

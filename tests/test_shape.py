@@ -96,3 +96,9 @@ def test_every_record_field_is_documented(tmp_path):
     metrics = train(RunSpec.from_dict({"epochs": 1, "out": str(tmp_path)}), lambda r: None).metrics
     assert all(documented(k) for k in metrics[0]), metrics[0]
     assert documented("stage3_comm_s") and not documented("stage_x_comm_s") and not documented("speed")
+
+
+def test_a_diverged_run_on_the_command_line_is_one_line_and_exit_1(tmp_path, capsys):
+    code, err = run_cli(["--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--out", str(tmp_path)],
+                        capsys)
+    assert (code, err) == (1, "error: diverged: training loss is nan at epoch 1; try a smaller lr\n")

@@ -1,4 +1,4 @@
-"""The one pre-flight, before any process starts or any folder is made, in this order: the
+"""The one pre-flight, before any training starts or any folder is made, in this order: the
 spec (validated when it was built), the data and the model, what the strategy needs (knobs it
 does not read are refused by name), the output folder, whether a run already in that folder
 may be resumed by this spec, and last the cluster's capacity: asking a cluster costs a Ray

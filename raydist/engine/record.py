@@ -40,7 +40,7 @@ class EpochRecord(TypedDict, total=False):
     compute_s: float
     """ps: a replica's busy seconds in the epoch (mean over replicas)."""
     discarded: int
-    """ps async: gradients computed but dropped as too stale (their shards were recomputed)."""
+    """ps: gradients computed but dropped as too stale (async; their shards were recomputed; sync: 0)."""
     bubble_fraction: float
     """pipeline: share of the stages' epoch time not spent computing."""
     bubble_bound: float

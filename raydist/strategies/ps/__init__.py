@@ -11,7 +11,7 @@ act per tensor, so S servers stepping their own tensors equal one optimizer over
 - async: (Downpour) the shards of an epoch's batches are a queue; whichever replica is free takes
          the next one, and its gradient is applied alone, against whatever weights are current.
          A gradient computed on weights more than `max_staleness` updates old is discarded and
-         its shard recomputed on fresh weights (raydist/staleness.py). A slow replica
+         its shard recomputed on fresh weights (staleness.py). A slow replica
          (`straggler`) no longer holds the others back: they simply take more shards.
 
 Communication is kept apart from the math: `Server` and `Replica` (actors.py) are plain
