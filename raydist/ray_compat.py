@@ -9,6 +9,7 @@ import warnings
 from typing import Any
 
 import ray
+from ray._private.state import state as gcs_state
 
 WRITTEN_FOR = "2.60.0"
 
@@ -20,9 +21,7 @@ if ray.__version__ != WRITTEN_FOR:
 def autoscaler_max_resources() -> dict[str, float] | None:
     """The autoscaler's maximum as Ray records it in the GCS (Ray Train checks its worker groups
     against the same record)."""
-    from ray._private.state import state
-
-    return state.get_max_resources_from_cluster_config()
+    return gcs_state.get_max_resources_from_cluster_config()
 
 
 def report_cluster_config(record: Any) -> None:

@@ -28,7 +28,7 @@ import pytest
 from ray.core.generated import autoscaler_pb2
 from rayprocs import Head, new_head, processes_of
 
-from raydist import cluster
+from raydist import cluster, ray_compat
 from raydist.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def fake_ray(monkeypatch):
 
     def install(now: dict, most: dict | None) -> None:
         monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: now)
-        monkeypatch.setattr(cluster.state, "get_max_resources_from_cluster_config", lambda: most)
+        monkeypatch.setattr(ray_compat.gcs_state, "get_max_resources_from_cluster_config", lambda: most)
     return install
 
 
@@ -207,7 +207,7 @@ def test_published_limits_read_back_through_rays_own_reader(monkeypatch):
         "cpu": {"resources": {"CPU": 8, "GPU": 0}, "min_workers": 0, "max_workers": 2},
         "gpu": {"resources": {"CPU": 4, "GPU": 1}, "min_workers": 0, "max_workers": 2}}}
     record = autoscaler_pb2.ClusterConfig.FromString(cluster.limits_record(config).SerializeToString())
-    monkeypatch.setattr(cluster.state, "get_cluster_config", lambda: record)
+    monkeypatch.setattr(ray_compat.gcs_state, "get_cluster_config", lambda: record)
     assert cluster.autoscaler_max() == {"CPU": 2 + 2 * 8 + 4, "GPU": 2, "trial_driver": 8}
     assert cluster.max_resources(config) == {"CPU": 22.0, "GPU": 2.0, "trial_driver": 8.0}
 
