@@ -102,3 +102,19 @@ def test_a_diverged_run_on_the_command_line_is_one_line_and_exit_1(tmp_path, cap
     code, err = run_cli(["--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--out", str(tmp_path)],
                         capsys)
     assert (code, err) == (1, "error: diverged: training loss is nan at epoch 1; try a smaller lr\n")
+
+
+def test_a_checkpoint_past_the_runs_epochs_is_refused_before_ray_starts(tmp_path, capsys):
+    from raydist import checkpoint
+
+    spec = RunSpec.from_dict({"strategy": "ps", "workers": 2, "epochs": 3, "out": str(tmp_path)})
+    spec.save(tmp_path / "spec.yaml")
+    checkpoint.write(str(tmp_path), {"history": [{"epoch": e} for e in (1, 2, 3)]})
+    code, err = run_cli(["--strategy", "ps", "--workers", "2", "--epochs", "2", "--out", str(tmp_path)],
+                        capsys)
+    assert (code, err) == (2, f"error: epochs: got 2, but the checkpoint in {tmp_path} is at epoch 3; "
+                              "expected epochs >= 3\n")
+    # another setting than the run in the folder: refused by name, also before any Ray
+    code, err = run_cli(["--strategy", "ps", "--workers", "2", "--epochs", "4", "--lr", "0.5",
+                         "--out", str(tmp_path)], capsys)
+    assert code == 2 and err.startswith(f"error: lr: got 0.5, but {tmp_path} holds a ps run with lr=0.01;")

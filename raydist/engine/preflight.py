@@ -13,6 +13,7 @@ from types import ModuleType
 
 import yaml
 
+from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.config.run import resumable
 from raydist.data import Dataset, load_data
@@ -30,6 +31,7 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     check_out(spec.out)
     if strategy.RESUMES:
         check_resumable(spec, Path(spec.out) / SPEC_FILE)
+        checkpoint.resume(spec)  # an actor strategy's checkpoint must not be past spec.epochs
     if strategy.resources is not None:  # a Ray strategy: join (or start) Ray, measure it
         from raydist import cluster  # imports Ray: the engine itself imports without it
 
