@@ -33,6 +33,7 @@ from rayprocs import processes_of, stop
 
 from raydist import cli
 from raydist.config import ConfigError, RunSpec
+from raydist.config.run import read_only
 from raydist.data import load_data
 from raydist.strategies import ddp, train
 
@@ -175,8 +176,8 @@ def references(tmp: Path, trained: Any) -> dict[str, Any]:
     node-loss spec, local for elastic. An error is kept for the test of that run."""
     found: dict[str, Any] = {}
     for run in RUNS:
-        raw = run["spec"] if run["scenario"] == "loss" else {
-            **run["spec"], "strategy": "local", "workers": 1}
+        raw = run["spec"] if run["scenario"] == "loss" else {  # local: the knobs it reads
+            **read_only({**run["spec"], "strategy": "local"}), "workers": 1}
         spec = RunSpec.from_dict({**raw, "out": str(tmp / run["name"])})
         try:
             found[run["name"]] = trained.get(spec) or train(spec, report=lambda rec: None)

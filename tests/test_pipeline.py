@@ -249,6 +249,7 @@ def test_a_diverged_run_leaves_no_checkpoint_of_the_diverged_epoch(ray_local, tm
     with pytest.raises(Diverged, match=r"^training loss is (nan|inf) at epoch 1$"):
         train(spec, reports.append)
     assert [r["epoch"] for r in reports] == [1]  # reported, with its non-finite loss
+    assert pd.read_csv(tmp_path / "metrics.csv")["epoch"].tolist() == [1]  # kept on disk
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "model.pt").exists()
 
 

@@ -4,6 +4,7 @@ the wire dtypes, the staleness rule, fault recovery from the checkpoint, and the
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -232,6 +233,7 @@ def test_a_diverged_run_leaves_no_checkpoint_of_the_diverged_epoch(ray_local, tm
     with pytest.raises(Diverged, match=r"^training loss is (nan|inf) at epoch 1$"):
         train(spec, reports.append)
     assert [r["epoch"] for r in reports] == [1]  # reported, with its non-finite loss
+    assert pd.read_csv(tmp_path / "nan" / "metrics.csv")["epoch"].tolist() == [1]  # kept on disk
     assert checkpoint.read(spec.out) is None and not (tmp_path / "nan" / "model.pt").exists()
 
 

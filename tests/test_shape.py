@@ -4,6 +4,7 @@ only the knobs their strategy reads, and the record schema."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from raydist.cli import main
@@ -102,6 +103,10 @@ def test_a_diverged_run_on_the_command_line_is_one_line_and_exit_1(tmp_path, cap
     code, err = run_cli(["--optimizer", "sgd", "--lr", "1e30", "--epochs", "2", "--out", str(tmp_path)],
                         capsys)
     assert (code, err) == (1, "error: diverged: training loss is nan at epoch 1; try a smaller lr\n")
+    # what it trained is kept: the diverged epoch's record, not a model
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1] and metrics["train_loss"].isna().all()
+    assert not (tmp_path / "model.pt").exists()
 
 
 def test_a_checkpoint_past_the_runs_epochs_is_refused_before_ray_starts(tmp_path, capsys):

@@ -239,6 +239,13 @@ def reads(strategy: str, name: str) -> bool:
     return not readers or strategy in readers
 
 
+def read_only(raw: dict[str, Any], strategy: str | None = None) -> dict[str, Any]:
+    """`raw` (field: value) without the knobs its strategy (raw's own, else `strategy`, else
+    the default) does not read: what a sweep hands each trial."""
+    strategy = raw.get("strategy", strategy or RunSpec.strategy)
+    return {k: v for k, v in raw.items() if k not in KNOBS or reads(strategy, k)}
+
+
 def resumable(strategy: str) -> list[str]:
     """The knobs a resumed run of `strategy` may change, in RunSpec's order."""
     out = []

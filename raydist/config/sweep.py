@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from raydist.config.run import KNOBS, RunSpec, at_least, reads
+from raydist.config.run import RunSpec, at_least, read_only
 from raydist.config.values import as_float, as_int, as_str, load_yaml
 from raydist.registry import ConfigError, closest
 
@@ -81,12 +81,6 @@ class SweepSpec:
                 if combo not in out:
                     out.append(combo)
         return out
-
-
-def read_only(raw: dict[str, Any], strategy: str | None = None) -> dict[str, Any]:
-    """`raw` without the knobs its strategy (raw's own, else `strategy`) does not read."""
-    strategy = raw.get("strategy", strategy or RunSpec.strategy)
-    return {k: v for k, v in raw.items() if k not in KNOBS or reads(strategy, k)}
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

@@ -4,7 +4,7 @@ strategy drives it through; record.py, the per-epoch record's schema; preflight.
 before any work; outputs.py, the files every run leaves."""
 
 from raydist.engine.loop import Diverged, Group, Report, RunResult, StateDict, Trainer, fit, fit_restarting
-from raydist.engine.outputs import claim, machine_info, save_outputs
+from raydist.engine.outputs import claim, machine_info, save_metrics, save_outputs
 from raydist.engine.preflight import preflight
 from raydist.engine.record import EpochRecord, Record, make_record
 from raydist.engine.step import (
@@ -22,5 +22,6 @@ from raydist.engine.step import (
 
 __all__ = ["LOSSES", "Diverged", "EpochRecord", "Group", "Record", "Report", "RunResult", "StateDict",
            "Trainer", "backward", "claim", "correct", "denominator", "evaluate", "fit", "fit_restarting",
-           "global_batches", "machine_info", "make_optimizer", "make_record", "preflight", "save_outputs",
+           "global_batches", "machine_info", "make_optimizer", "make_record", "preflight", "save_metrics",
+           "save_outputs",
            "setup", "step", "train_epoch"]

@@ -27,7 +27,12 @@ StateDict = dict[str, torch.Tensor]
 
 
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite; the run stops after reporting that epoch."""
+    """The training loss became NaN or infinite; the run stops after reporting that epoch.
+    `history`: the records up to and including it, where the loop that raised knows them."""
+
+    def __init__(self, message: str, history: list[Record] | None = None) -> None:
+        super().__init__(message)
+        self.history = list(history or [])
 
 
 @dataclass
@@ -67,7 +72,7 @@ def fit(spec: RunSpec, data: Dataset, trainer: Trainer, report: Report,
         history.append(rec)
         if not math.isfinite(rec["train_loss"]):
             report(rec)
-            raise Diverged(f"training loss is {rec['train_loss']} at epoch {epoch}")
+            raise Diverged(f"training loss is {rec['train_loss']} at epoch {epoch}", history)
         trainer.save(history)
         report(rec)
     return history

@@ -26,10 +26,14 @@ def claim(spec: RunSpec) -> Path:
     return out
 
 
+def save_metrics(out: Path, records: list[Record]) -> None:
+    pd.DataFrame(records).to_csv(out / "metrics.csv", index=False)
+
+
 def save_outputs(out: Path, spec: RunSpec, result: RunResult) -> None:
     out.mkdir(parents=True, exist_ok=True)
     spec.save(out / SPEC_FILE)
-    pd.DataFrame(result.metrics).to_csv(out / "metrics.csv", index=False)
+    save_metrics(out, result.metrics)
     torch.save({k: v.detach().cpu() for k, v in result.state_dict.items()}, out / "model.pt")
     (out / "machine.yaml").write_text(yaml.safe_dump(machine_info(spec), sort_keys=False))
 

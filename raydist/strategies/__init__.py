@@ -21,7 +21,7 @@ from pathlib import Path
 from types import ModuleType
 
 from raydist.config import ConfigError, RunSpec
-from raydist.engine import Record, Report, RunResult, claim, preflight, save_outputs
+from raydist.engine import Diverged, Record, Report, RunResult, claim, preflight, save_metrics, save_outputs
 from raydist.registry import Registry
 
 STRATEGIES: Registry[str] = Registry("strategy")
@@ -43,17 +43,27 @@ def progress(rec: Record) -> None:
 
 def train(spec: RunSpec, report: Report = progress) -> RunResult:
     """Pre-flight, run and save one spec. User errors surface before the output folder
-    exists; a ConfigError raised later removes the folder this call created."""
+    exists; a ConfigError raised later removes the folder this call created. A diverged run
+    leaves its metrics.csv (no model.pt)."""
     strategy = get(spec.strategy)
     preflight(spec, strategy)
     out = Path(spec.out)
     created = not out.exists()
     claim(spec)
+    seen: list[Record] = []
+
+    def tee(rec: Record) -> None:
+        seen.append(rec)
+        report(rec)
+
     try:
-        result = strategy.run(spec, report)
+        result = strategy.run(spec, tee)
     except ConfigError:
         if created:
             shutil.rmtree(out, ignore_errors=True)
+        raise
+    except Diverged as e:  # the epochs it trained stay on disk, the diverged one included
+        save_metrics(out, e.history or seen)
         raise
     save_outputs(out, spec, result)
     return result
