@@ -9,7 +9,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
+
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
+from raydist.config.run import MAPPINGS
 
 
 class Parser(argparse.ArgumentParser):
@@ -26,6 +29,10 @@ def add_spec_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
     p.add_argument("--config", help="YAML file whose keys are RunSpec fields")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field; repeatable")
+    for name in MAPPINGS:  # --model-arg width=256: one entry of model_args
+        p.add_argument(f"--{name.removesuffix('s').replace('_', '-')}", dest=f"{name}_items",
+                       action="append", default=[], metavar="KEY=VALUE",
+                       help=f"one entry of {name} (its value read as YAML); repeatable")
     for f in (f for f in fields(RunSpec) if f.name not in skip):
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                        metavar=f.name.upper(), help=f.metadata["help"])
@@ -38,8 +45,19 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
         raw = load_yaml(args.config)
         RunSpec.from_dict(raw, source=args.config)
     raw.update({f.name: getattr(args, f.name) for f in fields(RunSpec) if hasattr(args, f.name)})
+    for name in MAPPINGS:
+        for key, value in parse_sets(getattr(args, f"{name}_items", []), f"--{name[:-1]}").items():
+            raw[f"{name}.{key}"] = yaml_value(value)
     raw.update(parse_sets(args.set))
     return RunSpec.from_dict(raw)
+
+
+def yaml_value(text: str) -> Any:
+    """'256' -> 256, 'true' -> True, '[1, 2]' -> [1, 2]; anything else stays the text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def cmd_train(args: argparse.Namespace) -> int:

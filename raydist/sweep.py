@@ -15,6 +15,7 @@ DIR/
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -285,7 +286,10 @@ def trial_rows(out: Path) -> pd.DataFrame:
 
 
 def flat(value: Any) -> Any:
-    """List fields (hidden, cuts) as '64,32', so CSV and Parquet hold the same value."""
+    """List fields (hidden, cuts) as '64,32' and mappings (model_args) as JSON, so CSV and
+    Parquet hold the same value."""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from raydist.config.values import coerce, lookup
+from raydist.config.values import coerce, is_import_path, lookup
 from raydist.registry import ConfigError, closest
 
 RAY = ("ddp", "ps", "pipeline")
@@ -31,8 +31,8 @@ def knob(default: Any, help: str, *, check: Any = None, expected: str = "",
     not what it computes."""
     meta = {"help": help, "check": check, "expected": expected, "registry": registry,
             "choices": choices, "strategies": strategies, "resumable": resumable}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -58,8 +58,11 @@ class RunSpec:
     # --- what to train, how it is spread --------------------------------------------------
     strategy: str = knob("local", "how the run is spread over Ray",
                          registry="raydist.strategies:STRATEGIES")
-    model: str = knob("mlp", "network to train", registry="raydist.models:MODELS")
-    data: str = knob("digits", "data set: a registered name, csv:PATH or parquet:PATH",
+    model: str = knob("mlp", "network to train: a registered name, or a factory of your own as "
+                      "module.path:function, called as function(data, **model_args)",
+                      registry="raydist.models:MODELS")
+    data: str = knob("digits", "data set: a registered name, csv:PATH, parquet:PATH, or a loader of "
+                     "your own as module.path:function, called as function(**data_args)",
                      registry="raydist.data:DATASETS")
     optimizer: str = knob("adam", "update rule (the article's six and more)",
                           registry="raydist.optim:OPTIMIZERS")
@@ -88,16 +91,23 @@ class RunSpec:
                                     strategies=("ddp", "ps"), resumable=("ddp",))
     seed: int = knob(0, "seed of weights, data split and batch order", check=at_least(0),
                      expected="an integer >= 0")
+    model_args: dict[str, Any] = knob({}, "keyword arguments of your model factory, e.g. {width: 256} "
+                                      "(--model-arg width=256, repeatable)")
+    data_args: dict[str, Any] = knob({}, "keyword arguments of your data loader (--data-arg KEY=VALUE)")
+    loss: str | None = knob(None, "your own loss as module.path:function(output, target), the SUM "
+                            "over the batch's samples (default: from the targets' dtype)")
     # --- model options -----------------------------------------------------------------------
     hidden: list[int] = knob([64], "mlp hidden sizes, e.g. 64,32 (the article's net: 10)",
                              check=lambda v: all(h >= 1 for h in v),
                              expected="a list of integers >= 1")
     channels: int = knob(16, "cnn: channels of the first conv layer", check=at_least(1),
                          expected="an integer >= 1")
-    layers: int = knob(2, "transformer blocks", check=at_least(1), expected="an integer >= 1")
-    d_model: int = knob(64, "transformer width", check=at_least(1), expected="an integer >= 1")
-    heads: int = knob(4, "transformer attention heads", check=at_least(1),
+    layers: int = knob(2, "transformer, gpt: decoder blocks", check=at_least(1),
+                       expected="an integer >= 1")
+    d_model: int = knob(64, "transformer, gpt: width", check=at_least(1), expected="an integer >= 1")
+    heads: int = knob(4, "transformer, gpt: attention heads", check=at_least(1),
                       expected="an integer >= 1")
+    tie_head: bool = knob(False, "gpt: the output layer shares the token embedding's weights")
     seq_len: int = knob(32, "text: characters per training sequence", check=at_least(2),
                         expected="an integer >= 2")
     # --- data options ------------------------------------------------------------------------
@@ -132,6 +142,9 @@ class RunSpec:
                                 expected="a number > 0", strategies=("ddp",), resumable=True)
     local_sgd_steps: int = knob(1, "ddp: average parameters every k local steps (1 = plain ddp)",
                                 check=at_least(1), expected="an integer >= 1", strategies=("ddp",))
+    sync_batchnorm: bool = knob(False, "ddp: BatchNorm statistics over the global batch (all "
+                                "workers, as local computes them) instead of each worker's shard",
+                                strategies=("ddp",))
     # --- parameter server --------------------------------------------------------------------
     mode: str = knob("sync", "ps: apply averaged gradients (sync) or each as it comes (async)",
                      choices=("sync", "async"), strategies=("ps",))
@@ -161,6 +174,7 @@ class RunSpec:
         if not isinstance(raw, dict):
             raise ConfigError(f"{source or 'config'}: expected a mapping of field: value")
         where = f"{source}: " if source else ""
+        raw = fold(raw)
         known = {f.name: f for f in fields(cls)}
         values = {}
         for key, value in raw.items():
@@ -188,8 +202,12 @@ class RunSpec:
             if meta["registry"]:
                 registry = lookup(meta["registry"])
                 name = value.split(":", 1)[0] if f.name == "data" else value
-                if name not in registry:
+                # an import path (mypkg.nets:make) is imported and checked by the pre-flight
+                own = f.name in ("model", "data") and is_import_path(value)
+                if name not in registry and not own:
                     raise ConfigError(where + registry.unknown(value))
+        if self.loss is not None and not is_import_path(self.loss):
+            raise ConfigError(f"{where}loss: got '{self.loss}'; expected module.path:function")
         for name, broken, why in COMBINATIONS:
             if broken(self):
                 raise ConfigError(f"{where}{name}: {why(self)}")
@@ -237,6 +255,21 @@ def reads(strategy: str, name: str) -> bool:
     """Whether a run of `strategy` reads the knob `name`."""
     readers = KNOBS[name].metadata["strategies"]
     return not readers or strategy in readers
+
+
+MAPPINGS = ("model_args", "data_args")
+"""Knobs that hold a mapping; `model_args.width: 256` names one entry (a sweep searches it)."""
+
+
+def fold(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with each 'model_args.width: v' folded into raw['model_args']['width']."""
+    out = {k: v for k, v in raw.items() if k.split(".", 1)[0] not in MAPPINGS or "." not in k}
+    for key, value in raw.items():
+        head, dot, name = key.partition(".")
+        if dot and head in MAPPINGS:
+            inner = out.get(head)
+            out[head] = {**(inner if isinstance(inner, dict) else {}), name: value}
+    return out
 
 
 def read_only(raw: dict[str, Any], strategy: str | None = None) -> dict[str, Any]:

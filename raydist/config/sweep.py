@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from raydist.config.run import RunSpec, at_least, read_only
+from raydist.config.run import MAPPINGS, RunSpec, at_least, read_only
 from raydist.config.values import as_float, as_int, as_str, load_yaml
 from raydist.registry import ConfigError, closest
 
@@ -46,9 +46,10 @@ class SweepSpec:
         if "out" in raw:
             raise ConfigError(f"{source}: out: set by the sweep for each trial "
                               "(DIR/trials/<trial-id>); remove it")
-        base = {k: v for k, v in raw.items() if not isinstance(v, dict)}
+        raw = spread(raw)
+        base = {k: v for k, v in raw.items() if not is_leaf(k, v)}
         RunSpec.from_dict(base, source)
-        space = {k: parse_leaf(k, v, base, source) for k, v in raw.items() if isinstance(v, dict)}
+        space = {k: parse_leaf(k, v, base, source) for k, v in raw.items() if is_leaf(k, v)}
         sweep = cls(base=base, space=space, **sweep_settings(settings, source))
         if "seeds" in settings:
             if "seed" in raw:
@@ -87,10 +88,26 @@ def load_sweep(path: str | Path) -> SweepSpec:
     return SweepSpec.from_dict(load_yaml(path), source=str(path))
 
 
+def is_leaf(key: str, value: Any) -> bool:
+    """A search leaf, not a value: a mapping, but for the mapping knobs (model_args), whose own
+    searched entries `spread` has made keys of their own."""
+    return isinstance(value, dict) and key not in MAPPINGS
+
+
+def spread(raw: dict[str, Any]) -> dict[str, Any]:
+    """model_args: {width: {grid: [..]}, depth: 2} -> model_args: {depth: 2}, model_args.width: leaf."""
+    out = dict(raw)
+    for key in MAPPINGS:
+        if isinstance(raw.get(key), dict):
+            out[key] = {k: v for k, v in raw[key].items() if not isinstance(v, dict)}
+            out.update({f"{key}.{k}": v for k, v in raw[key].items() if isinstance(v, dict)})
+    return out
+
+
 def parse_leaf(key: str, leaf: dict[str, Any], base: dict[str, Any], source: str) -> Leaf:
     where = f"{source}: {key}"
-    names = [f.name for f in fields(RunSpec)]
-    if key not in names:
+    names = [f.name for f in fields(RunSpec)] + [f"{m}.*" for m in MAPPINGS]
+    if key not in names and key.split(".", 1)[0] not in MAPPINGS:
         raise ConfigError(f"{source}: unknown key '{key}'{closest(str(key), names)}")
     if len(leaf) != 1:
         raise ConfigError(f"{where}: a search leaf has exactly one key, one of "
@@ -108,7 +125,7 @@ def parse_leaf(key: str, leaf: dict[str, Any], base: dict[str, Any], source: str
 
 def parse_range(key: str, kind: str, values: Any, base: dict[str, Any], source: str) -> list[float]:
     where = f"{source}: {key}"
-    type_ = next(f.type for f in fields(RunSpec) if f.name == key)
+    type_ = next((f.type for f in fields(RunSpec) if f.name == key), "float")  # model_args.x: any number
     if type_.removesuffix(" | None") != "float":
         raise ConfigError(f"{where}: {kind} draws real numbers, but {key} is not a number field; "
                           "use grid or choice")
@@ -123,7 +140,9 @@ def parse_range(key: str, kind: str, values: Any, base: dict[str, Any], source: 
 
 def checked(key: str, value: Any, base: dict[str, Any], source: str) -> Any:
     """`value` as the field's type, validated like any RunSpec value."""
-    return getattr(RunSpec.from_dict({**base, key: value}, source), key)
+    spec = RunSpec.from_dict({**base, key: value}, source)
+    head, dot, name = key.partition(".")
+    return getattr(spec, head)[name] if dot else getattr(spec, key)
 
 
 def parse_variant(variant: Any, base: dict[str, Any], space: dict[str, Leaf],

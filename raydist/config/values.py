@@ -81,14 +81,37 @@ def as_int_or_range(v: Any) -> int | list[int]:
     return as_int(v)
 
 
+def as_mapping(v: Any) -> dict[str, Any]:
+    """A mapping of names to YAML values; from the command line, YAML text like {width: 256}."""
+    if isinstance(v, str):
+        try:
+            v = yaml.safe_load(v) if v.strip() else {}
+        except yaml.YAMLError:
+            raise ValueError(v) from None
+    if v is None:
+        v = {}
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k.isidentifier() for k in v):
+        raise ValueError(v)
+    return dict(v)
+
+
+IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
+"""module.path:attribute, e.g. mypkg.nets:make_model"""
+
+
+def is_import_path(value: str) -> bool:
+    return bool(IMPORT_PATH.fullmatch(value))
+
+
 PARSERS = {"int": as_int, "float": as_float, "bool": as_bool, "str": as_str, "list[int]": as_int_list,
-           "int | list[int]": as_int_or_range}
+           "int | list[int]": as_int_or_range, "dict[str, Any]": as_mapping}
 
 
 def describe(base: str) -> str:
     return {"int": "an integer", "float": "a number", "bool": "true or false",
             "str": "a non-empty string", "list[int]": "a list of integers",
-            "int | list[int]": "an integer or a range [min, max]"}[base]
+            "int | list[int]": "an integer or a range [min, max]",
+            "dict[str, Any]": "a mapping of names to values, e.g. {width: 256}"}[base]
 
 
 # --- files and overrides ----------------------------------------------------------------------
@@ -108,13 +131,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def parse_sets(items: list[str]) -> dict[str, str]:
+def parse_sets(items: list[str], flag: str = "--set") -> dict[str, str]:
     """`--set key=value` pairs; values stay strings and are typed by `coerce`."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set: got '{item}'; expected key=value")
+            raise ConfigError(f"{flag}: got '{item}'; expected key=value")
         out[key.strip()] = value.strip()
     return out
 

@@ -1,13 +1,8 @@
-"""Dataset registry, the deterministic train/validation split, batch order and sharding.
-
-Every data set is small enough to live in memory as tensors. `x` holds float features
-(images flattened) or int64 token ids; `task` says which loss the engine applies.
-"""
+"""The built-in data sets: `digits`, `synthetic`, `text`, and a user's `csv:PATH` / `parquet:PATH`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,60 +10,7 @@ import pandas as pd
 import torch
 
 from raydist.config import ConfigError, RunSpec
-from raydist.registry import Registry
-
-
-@dataclass
-class Dataset:
-    name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    task: str
-    """'ce' (classes), 'bce' (two classes, one logit) or 'mse' (regression)."""
-    inputs: str
-    """'features', 'image' (features that are also an image) or 'tokens'."""
-    out_dim: int
-    image_shape: tuple[int, int, int] | None = None
-
-    @property
-    def n_features(self) -> int:
-        return self.x_train.shape[1]
-
-    @property
-    def n_train(self) -> int:
-        return len(self.x_train)
-
-
-Loader = Callable[[RunSpec, str], Dataset]
-DATASETS: Registry[Loader] = Registry("data")
-
-
-def load_data(spec: RunSpec) -> Dataset:
-    name, _, arg = spec.data.partition(":")
-    return DATASETS[name](spec, arg)
-
-
-def split(name: str, x: torch.Tensor, y: torch.Tensor, spec: RunSpec, **info: object) -> Dataset:
-    """Deterministic split by seed: the same seed holds out the same samples."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(spec.seed))
-    n_val = min(len(x) - 1, max(1, round(len(x) * spec.val_fraction)))
-    val, train = perm[:n_val], perm[n_val:]
-    return Dataset(name, x[train], y[train], x[val], y[val], **info)
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The global batches of one epoch: a permutation fixed by (seed, epoch), so a resumed
-    run sees the same order as an uninterrupted one."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return list(torch.randperm(n, generator=g).split(batch_size))
-
-
-def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    """Worker `rank`'s contiguous part of a global batch; the parts, in rank order, are the batch."""
-    return torch.tensor_split(batch, world)[rank]
-
+from raydist.data import DATASETS, Dataset, split
 
 # --- the registered data sets ------------------------------------------------------------------
 
