@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, batch_order
-from raydist.engine import LOSSES, backward, global_batches, setup, train_epoch
-from raydist.strategies.pipeline.cuts import block_sizes
+from raydist.engine import backward, global_batches, loss_fn, setup, train_epoch
+from raydist.strategies.pipeline.cuts import block_sizes, blocks_of
 
 CONTENDED_TIMEOUT_S = 600.0
 """Bound on the concurrent calibration processes: a stuck one surfaces as an error."""
@@ -194,7 +194,7 @@ def block_pass(block: nn.Module, i: int, inp: torch.Tensor, y: torch.Tensor, tas
     a gradient unless it is the first); its output."""
     inp = inp.detach().requires_grad_(i > 0 and inp.is_floating_point())
     out = block(inp)
-    (LOSSES[task](out, y) if last else out).backward(None if last else torch.ones_like(out))
+    (loss_fn(task)(out, y) if last else out).backward(None if last else torch.ones_like(out))
     return out
 
 
@@ -246,6 +246,7 @@ def calibrate(spec: RunSpec, counts: Sequence[int] = (1, 2), workers_per_node: i
     up to min(max(counts), workers_per_node) (linear between)."""
     per_node = per_node_count(spec, workers_per_node)
     data, model, _ = setup(spec)
+    model = blocks_of(model, spec.model).seq  # the pipeline's blocks: per-block times and bytes
     batch = len(global_batches(spec, data, 1)[0])  # gd: the whole training set
     most = min(max(counts), per_node)
     together = sorted({1, most} | {2**i for i in range(most.bit_length()) if 2**i < most})
@@ -269,6 +270,7 @@ def from_flops(spec: RunSpec, rate: float, workers_per_node: int | None = None) 
     step's operations are counted (block_flops). For a machine you cannot calibrate on."""
     per_node = per_node_count(spec, workers_per_node)
     data, model, _ = setup(spec)
+    model = blocks_of(model, spec.model).seq
     flops = block_flops(model, data)
     return Costs([1], [sum(flops) / rate], 0.0, per_node, [1], [1.0], grad_bytes(model),
                  [f / sum(flops) for f in flops], block_sizes(model),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -53,3 +53,47 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return list(self._items)
+
+
+def import_object(path: str, field: str) -> Any:
+    """The object a `module.path:name` import path names (a user's model factory, data loader
+    or loss); ConfigError naming `field` and what went wrong."""
+    import importlib
+
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any failure of the user's import is theirs to see
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ConfigError(f"{field}: cannot import {module_name} ({type(e).__name__}: {first}); "
+                          "is it on PYTHONPATH?") from None
+    if not hasattr(module, attr):
+        names = [n for n in dir(module) if not n.startswith("_")]
+        raise ConfigError(f"{field}: {module_name} has no attribute '{attr}'{closest(attr, names)}")
+    return getattr(module, attr)
+
+
+def check_arguments(fn: Callable[..., Any], args: dict[str, Any], path: str, field: str,
+                    given: tuple[str, ...] = ()) -> None:
+    """`fn` (the object `path` names) accepts `given` positionally and `args` by name: the
+    arguments it does not take, or lacks, named before it is called."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: let the call itself tell
+        return
+    kinds = inspect.Parameter
+    if not callable(fn):
+        raise ConfigError(f"{field}: {path} is not callable")
+    names = [n for n, p in params.items() if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
+    takes = names[len(given):]
+    if not any(p.kind == kinds.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in args if k not in takes]
+        if unknown:
+            raise ConfigError(f"{field}: {path} takes no argument {', '.join(map(repr, unknown))} "
+                              f"(it takes: {', '.join(takes) or 'none'})")
+    needed = [n for n in takes if params[n].default is kinds.empty and n not in args]
+    if needed:
+        raise ConfigError(f"{field}: {path} needs {', '.join(needed)}; give "
+                          + ", ".join(f"{field}.{n}" for n in needed))

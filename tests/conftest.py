@@ -7,11 +7,18 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+# The example user project (examples/resmlp) is on PYTHONPATH as its README says: for this
+# process, and for every Ray worker, which inherits the environment of the Ray it belongs to.
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "resmlp")
+os.environ["PYTHONPATH"] = os.pathsep.join([EXAMPLE, *filter(None, [os.environ.get("PYTHONPATH")])])
+sys.path.insert(0, EXAMPLE)
 
 # Logical CPUs: enough for a 2-worker run beside a parameter server and Tune trial drivers;
 # the machine has 2 cores, the tests keep the work small.

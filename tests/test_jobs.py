@@ -60,3 +60,15 @@ def test_submission_without_token_is_refused(head, tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode != 0
     assert "authentication" in log.lower() and "should not run" not in log
+
+
+def test_a_users_own_model_runs_as_a_job(head, tmp_path):
+    """The example project's model and data by import path, shipped with `--working-dir .`:
+    imported by the job's driver and by each ddp worker on the cluster."""
+    address, env, _ = head
+    out = tmp_path / "own"
+    own = ["--model", "examples.resmlp.resmlp:make_model", "--data", "examples.resmlp.resmlp:load",
+           "--model-arg", "depth=2", "--strategy", "ddp", "--workers", "2", "--epochs", "1"]
+    done = submit(address, env, "python", "jobs/train.py", *own, "--out", str(out), timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert list(torch.load(out / "model.pt"))[:2] == ["inp.0.weight", "inp.0.bias"]

@@ -8,6 +8,7 @@ Every data set is small enough to live in memory as tensors. `x` holds float fea
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ class Dataset:
     x_val: torch.Tensor
     y_val: torch.Tensor
     task: str
-    """'ce' (classes), 'bce' (two classes, one logit) or 'mse' (regression)."""
+    """'ce' (classes), 'bce' (two classes, one logit), 'mse' (regression), or the import path of
+    the user's loss (`loss: mypkg.losses:fn`)."""
     inputs: str
     """'features', 'image' (features that are also an image) or 'tokens'."""
     out_dim: int
@@ -49,8 +51,12 @@ def load_data(spec: RunSpec) -> Dataset:
     if name not in DATASETS:  # RunSpec let it through: an import path, mypkg.data:load
         from raydist.data.imported import load_imported
 
-        return load_imported(spec)
-    return DATASETS[name](spec, arg)
+        data = load_imported(spec)
+    else:
+        data = DATASETS[name](spec, arg)
+    if spec.loss is not None:  # the task names the loss (engine.loss_fn); no accuracy then
+        data = dataclasses.replace(data, task=spec.loss)
+    return data
 
 
 def split(name: str, x: torch.Tensor, y: torch.Tensor, spec: RunSpec, **info: object) -> Dataset:

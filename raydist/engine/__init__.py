@@ -14,6 +14,7 @@ from raydist.engine.step import (
     denominator,
     evaluate,
     global_batches,
+    loss_fn,
     make_optimizer,
     setup,
     step,
@@ -22,6 +23,5 @@ from raydist.engine.step import (
 
 __all__ = ["LOSSES", "Diverged", "EpochRecord", "Group", "Record", "Report", "RunResult", "StateDict",
            "Trainer", "backward", "claim", "correct", "denominator", "evaluate", "fit", "fit_restarting",
-           "global_batches", "machine_info", "make_optimizer", "make_record", "preflight", "save_metrics",
-           "save_outputs",
-           "setup", "step", "train_epoch"]
+           "global_batches", "loss_fn", "machine_info", "make_optimizer", "make_record", "preflight",
+           "save_metrics", "save_outputs", "setup", "step", "train_epoch"]

@@ -11,13 +11,17 @@ import os
 from pathlib import Path
 from types import ModuleType
 
+import torch
 import yaml
+from torch import nn
 
 from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.config.run import resumable
 from raydist.data import Dataset, load_data
+from raydist.engine.step import loss_fn
 from raydist.models import build_model
+from raydist.models.imported import first_line
 
 SPEC_FILE = "spec.yaml"
 
@@ -25,7 +29,7 @@ SPEC_FILE = "spec.yaml"
 def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     """Check `spec` for `strategy` (a module of raydist.strategies); returns the data set."""
     data = load_data(spec)
-    build_model(spec, data)
+    check_output(build_model(spec, data), data, spec)
     spec.refuse_unread()
     strategy.check(spec, data)
     check_out(spec.out)
@@ -71,3 +75,37 @@ def check_resumable(spec: RunSpec, saved: Path) -> None:
             raise ConfigError(f"{key}: got {value!r}, but {spec.out} holds a {strategy} run with "
                               f"{key}={old.get(key)!r}; resume it with the same settings "
                               f"(only {', '.join(allowed)} may change) or choose another out")
+
+
+@torch.no_grad()
+def check_output(model: nn.Module, data: Dataset, spec: RunSpec) -> None:
+    """The model's output on two training samples fits the data's loss (eval mode: nothing of
+    the model changes)."""
+    x, y = data.x_train[:2], data.y_train[:2]
+    was = model.training
+    model.eval()
+    try:
+        out = model(x)
+    except Exception as e:  # noqa: BLE001 - the user's forward
+        raise ConfigError(f"model: {spec.model}'s forward on 2 samples of data '{spec.data}' (input "
+                          f"shape {tuple(x.shape)}) raised {type(e).__name__}: {first_line(e)}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"model: {spec.model}'s forward returned {type(out).__name__}; expected a tensor")
+    if data.task in ("ce", "bce", "mse"):
+        want = (*y.shape, data.out_dim) if data.task == "ce" else tuple(y.shape)
+        if tuple(out.shape) != want:
+            what = (f"{data.out_dim} classes" if data.task == "ce" else
+                    f"targets of shape {tuple(y.shape[1:])}")
+            raise ConfigError(f"model: {spec.model}'s output for 2 samples has shape {tuple(out.shape)}; "
+                              f"data '{spec.data}' needs {want} ({what}, task {data.task})")
+    fn = loss_fn(data.task)  # a user's loss that cannot be imported says so itself
+    try:
+        loss = fn(out, y)
+    except Exception as e:  # noqa: BLE001 - the user's loss
+        raise ConfigError(f"loss: {data.task} raised {type(e).__name__} on the model's output: "
+                          f"{first_line(e)}") from None
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        raise ConfigError(f"loss: {data.task} returned {type(loss).__name__}; expected a scalar tensor "
+                          "(the sum over the batch's samples)")

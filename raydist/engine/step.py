@@ -10,6 +10,7 @@ global batch / N, whatever the shard sizes.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from raydist.data import Dataset, batch_order, load_data, shard
 from raydist.engine.record import Record
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS, build_optimizer
+from raydist.registry import import_object
 
 
 def setup(spec: RunSpec) -> tuple[Dataset, nn.Sequential, torch.optim.Optimizer]:
@@ -61,8 +63,19 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, y, reduction="sum")
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "ce": _ce, "bce": _bce, "mse": _mse}
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LOSSES: dict[str, Loss] = {"ce": _ce, "bce": _bce, "mse": _mse}
+
+
+@functools.cache
+def loss_fn(task: str) -> Loss:
+    """raydist's loss of a task, or a user's own (`loss: mypkg.losses:fn`, the data's task then),
+    which keeps the contract: the SUM over the batch's samples."""
+    return LOSSES[task] if task in LOSSES else import_object(task, "loss")
+
+
+CLASSES = ("ce", "bce")
+"""The tasks whose records hold val_accuracy."""
 
 
 def correct(out: torch.Tensor, y: torch.Tensor, task: str) -> float:
@@ -76,7 +89,7 @@ def correct(out: torch.Tensor, y: torch.Tensor, task: str) -> float:
 def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, denom: float) -> float:
     """Gradients of sum(loss)/denom into .grad; returns sum(loss)."""
     model.zero_grad(set_to_none=True)
-    total = LOSSES[task](model(x), y)
+    total = loss_fn(task)(model(x), y)
     (total / denom).backward()
     return total.item()
 
@@ -106,10 +119,10 @@ def evaluate(model: nn.Module, data: Dataset, batch: int = 2048) -> Record:
     for i in range(0, len(data.x_val), batch):
         x, y = data.x_val[i : i + batch], data.y_val[i : i + batch]
         out = model(x)
-        loss += LOSSES[data.task](out, y).item()
-        if data.task != "mse":
+        loss += loss_fn(data.task)(out, y).item()
+        if data.task in CLASSES:
             hits += correct(out, y, data.task) * len(x)
     rec: Record = {"val_loss": loss / len(data.x_val)}
-    if data.task != "mse":
+    if data.task in CLASSES:
         rec["val_accuracy"] = hits / len(data.x_val)
     return rec

@@ -18,11 +18,14 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import torch
+from torch import nn
+
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Report, RunResult, fit_restarting, global_batches
 from raydist.models import build_model
-from raydist.strategies.pipeline.cuts import stage_bounds
+from raydist.strategies.pipeline.cuts import HOW, Blocks, blocks_of, shared_parameters, stage_bounds
 
 RESUMES = True
 
@@ -32,8 +35,12 @@ class StageFailed(RuntimeError):
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
-    """The cut and the micro-batches must fit the model and the batch."""
-    blocks = len(build_model(spec, data))
+    """The model must come as blocks (cuts.blocks_of), the cut and the micro-batches must fit
+    the blocks and the batch."""
+    model = build_model(spec, data)
+    parts = blocks_of(model, spec.model)
+    check_blocks(model, parts, data, spec)
+    blocks = len(parts)
     k = spec.stages
     if k > blocks:
         raise ConfigError(f"stages: got {k}, but model '{spec.model}' has only {blocks} blocks; "
@@ -55,6 +62,29 @@ def check(spec: RunSpec, data: Dataset) -> None:
                           f"(model '{spec.model}' has {blocks} blocks)")
 
 
+@torch.no_grad()
+def check_blocks(model: nn.Module, blocks: Blocks, data: Dataset, spec: RunSpec) -> None:
+    """A user's pipeline_blocks() in order must compute the model's forward, and blocks that
+    share a parameter (a head tied to its embedding) cannot be split over stages."""
+    if blocks.prefixes is not None:
+        model.eval()
+        x = data.x_train[:2]
+        try:
+            same = torch.allclose(blocks.seq(x), model(x), atol=1e-6)
+        except Exception:  # noqa: BLE001 - blocks whose shapes do not chain: not its forward
+            same = False
+        if not same:
+            raise ConfigError(f"model: {spec.model}'s pipeline_blocks(), applied in order, give another "
+                              f"output than its forward; {HOW}")
+        model.train()
+    names = blocks.prefixes or list(blocks.seq._modules)
+    for a, b in shared_parameters(blocks):
+        if spec.stages > 1:
+            raise ConfigError(f"model: blocks '{names[a]}' and '{names[b]}' share a parameter (a tied "
+                              "head?), which pipeline stages cannot: untie it (gpt: tie_head false) "
+                              "or use stages 1")
+
+
 def resources(spec: RunSpec) -> tuple[float, float, str]:
     from raydist.strategies.pipeline.driver import gpus_per_stage
 
@@ -73,21 +103,17 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     cluster.connect(spec)
     data = load_data(spec)
     model = build_model(spec, data)  # the driver's copy, reassembled from the stages each epoch
-    bounds = stage_bounds(spec, model)
+    blocks = blocks_of(model, spec.model)
+    bounds = stage_bounds(spec, blocks.seq)
 
     def start(saved: dict[str, Any] | None) -> Pipeline:
         if saved:
-            model.load_state_dict(assembled(saved))
-        return Pipeline(spec, data, model, bounds, saved)
+            model.load_state_dict(blocks.model_state([st["model"] for st in saved["stages"]]))
+        return Pipeline(spec, data, model, blocks, bounds, saved)
 
     def finished(saved: dict[str, Any]) -> Any:
-        model.load_state_dict(assembled(saved))
+        model.load_state_dict(blocks.model_state([st["model"] for st in saved["stages"]]))
         return model.state_dict()
 
     return fit_restarting(spec, data, report, start=start, finished=finished, lost=lost,
                           error=StageFailed)
-
-
-def assembled(saved: dict[str, Any]) -> dict[str, Any]:
-    """The whole model's state from a checkpoint's stages."""
-    return {k: v for st in saved["stages"] for k, v in st["model"].items()}

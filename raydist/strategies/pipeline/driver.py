@@ -20,7 +20,7 @@ from raydist.engine import Record, evaluate
 from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.strategies.pipeline import StageFailed
-from raydist.strategies.pipeline.cuts import boundary_shapes
+from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
 from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Stage
 
 START_TIMEOUT_S = 300.0
@@ -38,11 +38,11 @@ def lost(e: BaseException) -> bool:
 
 class Pipeline:
     """The stages of one attempt, and the driver's copy of the model, reassembled from them
-    after every epoch to evaluate and to checkpoint it."""
+    after every epoch (under the model's own keys) to evaluate it."""
 
-    def __init__(self, spec: RunSpec, data: Dataset, model: nn.Sequential, bounds: list[int],
-                 saved: dict[str, Any] | None) -> None:
-        self.spec, self.data, self.model = spec, data, model
+    def __init__(self, spec: RunSpec, data: Dataset, model: nn.Module, blocks: Blocks,
+                 bounds: list[int], saved: dict[str, Any] | None) -> None:
+        self.spec, self.data, self.model, self.blocks = spec, data, model, blocks
         self.stages = spawn(spec, data, bounds)
         self.states: list[dict[str, Any]] = []
         try:
@@ -60,7 +60,7 @@ class Pipeline:
 
     def evaluate(self) -> Record:
         self.states = wait([s.state.remote() for s in self.stages], "collecting stage weights")
-        self.model.load_state_dict({k: v for st in self.states for k, v in st["model"].items()})
+        self.model.load_state_dict(self.blocks.model_state([st["model"] for st in self.states]))
         return evaluate(self.model, self.data)
 
     def save(self, history: list[Record]) -> None:
@@ -121,10 +121,10 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
                                "num_gpus": gpus_per_stage(spec)}
     actor = ray.remote(Stage).options(**options)
     faults = Faults.of(spec)
-    model = build_model(spec, data)
-    shapes = boundary_shapes(model, data.x_train[:1], bounds)
+    blocks = blocks_of(build_model(spec, data), spec.model).seq
+    shapes = boundary_shapes(blocks, data.x_train[:1], bounds)
     k = len(bounds) - 1
-    return [actor.remote(spec, i, k, model[bounds[i] : bounds[i + 1]], data.task,
+    return [actor.remote(spec, i, k, blocks[bounds[i] : bounds[i + 1]], data.task,
                          data.x_train if i == 0 else None, data.y_train if i == k - 1 else None,
                          shapes[i], faults)
             for i in range(k)]

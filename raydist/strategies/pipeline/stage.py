@@ -18,7 +18,7 @@ from torch import nn
 
 from raydist.cluster import free_port
 from raydist.config import RunSpec
-from raydist.engine import LOSSES, denominator, make_optimizer
+from raydist.engine import denominator, loss_fn, make_optimizer
 from raydist.faults import Faults
 from raydist.strategies.pipeline.cuts import Shape
 from raydist.strategies.pipeline.schedules import SCHEDULES
@@ -113,7 +113,7 @@ class Stage:
         with self.timed("compute_s"):
             out = self.layers(x)
             if self.last:
-                total = LOSSES[self.task](out, self.y[idx])
+                total = loss_fn(self.task)(out, self.y[idx])
                 self.loss += total.item()
                 out = total / denominator(batch_size)  # the micro-batches' gradients add up
         self.saved[mb] = (x, out)

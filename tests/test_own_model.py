@@ -1,0 +1,204 @@
+"""A user's own model, data and loss by import path: the example project (examples/resmlp, a
+residual MLP that is not an nn.Sequential) under every strategy equals local; a module outside
+the repository on PYTHONPATH through the real CLI; and every mistake one line, exit 2, no folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from raydist.cli import main
+from raydist.config import RunSpec
+from raydist.strategies import train
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = {"model": "resmlp:make_model", "model_args": {"width": 32, "depth": 3},
+           "data": "resmlp:load", "data_args": {"n": 600}, "optimizer": "adam", "epochs": 2,
+           "batch_size": 64}
+USER = textwrap.dedent('''
+    import numpy as np
+    import torch
+    from torch import nn
+
+    class Plain(nn.Module):
+        def __init__(self, n, out):
+            super().__init__()
+            self.a, self.b = nn.Linear(n, 16), nn.Linear(16, out)
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    class Crossed(Plain):
+        def pipeline_blocks(self):
+            return [self.b, self.a]
+
+    class Partial(Plain):
+        def pipeline_blocks(self):
+            return [self.a]
+
+    def plain(data):
+        return Plain(data.n_features, data.out_dim)
+
+    def crossed(data):
+        return Crossed(data.n_features, data.out_dim)
+
+    def partial(data):
+        return Partial(data.n_features, data.out_dim)
+
+    def boom(data, width=8):
+        raise ValueError("width must be even")
+
+    def five(data):
+        return 5
+
+    def wrong(data):
+        return nn.Linear(data.n_features, 3)
+
+    def short():
+        return torch.zeros(10, 3), torch.zeros(9, dtype=torch.long)
+
+    def listy():
+        return [[1.0, 2.0]], [0]
+
+    def holes():
+        x = np.ones((20, 3), dtype=np.float32)
+        x[7, 1] = np.nan
+        return x, np.zeros(20, dtype=np.int64)
+
+    def regression(n=300):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 4, generator=g)
+        return {"x_train": x[:240], "y_train": x[:240] @ torch.tensor([1.0, -1.0, 0.5, 2.0]),
+                "x_val": x[240:], "y_val": x[240:] @ torch.tensor([1.0, -1.0, 0.5, 2.0])}
+
+    def l1(out, y):
+        return (out - y).abs().sum()
+''')
+
+
+def max_diff(a, b) -> float:
+    assert list(a) == list(b)
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture
+def user(tmp_path, monkeypatch):
+    folder = tmp_path / "usercode"
+    folder.mkdir()
+    (folder / "usermod.py").write_text(USER)
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def spec(out: Path, **changes) -> RunSpec:
+    return RunSpec.from_dict({**EXAMPLE, "out": str(out), **changes})
+
+
+# --- mistakes: one line, exit 2, no output folder ---------------------------------------------
+
+BAD = {
+    "no module": (["--model", "nosuchmod:make"], "model: cannot import nosuchmod (ModuleNotFoundError: "
+                  "No module named 'nosuchmod'); is it on PYTHONPATH?"),
+    "no attribute": (["--model", "resmlp:make_modle"],
+                     "model: resmlp has no attribute 'make_modle' (did you mean 'make_model'?)"),
+    "factory raises": (["--model", "usermod:boom"], "model: usermod:boom raised ValueError: width must be even"),
+    "not a module": (["--model", "usermod:five"], "model: usermod:five returned int; expected a torch.nn.Module"),
+    "output does not fit": (["--model", "usermod:wrong"], "model: usermod:wrong's output for 2 samples has "
+                            "shape (2, 3); data 'digits' needs (2, 10) (10 classes, task ce)"),
+    "unknown model_args": (["--model", "resmlp:make_model", "--model-arg", "widht=3"],
+                           "model_args: resmlp:make_model takes no argument 'widht' (it takes: width, depth)"),
+    "unknown data_args": (["--model", "resmlp:make_model", "--data", "resmlp:load", "--data-arg", "rows=5"],
+                          "data_args: resmlp:load takes no argument 'rows' (it takes: n, features, classes, seed)"),
+    "data rows differ": (["--data", "usermod:short"],
+                         "data: usermod:short returned x with 10 rows and y with 9; expected as many"),
+    "data not tensors": (["--data", "usermod:listy"],
+                         "data: usermod:listy returned x as list; expected a tensor or a numpy array"),
+    "data with a NaN": (["--data", "usermod:holes"],
+                        "data: usermod:holes returned x with a NaN or infinite value (row 7)"),
+    "bad loss path": (["--loss", "l1"], "loss: got 'l1'; expected module.path:function"),
+    "loss not there": (["--loss", "usermod:l2"], "loss: usermod has no attribute 'l2' (did you mean 'l1'?)"),
+    "pipeline without blocks": (["--model", "usermod:plain", "--strategy", "pipeline"],
+                                "model: a pipeline cuts the model into blocks, and usermod:plain gives none: "
+                                "return an nn.Sequential of its blocks, or give the module a method "
+                                "pipeline_blocks(self) -> list[nn.Module] whose blocks, applied in order, "
+                                "equal its forward"),
+    "blocks out of order": (["--model", "usermod:crossed", "--strategy", "pipeline"],
+                            "model: usermod:crossed's pipeline_blocks(), applied in order, give another output "
+                            "than its forward; return an nn.Sequential of its blocks, or give the module a "
+                            "method pipeline_blocks(self) -> list[nn.Module] whose blocks, applied in order, "
+                            "equal its forward"),
+    "blocks leave parameters out": (["--model", "usermod:partial", "--strategy", "pipeline"],
+                                    "model: usermod:partial's pipeline_blocks() leave out b.bias, b.weight; "
+                                    "every parameter and buffer must be in one of the blocks"),
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("case", BAD)
+def test_a_mistake_in_a_users_code_is_one_line(case, user, tmp_path, capsys):
+    args, message = BAD[case]
+    out = tmp_path / "never"
+    assert main(["train", *args, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert not out.exists()
+
+
+@pytest.mark.unit
+def test_a_users_loss_and_regression_data(user, tmp_path):
+    got = train(RunSpec.from_dict({"data": "usermod:regression", "loss": "usermod:l1", "epochs": 3,
+                                   "out": str(tmp_path)}), lambda r: None)
+    losses = [r["train_loss"] for r in got.metrics]
+    assert losses[-1] < losses[0] and "val_accuracy" not in got.metrics[-1]
+
+
+@pytest.mark.unit
+def test_model_args_reach_the_factory_and_model_pt_has_its_own_keys(tmp_path):
+    assert main(["train", "--config", str(REPO / "examples" / "resmlp" / "train.yaml"), "--strategy", "local",
+                 "--workers", "1", "--model-arg", "depth=1", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    keys = list(torch.load(tmp_path / "model.pt"))
+    assert keys == ["inp.0.weight", "inp.0.bias", "blocks.0.norm.weight", "blocks.0.norm.bias",
+                    "blocks.0.fc.weight", "blocks.0.fc.bias", "out.weight", "out.bias"]
+
+
+# --- every strategy trains the user's model, equal to local -----------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return train(spec(tmp_path_factory.mktemp("own") / "local"), lambda r: None)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("changes", [
+    {"strategy": "ddp", "workers": 2},
+    {"strategy": "ps", "mode": "sync", "workers": 2, "servers": 2},
+    {"strategy": "pipeline", "stages": 2, "microbatches": 4},
+], ids=["ddp", "ps", "pipeline"])
+def test_the_example_model_under_each_strategy_equals_local(ray_local, reference, tmp_path, changes):
+    got = train(spec(tmp_path / "run", **changes), lambda r: None)
+    assert max_diff(reference.state_dict, got.state_dict) <= 1e-5
+    saved = torch.load(tmp_path / "run" / "model.pt")
+    assert list(saved) == list(reference.state_dict)  # the user's own keys, whatever the strategy
+
+
+@pytest.mark.ray
+def test_a_module_outside_the_repository_through_the_cli(ray_local, user, tmp_path):
+    """The command a user types, in a fresh process with its own embedded Ray: ddp on 2 workers
+    ends where local does."""
+    (user / "mine.py").write_text("from resmlp import load, make_model as make\n")
+    args = ["train", "--model", "mine:make", "--data", "mine:load", "--epochs", "2", "--seed", "3"]
+    assert main([*args, "--out", str(tmp_path / "local")]) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(user), os.environ["PYTHONPATH"]])}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "raydist.cli", *args, "--strategy", "ddp", "--workers", "2",
+                           "--out", str(tmp_path / "ddp")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (torch.load(tmp_path / name / "model.pt") for name in ("local", "ddp"))
+    assert max_diff(a, b) <= 1e-5
+    assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["world_size"].tolist() == [2, 2]
