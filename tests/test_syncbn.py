@@ -277,3 +277,31 @@ def test_without_a_process_group_it_is_nn_batchnorm(net):
     assert apart(state(model), state(ref)) == 0.0
     model.eval(), ref.eval()
     assert torch.equal(model(data.x_val), ref(data.x_val))
+
+
+# --- ddp's worker ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sync, world, converted", [(True, 2, True), (True, 1, False), (False, 2, False)])
+def test_ddp_worker_converts_with_sync_batchnorm_on_several_workers(monkeypatch, sync, world, converted):
+    """Replica with Ray Train's context, device, DDP wrapping and checkpoint stubbed out: the
+    model it trains has the global-batch BatchNorm exactly when sync_batchnorm and world > 1,
+    and its optimizer holds that model's parameters."""
+    from types import SimpleNamespace
+
+    from raydist.config import RunSpec
+    from raydist.strategies.ddp import worker
+
+    ctx = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: world)
+    monkeypatch.setattr(worker.ray.train, "get_context", lambda: ctx)
+    monkeypatch.setattr(worker, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(worker, "build_model", lambda spec, data: conv_net())
+    monkeypatch.setattr(worker, "restore", lambda model, optimizer: [])
+    monkeypatch.setattr(worker, "prepare_model", lambda model, **kwargs: model)
+    monkeypatch.setattr(worker.Comm, "attach", lambda self, replica: None)
+    spec = RunSpec.from_dict({"strategy": "ddp", "workers": 2, "sync_batchnorm": sync})
+    me = worker.Replica(spec, dataset("conv", [8])[0], faults=None)
+    assert isinstance(me.model[1], syncbn.GlobalBatchNorm) == converted
+    assert me.replica is me.model
+    held = [p for group in me.optimizer.param_groups for p in group["params"]]
+    assert len(held) == len(list(me.model.parameters()))
+    assert all(a is b for a, b in zip(held, me.model.parameters(), strict=True))
