@@ -21,6 +21,7 @@ from raydist.data import Dataset
 from raydist.engine import Diverged, Record, evaluate, fit, make_optimizer, train_epoch
 from raydist.faults import Faults
 from raydist.models import build_model
+from raydist.strategies.ddp import syncbn
 from raydist.strategies.ddp.comm import Comm
 
 STATE = "state.pt"  # the file inside every Ray Train checkpoint
@@ -39,6 +40,10 @@ class Replica:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.spec, self.faults, self.device = spec, faults, get_device()
         self.model = build_model(spec, data)
+        # DDP alone normalises each worker's shard by its own statistics, local the whole batch's;
+        # converted before the optimizer is made, so that it holds the converted model's parameters
+        if spec.sync_batchnorm and self.world > 1:
+            self.model = syncbn.convert(self.model)
         self.link = Comm(spec, self.model, self.world)
         # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's step
         self.optimizer = self.link.wrap(make_optimizer(spec, self.model.parameters()))
