@@ -26,6 +26,7 @@ from raydist import cluster, strategies
 from raydist.config import RunSpec
 from raydist.data import load_data
 from raydist.engine import Record
+from raydist.models import build_model as _build_model
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Compute-bound: ~75 ms per step of 512 samples on one thread of this machine's EPYC core,
@@ -37,6 +38,10 @@ BENCH: dict[str, Any] = {"data": "synthetic", "samples": 10240, "model": "mlp",
 
 def spec(**changes: Any) -> RunSpec:
     return RunSpec.from_dict({**BENCH, **changes})
+
+
+def build_model(run_spec: RunSpec) -> torch.nn.Module:
+    return _build_model(run_spec, load_data(run_spec))
 
 
 def samples(run_spec: RunSpec) -> int:
@@ -91,10 +96,13 @@ def peer_args(run_spec: RunSpec) -> list[str]:
     return ["--spec", json.dumps(run_spec.to_dict())]
 
 
-def alternate(variants: dict[str, Callable[[], list[float]]], reps: int) -> dict[str, list[float]]:
-    """Every variant once per round, in turn; round 0 is a warm-up and is not kept."""
+def alternate(variants: dict[str, Callable[[], list[float]]], reps: int,
+              warm_up: bool = True) -> dict[str, list[float]]:
+    """Every variant once per round, in turn; round 0 is a warm-up and is not kept (unless
+    warm_up is False: for runs long enough to warm up in their own first epoch)."""
     kept: dict[str, list[float]] = {name: [] for name in variants}
-    for rep in range(reps + 1):
+    first = 0 if warm_up else 1
+    for rep in range(first, reps + 1):
         for name, measure in variants.items():
             values = measure()
             if rep:
