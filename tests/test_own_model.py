@@ -187,18 +187,25 @@ def test_the_example_model_under_each_strategy_equals_local(ray_local, reference
 
 
 @pytest.mark.ray
-def test_a_module_outside_the_repository_through_the_cli(ray_local, user, tmp_path):
-    """The command a user types, in a fresh process with its own embedded Ray: ddp on 2 workers
-    ends where local does."""
-    (user / "mine.py").write_text("from resmlp import load, make_model as make\n")
-    args = ["train", "--model", "mine:make", "--data", "mine:load", "--epochs", "2", "--seed", "3"]
-    assert main([*args, "--out", str(tmp_path / "local")]) == 0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(user), os.environ["PYTHONPATH"]])}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "raydist.cli", *args, "--strategy", "ddp", "--workers", "2",
-                           "--out", str(tmp_path / "ddp")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    a, b = (torch.load(tmp_path / name / "model.pt") for name in ("local", "ddp"))
-    assert max_diff(a, b) <= 1e-5
+def test_a_module_outside_the_repository_through_the_cli(ray_local, tmp_path):
+    """The commands a user types, each in a fresh process with its own embedded Ray, the module
+    in a folder of its own on PYTHONPATH: ddp on 2 workers, ps sync and a 2-stage pipeline (by
+    pipeline_blocks) end where local does."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    source = (REPO / "examples" / "resmlp" / "resmlp.py").read_text()
+    (folder / "mine.py").write_text(source.replace("def make_model(", "def make("))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(folder)  # only there: not the repository's example
+    args = ["train", "--model", "mine:make", "--data", "mine:load", "--data-arg", "n=600", "--epochs", "2"]
+    runs = {"local": [], "ddp": ["--strategy", "ddp", "--workers", "2"],
+            "ps": ["--strategy", "ps", "--mode", "sync", "--workers", "2"],
+            "pipeline": ["--strategy", "pipeline", "--stages", "2"]}
+    for name, extra in runs.items():
+        done = subprocess.run([sys.executable, "-m", "raydist.cli", *args, *extra, "--out", str(tmp_path / name)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (name, done.stderr[-2000:])
+    local = torch.load(tmp_path / "local" / "model.pt")
+    for name in ("ddp", "ps", "pipeline"):
+        assert max_diff(local, torch.load(tmp_path / name / "model.pt")) <= 1e-5, name
     assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["world_size"].tolist() == [2, 2]
