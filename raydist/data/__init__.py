@@ -79,4 +79,4 @@ def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return torch.tensor_split(batch, world)[rank]
 
 
-from raydist.data import builtin  # noqa: E402,F401  (registers digits, synthetic, text, csv, parquet)
+from raydist.data import builtin, images  # noqa: E402,F401  (each registers its data sets)

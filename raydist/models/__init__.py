@@ -41,4 +41,4 @@ def build_model(spec: RunSpec, data: Dataset) -> nn.Module:
     return entry.build(spec, data)
 
 
-from raydist.models import classic  # noqa: E402,F401  (registers mlp, cnn, transformer)
+from raydist.models import classic, gpt, resnet  # noqa: E402,F401  (each registers its models)
