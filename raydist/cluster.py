@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +28,27 @@ API_SERVER = "RAY_API_SERVER_ADDRESS"
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
-def connect(spec: RunSpec) -> None:
+def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
     """Join the Ray the caller already started, the named cluster, or start an embedded one.
-    `address="local"` never joins somebody else's cluster by accident."""
+    `address="local"` never joins somebody else's cluster by accident. An embedded Ray offers
+    the machine's cores, or the `cpus` the run asks for if that is more: logical CPUs only place
+    processes, and on a laptop a run's processes may share its cores (said in one line)."""
     if ray.is_initialized():
         return
     address = spec.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        start_local()
+        return
+    cores = os.cpu_count() or 1
+    if cpus > cores:
+        print(f"note: {what} asks for {cpus:g} CPUs and this machine has {cores} cores; the "
+              "embedded Ray offers that many, so its processes share the cores", file=sys.stderr)
+    start_local(num_cpus=max(cores, math.ceil(cpus)))
+
+
+def gpus_now() -> float:
+    """The GPUs the connected cluster has now."""
+    return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def start_local(**init: Any) -> None:

@@ -39,8 +39,9 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     if strategy.resources is not None:  # a Ray strategy: join (or start) Ray, measure it
         from raydist import cluster  # imports Ray: the engine itself imports without it
 
-        cluster.connect(spec)
-        cluster.require(*strategy.resources(spec))
+        cpus, _, what = strategy.resources(spec, 0.0)  # an embedded Ray is sized to this
+        cluster.connect(spec, cpus, what)
+        cluster.require(*strategy.resources(spec, cluster.gpus_now()))
     return data
 
 

@@ -115,6 +115,17 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Datase
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, batch: int = 2048) -> Record:
+    """Validation loss (and accuracy) in eval mode: BatchNorm uses its running estimates and
+    leaves them alone, dropout is off; the model is put back in training mode."""
+    was = model.training
+    model.eval()
+    try:
+        return _evaluate(model, data, batch)
+    finally:
+        model.train(was)
+
+
+def _evaluate(model: nn.Module, data: Dataset, batch: int) -> Record:
     loss, hits = 0.0, 0.0
     for i in range(0, len(data.x_val), batch):
         x, y = data.x_val[i : i + batch], data.y_val[i : i + batch]

@@ -4,7 +4,8 @@ folder, run, save.
 A strategy is a module (local.py) or a package (ddp/, ps/, pipeline/) holding everything of
 it and nothing of another's, with:
 - `check(spec, data)`: what it needs of the spec and data (ConfigError before anything runs);
-- `resources`: `resources(spec) -> (CPUs, GPUs, what)` it asks of the cluster, or None for a
+- `resources`: `resources(spec, gpus) -> (CPUs, GPUs, what)` it asks of a cluster that has `gpus`
+  GPUs now (with 0 before Ray starts: an embedded Ray is sized to its CPUs), or None for a
   strategy that runs without Ray;
 - `RESUMES`: whether a run continues from the checkpoint in its output folder;
 - `run(spec, report) -> RunResult`: the recipe, driving the engine's epoch loop.

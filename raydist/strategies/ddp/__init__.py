@@ -46,13 +46,19 @@ def check(spec: RunSpec, data: Dataset) -> None:
     # A short last batch may leave some workers an empty shard: they add a zero gradient.
 
 
-def resources(spec: RunSpec) -> tuple[float, float, str]:
-    """What the smallest group needs (an elastic one starts with as many as fit, at least min)."""
-    from raydist.strategies.ddp.driver import per_worker
-
-    need = per_worker(spec)
+def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
+    """What the smallest group asks of a cluster that has `gpus` GPUs now (an elastic one starts
+    with as many workers as fit, at least min)."""
+    need = per_worker(spec, gpus)
     return (spec.min_workers * need["CPU"], spec.min_workers * need.get("GPU", 0.0),
             f"ddp with {spec.workers} workers")
+
+
+def per_worker(spec: RunSpec, gpus: float) -> dict[str, float]:
+    """By default on GPUs when the cluster has some now (not merely could scale to some: an
+    autoscaler's GPU node type must not turn every run into a GPU run)."""
+    gpu = spec.use_gpu if spec.use_gpu is not None else gpus > 0
+    return {"CPU": float(spec.threads_per_worker), **({"GPU": 1.0} if gpu else {})}
 
 
 def num_workers(spec: RunSpec) -> int | tuple[int, int]:

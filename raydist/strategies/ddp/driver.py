@@ -22,7 +22,7 @@ from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Record, Report
 from raydist.faults import Faults
-from raydist.strategies.ddp import num_workers
+from raydist.strategies.ddp import num_workers, per_worker
 from raydist.strategies.ddp.worker import RAY_CALL_S, loop
 
 POLL_S = 0.2  # how often the driver collects records
@@ -35,14 +35,8 @@ START_RETRIES = 2
 ELASTIC_CHECK_S = 20.0
 
 
-def use_gpu(spec: RunSpec) -> bool:
-    """By default on GPUs when the cluster has some now (not merely could scale to some: an
-    autoscaler's GPU node type must not turn every run into a GPU run)."""
-    return spec.use_gpu if spec.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-
-
-def per_worker(spec: RunSpec) -> dict[str, float]:
-    return {"CPU": float(spec.threads_per_worker), **({"GPU": 1.0} if use_gpu(spec) else {})}
+def resources_per_worker(spec: RunSpec) -> dict[str, float]:
+    return per_worker(spec, ray.cluster_resources().get("GPU", 0.0))
 
 
 def absolute_paths(spec: RunSpec) -> RunSpec:
@@ -61,7 +55,8 @@ def open_channel() -> Any:
 
 
 def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
-    gpu = use_gpu(spec)
+    need = resources_per_worker(spec)
+    gpu = "GPU" in need
     cluster.start_train_coordinator()  # ready before the controller asks for it
     return TorchTrainer(
         loop,
@@ -70,7 +65,7 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
         train_loop_config={"spec": spec, "data": data, "channel": channel, "faults": Faults.of(spec)},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers(spec), use_gpu=gpu,
-                                     resources_per_worker=per_worker(spec),
+                                     resources_per_worker=need,
                                      elastic_resize_monitor_interval_s=ELASTIC_CHECK_S),
         run_config=RunConfig(
             name="ddp", storage_path=str(Path(spec.out) / "ray"),

@@ -85,11 +85,19 @@ def check_blocks(model: nn.Module, blocks: Blocks, data: Dataset, spec: RunSpec)
                               "or use stages 1")
 
 
-def resources(spec: RunSpec) -> tuple[float, float, str]:
-    from raydist.strategies.pipeline.driver import gpus_per_stage
-
-    return (spec.stages * spec.threads_per_worker, spec.stages * gpus_per_stage(spec),
+def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
+    """(CPUs, GPUs, what) the stages ask of a cluster that has `gpus` GPUs now."""
+    return (spec.stages * spec.threads_per_worker, spec.stages * gpus_per_stage(spec, gpus),
             f"pipeline ({spec.stages} stages x {spec.threads_per_worker} threads)")
+
+
+def gpus_per_stage(spec: RunSpec, gpus: float) -> float:
+    """With GPUs (use_gpu, or by default when the cluster has any): a whole GPU per stage when
+    there are enough, else the stages share them (2 stages on 1 GPU: half each). Asked for on a
+    cluster without any, a whole one each, which the capacity check then refuses."""
+    if not (spec.use_gpu if spec.use_gpu is not None else gpus > 0):
+        return 0.0
+    return min(1.0, gpus / spec.stages) if gpus else 1.0
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:

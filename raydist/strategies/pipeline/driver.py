@@ -19,7 +19,7 @@ from raydist.data import Dataset
 from raydist.engine import Record, evaluate
 from raydist.faults import Faults
 from raydist.models import build_model
-from raydist.strategies.pipeline import StageFailed
+from raydist.strategies.pipeline import StageFailed, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
 from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Stage
 
@@ -118,7 +118,7 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
     starts from) and, first and last, the training inputs and targets: the data set is read
     once, by the driver."""
     options: dict[str, Any] = {"num_cpus": spec.threads_per_worker, "max_restarts": 0,
-                               "num_gpus": gpus_per_stage(spec)}
+                               "num_gpus": gpus_per_stage(spec, ray.cluster_resources().get("GPU", 0.0))}
     actor = ray.remote(Stage).options(**options)
     faults = Faults.of(spec)
     blocks = blocks_of(build_model(spec, data), spec.model).seq
@@ -128,16 +128,6 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
                          data.x_train if i == 0 else None, data.y_train if i == k - 1 else None,
                          shapes[i], faults)
             for i in range(k)]
-
-
-def gpus_per_stage(spec: RunSpec) -> float:
-    """With GPUs (use_gpu, or by default when the cluster has any): a whole GPU per stage when
-    there are enough, else the stages share them (2 stages on 1 GPU: half each). Asked for on a
-    cluster without any, a whole one each, which the capacity check then refuses."""
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    if not (spec.use_gpu if spec.use_gpu is not None else gpus > 0):
-        return 0.0
-    return min(1.0, gpus / spec.stages) if gpus else 1.0
 
 
 def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> None:

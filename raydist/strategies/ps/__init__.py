@@ -64,7 +64,8 @@ def check(spec: RunSpec, data: Dataset) -> None:
                           f"samples; expected workers <= {batch}")
 
 
-def resources(spec: RunSpec) -> tuple[float, float, str]:
+def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
+    """(CPUs, GPUs, what) it asks of a cluster; ps runs on CPUs whatever the cluster has."""
     return (spec.workers * spec.threads_per_worker + spec.servers * SERVER_CPUS, 0.0,
             f"ps ({spec.workers} replicas x {spec.threads_per_worker} CPU + "
             f"{spec.servers} servers x {SERVER_CPUS:g} CPU)")

@@ -129,8 +129,13 @@ class Group:
 
 
 def state_dict(model: nn.Module, weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The servers' tensors under local's keys (buffers, untouched by ps, come from `model`)."""
-    return {k: torch.tensor(weights[k]) if k in weights else v for k, v in model.state_dict().items()}
+    """The servers' tensors under local's keys, copied into the driver's `model` so that a
+    parameter the model holds under two names (a tied head) is right under both; buffers,
+    untouched by ps, are the model's own."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.tensor(weights[name]))  # a copy: object-store arrays are read-only
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 
