@@ -23,7 +23,7 @@ WORKLOADS = {
                "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "epochs": 3},
     # ~10 M parameters: 6 blocks of width 384
     "gpt": {"model": "gpt", "data": "text", "layers": 6, "d_model": 384, "heads": 6, "seq_len": 64,
-            "text_chars": 24000, "batch_size": 32, "optimizer": "adam", "lr": 3e-4, "epochs": 3},
+            "text_chars": 12000, "batch_size": 32, "optimizer": "adam", "lr": 3e-4, "epochs": 3},
 }
 VARIANTS = {"local, 1 thread": {"strategy": "local", "threads_per_worker": 1},
             "local, 2 threads": {"strategy": "local", "threads_per_worker": 2},

@@ -209,3 +209,17 @@ def test_a_module_outside_the_repository_through_the_cli(ray_local, tmp_path):
     for name in ("ddp", "ps", "pipeline"):
         assert max_diff(local, torch.load(tmp_path / name / "model.pt")) <= 1e-5, name
     assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["world_size"].tolist() == [2, 2]
+
+
+@pytest.mark.unit
+def test_the_example_sweep_searches_a_model_arg():
+    from raydist import sweep
+    from raydist.config import load_sweep
+
+    s = load_sweep(REPO / "examples" / "resmlp" / "sweep.yaml")
+    assert sweep.total_trials(s) == 2 * 3  # width grid x (local, ddp 2, pipeline 2)
+    grid = s.trial_grid()
+    specs = [s.run_spec({"variant": v}, "/tmp/t") for v in grid]
+    assert sorted({(x.strategy, x.model_args["width"], x.model_args["depth"]) for x in specs}) == [
+        ("ddp", 32, 3), ("ddp", 128, 3), ("local", 32, 3), ("local", 128, 3), ("pipeline", 32, 3),
+        ("pipeline", 128, 3)]

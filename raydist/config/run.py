@@ -100,7 +100,8 @@ class RunSpec:
     hidden: list[int] = knob([64], "mlp hidden sizes, e.g. 64,32 (the article's net: 10)",
                              check=lambda v: all(h >= 1 for h in v),
                              expected="a list of integers >= 1")
-    channels: int = knob(16, "cnn: channels of the first conv layer", check=at_least(1),
+    channels: int = knob(16, "cnn: channels of the first conv layer; resnet: of its first stage "
+                         "(64: ResNet-18)", check=at_least(1),
                          expected="an integer >= 1")
     layers: int = knob(2, "transformer, gpt: decoder blocks", check=at_least(1),
                        expected="an integer >= 1")
@@ -114,7 +115,7 @@ class RunSpec:
     target: str | None = knob(None, "csv/parquet: target column (default: the last column)")
     val_fraction: float = knob(0.2, "share of the data held out for validation",
                                check=lambda x: 0 < x < 1, expected="a number in (0, 1)")
-    samples: int = knob(2000, "synthetic: number of samples", check=at_least(10),
+    samples: int = knob(2000, "synthetic, images: number of samples", check=at_least(10),
                         expected="an integer >= 10")
     text_chars: int = knob(200_000, "text: characters of the corpus used", check=at_least(1000),
                            expected="an integer >= 1000")
