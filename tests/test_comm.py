@@ -4,15 +4,13 @@ of settings that cannot work."""
 
 from __future__ import annotations
 
-import multiprocessing
-import queue
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from gloo import run_ranks
 
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
@@ -134,23 +132,7 @@ def probe(rank: int, port: int, results: Any) -> None:
 
 @pytest.fixture(scope="module")
 def probed() -> dict[str, dict[str, Any]]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=probe, args=(rank, port, results), daemon=True) for rank in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        return results.get(timeout=300)
-    except queue.Empty:
-        pytest.fail("the gloo probe processes gave no result in 300 s")
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    return run_ranks(probe, 2, 1, timeout=300)[0]
 
 
 @pytest.mark.unit

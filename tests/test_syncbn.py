@@ -6,14 +6,12 @@ running statistics of one process trained on the whole batches (local); plain DD
 from __future__ import annotations
 
 import io
-import multiprocessing
-import queue
-import socket
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from gloo import run_ranks
 from torch import nn
 
 from raydist.data import Dataset, shard
@@ -147,24 +145,8 @@ def probe(rank: int, port: int, results: Any) -> None:
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, Any]]:
     """Every rank's results, by rank."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=probe, args=(r, port, results), daemon=True) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(results.get(timeout=120) for _ in range(WORLD))
-        return [torch.load(io.BytesIO(got[r]), weights_only=False) for r in range(WORLD)]
-    except queue.Empty:
-        pytest.fail("the gloo processes gave no result in 120 s")
-    finally:
-        for p in procs:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
+    got = dict(run_ranks(probe, WORLD, WORLD, timeout=120))
+    return [torch.load(io.BytesIO(got[r]), weights_only=False) for r in range(WORLD)]
 
 
 def apart(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
