@@ -26,7 +26,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 NODE_START_S = 600
 API_SERVER = "RAY_API_SERVER_ADDRESS"
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-AUTH_MODE = "RAY_AUTH_MODE"
 
 
 def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
@@ -66,9 +65,6 @@ def start_local(**init: Any) -> None:
     port = free_port()
     os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
     os.environ.setdefault(PREEMPTION_WATCHER, "0")
-    # Token authentication stays on, said explicitly: left unset, Ray turns it on anyway and
-    # prints a warning telling the user how to switch it off (clients inherit the setting).
-    os.environ.setdefault(AUTH_MODE, "token")
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, **init)
 
