@@ -65,6 +65,7 @@ def start_local(**init: Any) -> None:
     port = free_port()
     os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
     os.environ.setdefault(PREEMPTION_WATCHER, "0")
+    ray_compat.quiet_token_auth_notice()  # authentication stays on
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, **init)
 

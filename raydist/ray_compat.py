@@ -65,3 +65,18 @@ def quiet_train_reports() -> None:
     from ray.train.v2._internal.execution import context
 
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster"
+
+
+def quiet_token_auth_notice() -> None:
+    """Ray 2.60 turns token authentication on for a new local cluster and then logs a warning
+    that tells the user how to switch it off. Authentication stays on; only that record of its
+    module's logger is dropped (the logger is named by the private module's path)."""
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(getattr(f, "raydist", False) for f in log.filters):
+        drop = logging.Filter()
+        drop.filter = lambda record: TOKEN_NOTICE not in record.getMessage()  # type: ignore[method-assign]
+        drop.raydist = True  # type: ignore[attr-defined]
+        log.addFilter(drop)

@@ -205,6 +205,7 @@ def test_a_module_outside_the_repository_through_the_cli(ray_local, tmp_path):
         done = subprocess.run([sys.executable, "-m", "raydist.cli", *args, *extra, "--out", str(tmp_path / name)],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, (name, done.stderr[-2000:])
+        assert "Token authentication" not in done.stderr  # on, and quiet about it
     local = torch.load(tmp_path / "local" / "model.pt")
     for name in ("ddp", "ps", "pipeline"):
         assert max_diff(local, torch.load(tmp_path / name / "model.pt")) <= 1e-5, name

@@ -123,3 +123,19 @@ def test_a_checkpoint_past_the_runs_epochs_is_refused_before_ray_starts(tmp_path
     code, err = run_cli(["--strategy", "ps", "--workers", "2", "--epochs", "4", "--lr", "0.5",
                          "--out", str(tmp_path)], capsys)
     assert code == 2 and err.startswith(f"error: lr: got 0.5, but {tmp_path} holds a ps run with lr=0.01;")
+
+
+def test_only_rays_notice_about_switching_auth_off_is_dropped(caplog):
+    import logging
+
+    from raydist import ray_compat
+
+    ray_compat.quiet_token_auth_notice()
+    ray_compat.quiet_token_auth_notice()  # once is enough: no second filter
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    assert len(log.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=log.name):
+        log.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled")
+        log.warning("Token authentication is disabled for this Ray cluster. Anyone can connect")
+    assert [r.getMessage().split(".")[0] for r in caplog.records] == [
+        "Token authentication is disabled for this Ray cluster"]
