@@ -79,13 +79,13 @@ def check_arguments(fn: Callable[..., Any], args: dict[str, Any], path: str, fie
     arguments it does not take, or lacks, named before it is called."""
     import inspect
 
+    if not callable(fn):
+        raise ConfigError(f"{field.removesuffix('_args')}: {path} is not callable")
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):  # a builtin or C callable: let the call itself tell
         return
     kinds = inspect.Parameter
-    if not callable(fn):
-        raise ConfigError(f"{field}: {path} is not callable")
     names = [n for n, p in params.items() if p.kind in (kinds.POSITIONAL_OR_KEYWORD, kinds.KEYWORD_ONLY)]
     takes = names[len(given):]
     if not any(p.kind == kinds.VAR_KEYWORD for p in params.values()):

@@ -57,6 +57,8 @@ USER = textwrap.dedent('''
     def five(data):
         return 5
 
+    width = 3
+
     def wrong(data):
         return nn.Linear(data.n_features, 3)
 
@@ -108,6 +110,7 @@ BAD = {
     "no attribute": (["--model", "resmlp:make_modle"],
                      "model: resmlp has no attribute 'make_modle' (did you mean 'make_model'?)"),
     "factory raises": (["--model", "usermod:boom"], "model: usermod:boom raised ValueError: width must be even"),
+    "not callable": (["--model", "usermod:width"], "model: usermod:width is not callable"),
     "not a module": (["--model", "usermod:five"], "model: usermod:five returned int; expected a torch.nn.Module"),
     "output does not fit": (["--model", "usermod:wrong"], "model: usermod:wrong's output for 2 samples has "
                             "shape (2, 3); data 'digits' needs (2, 10) (10 classes, task ce)"),

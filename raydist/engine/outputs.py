@@ -31,8 +31,7 @@ def save_metrics(out: Path, records: list[Record]) -> None:
 
 
 def save_outputs(out: Path, spec: RunSpec, result: RunResult) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    spec.save(out / SPEC_FILE)
+    """The files of a finished run, in the folder `claim` made (spec.yaml is there already)."""
     save_metrics(out, result.metrics)
     torch.save({k: v.detach().cpu() for k, v in result.state_dict.items()}, out / "model.pt")
     (out / "machine.yaml").write_text(yaml.safe_dump(machine_info(spec), sort_keys=False))

@@ -3,6 +3,7 @@ global batch, through DDP with raydist's communication hook; checkpoints via Ray
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import tempfile
 from pathlib import Path
@@ -107,8 +108,6 @@ def loop(config: dict[str, Any]) -> dict[str, Any] | None:
 def on_device(data: Dataset, device: torch.device) -> Dataset:
     if device.type == "cpu":
         return data
-    import dataclasses
-
     tensors = ("x_train", "y_train", "x_val", "y_val")
     return dataclasses.replace(data, **{k: getattr(data, k).to(device) for k in tensors})
 

@@ -62,10 +62,9 @@ class Server:
 class Replica:
     """Holds the model and the data; turns weights into the gradient of one shard of a batch."""
 
-    def __init__(self, spec: RunSpec, index: int, parts: list[Part], faults: Faults | None = None) -> None:
+    def __init__(self, spec: RunSpec, index: int, parts: list[Part], faults: Faults) -> None:
         torch.set_num_threads(spec.threads_per_worker)
-        self.spec, self.index, self.parts = spec, index, parts
-        self.faults = faults or Faults(spec.out)
+        self.spec, self.index, self.parts, self.faults = spec, index, parts, faults
         self.codec = sharding.CODECS[spec.comm_dtype]
         self.data = load_data(spec)
         self.model = build_model(spec, self.data)
