@@ -39,11 +39,17 @@ def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
         return
+    start_local(num_cpus=embedded_cpus(cpus, what))
+
+
+def embedded_cpus(cpus: float, what: str) -> int:
+    """The logical CPUs an embedded Ray offers: the machine's cores, or `cpus` if `what` asks for
+    more, said in one line (its processes then share the cores)."""
     cores = os.cpu_count() or 1
     if cpus > cores:
         print(f"note: {what} asks for {cpus:g} CPUs and this machine has {cores} cores; the "
               "embedded Ray offers that many, so its processes share the cores", file=sys.stderr)
-    start_local(num_cpus=max(cores, math.ceil(cpus)))
+    return max(cores, math.ceil(cpus))
 
 
 def gpus_now() -> float:

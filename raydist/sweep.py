@@ -115,7 +115,8 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
         else:  # ASHA stops trials early: Ray Train must be able to free their workers
-            cluster.start_local(resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)
+            cluster.start_local(num_cpus=cluster.embedded_cpus(*hungriest_trial(sweep)),
+                                resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)
         require_trial_drivers()
         yield
     finally:
@@ -124,6 +125,24 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
             os.environ.pop(cluster.API_SERVER, None)
         else:
             os.environ[cluster.API_SERVER] = saved
+
+
+def hungriest_trial(sweep: SweepSpec) -> tuple[float, str]:
+    """The CPUs the most demanding trial asks for, and what it is: an embedded Ray offers at
+    least that, so no trial is refused on a laptop (trials beyond it wait for each other).
+    Grid leaves and variants count; a drawn leaf counts at its base value; a trial whose
+    setting is refused is left to fail as its own trial."""
+    most: tuple[float, str] = (0.0, "the sweep")
+    for variant in sweep.trial_grid():
+        try:
+            spec = sweep.run_spec({"variant": variant}, "trial")
+        except ConfigError:
+            continue
+        resources = strategies.get(spec.strategy).resources
+        if resources is not None:
+            cpus, _, what = resources(spec, 0.0)
+            most = max(most, (cpus, f"a trial ({what})"), key=lambda m: m[0])
+    return most
 
 
 def require_trial_drivers() -> None:

@@ -93,6 +93,19 @@ def test_a_sweep_trial_gets_only_the_knobs_its_strategy_reads():
     local.refuse_unread()
 
 
+def test_a_sweeps_embedded_ray_offers_what_its_hungriest_trial_asks():
+    """3 ps replicas of 1 CPU and 2 servers of half a CPU: 4 CPUs, more than the 2-worker ddp
+    trial or the pipeline of 3 stages; local asks Ray for nothing."""
+    from raydist import sweep
+
+    spec = SweepSpec.from_dict({"epochs": 1, "sweep": {"variants": [
+        {"strategy": "local"}, {"strategy": "ddp", "workers": 2}, {"strategy": "pipeline", "stages": 3},
+        {"strategy": "ps", "workers": 3, "servers": 2}]}})
+    assert sweep.hungriest_trial(spec) == (4.0, "a trial (ps (3 replicas x 1 CPU + 2 servers x 0.5 CPU))")
+    only_local = SweepSpec.from_dict({"epochs": 1, "optimizer": {"grid": ["sgd", "adam"]}})
+    assert sweep.hungriest_trial(only_local) == (0.0, "the sweep")
+
+
 def test_every_record_field_is_documented(tmp_path):
     metrics = train(RunSpec.from_dict({"epochs": 1, "out": str(tmp_path)}), lambda r: None).metrics
     assert all(documented(k) for k in metrics[0]), metrics[0]

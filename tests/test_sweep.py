@@ -187,7 +187,9 @@ def trial_table(results: pd.DataFrame) -> pd.DataFrame:
 # Two 2-worker ddp trials may run at once beside the local ones: 4 CPUs hold them, and the trial
 # drivers take none. The ddp sgd trial's lr turns its loss NaN in the first epoch: ddp's own
 # divergence check (tests/test_ddp.py would need a Ray Train fit of its own for it) shares this
-# sweep's fit. max_failures 2: a diverged run is not a failure for Ray Train to retry.
+# sweep's fit. max_failures 2: a diverged run is not a failure for Ray Train to retry. The ps
+# and pipeline trials start their actors outside the trial's placement group (it holds only
+# the trial's driver): started inside it, they could never be placed.
 SWEEP = """
 epochs: 2
 sweep:
@@ -197,6 +199,8 @@ sweep:
     - {strategy: ddp, workers: 2, optimizer: adam}
     - {strategy: ddp, workers: 2, optimizer: sgd, lr: 1.0e+20, max_failures: 2}
     - {strategy: local, optimizer: adam, model: cnn, data: synthetic}
+    - {strategy: ps, workers: 2, mode: sync, optimizer: adam}
+    - {strategy: pipeline, stages: 2, optimizer: adam}
 """
 
 
@@ -214,17 +218,18 @@ def test_sweep_with_two_worker_trials_and_a_diverged_one(swept):
     shared = ["trial_id", "status", "epoch", "val_loss", "strategy", "workers", "optimizer", "lr", "out"]
     pd.testing.assert_frame_equal(pd.read_parquet(out / "results.parquet")[shared], on_disk[shared])
     trials = trial_table(on_disk)
-    assert len(trials) == 4 and len(results) == len(on_disk)
+    assert len(trials) == 6 and len(results) == len(on_disk)
     failed = trials[trials["model"] == "cnn"].iloc[0]  # a combination only the run itself refuses
     assert (failed.status, failed.message) == (
         "error", "model: 'cnn' cannot take data 'synthetic' (features); it takes image")
     trials = trials[trials["model"] == "mlp"]
     by_setting = {(t.strategy, t.optimizer): t for t in trials.itertuples()}
-    assert sorted(by_setting) == [("ddp", "adam"), ("ddp", "sgd"), ("local", "adam")]
+    assert sorted(by_setting) == [("ddp", "adam"), ("ddp", "sgd"), ("local", "adam"), ("pipeline", "adam"),
+                                  ("ps", "adam")]
     diverged = by_setting[("ddp", "sgd")]
     assert (diverged.status, diverged.message, diverged.lr) == (
         "diverged", "training loss is nan at epoch 1", 1e20)
-    for key in [("ddp", "adam"), ("local", "adam")]:
+    for key in [("ddp", "adam"), ("local", "adam"), ("ps", "adam"), ("pipeline", "adam")]:
         assert by_setting[key].status == "completed"
     assert by_setting[("ddp", "adam")].workers == 2 and by_setting[("local", "adam")].workers == 1
     # one row per trial per epoch; the diverged trial stops after the epoch that diverged
@@ -232,10 +237,11 @@ def test_sweep_with_two_worker_trials_and_a_diverged_one(swept):
     assert {t: e for t, e in epochs.items() if t in trials.index} == {
         t.Index: ([1] if t.status == "diverged" else [1, 2]) for t in trials.itertuples()}
     assert math.isnan(epochs[failed.name][0]) and len(epochs[failed.name]) == 1
-    # the trial ran its spec: ddp on 2 workers follows local to round-off
+    # the trial ran its spec: ddp, ps and pipeline follow local to round-off
     runs = {k: on_disk[on_disk["trial_id"] == by_setting[k].Index] for k in by_setting}
-    assert runs[("ddp", "adam")]["val_loss"].values == pytest.approx(
-        runs[("local", "adam")]["val_loss"].values, abs=1e-5)
+    for name in ("ddp", "ps", "pipeline"):
+        assert runs[(name, "adam")]["val_loss"].values == pytest.approx(
+            runs[("local", "adam")]["val_loss"].values, abs=1e-5), name
     for trial_id, t in trials.iterrows():
         folder = out / "trials" / trial_id
         assert t.out == str(folder)

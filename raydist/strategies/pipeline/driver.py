@@ -117,7 +117,9 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
     """One actor per stage, each given its slice of a freshly built model (the weights local
     starts from) and, first and last, the training inputs and targets: the data set is read
     once, by the driver."""
+    # scheduling_strategy: not inside a Tune trial's placement group, which holds its driver only
     options: dict[str, Any] = {"num_cpus": spec.threads_per_worker, "max_restarts": 0,
+                               "scheduling_strategy": "DEFAULT",
                                "num_gpus": gpus_per_stage(spec, ray.cluster_resources().get("GPU", 0.0))}
     actor = ray.remote(Stage).options(**options)
     faults = Faults.of(spec)

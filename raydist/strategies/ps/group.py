@@ -31,6 +31,9 @@ WAIT_S = 300.0
 
 RemoteServer = ray.remote(Server)
 RemoteReplica = ray.remote(Replica)
+# Not inside the placement group of the process that starts them: a Tune trial's group holds
+# only the trial's driver, and Tune has its children captured into it by default.
+OWN_PLACE = {"scheduling_strategy": "DEFAULT"}
 
 
 def lost(e: BaseException) -> bool:
@@ -75,12 +78,12 @@ class Group:
               optimizer_state: dict[str, Any]) -> Group:
         faults = Faults.of(spec)
         group = cls(spec, model,
-                    [RemoteServer.options(num_cpus=SERVER_CPUS).remote(
+                    [RemoteServer.options(num_cpus=SERVER_CPUS, **OWN_PLACE).remote(
                         spec, p, {n: weights[n] for n in p.names},
                         {n: optimizer_state[n] for n in p.names if n in optimizer_state})
                      for p in parts],
-                    [RemoteReplica.options(num_cpus=spec.threads_per_worker).remote(spec, i, parts, faults)
-                     for i in range(spec.workers)])
+                    [RemoteReplica.options(num_cpus=spec.threads_per_worker, **OWN_PLACE).remote(
+                        spec, i, parts, faults) for i in range(spec.workers)])
         try:
             _get([a.ready.remote() for a in group.servers + group.replicas])
         except BaseException:
