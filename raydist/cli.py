@@ -13,6 +13,7 @@ import yaml
 
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
 from raydist.config.run import MAPPINGS
+from raydist.registry import unknown
 
 
 class Parser(argparse.ArgumentParser):
@@ -110,8 +111,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report: {report.write(args.dir, args.plan)}")
 
 
+CLUSTER_ACTIONS = ("check", "publish")
+
+
 def add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["check", "publish"], help="check: validate a `ray up` "
+    p.add_argument("action", metavar="{check,publish}", help="check: validate a `ray up` "
                    "cluster YAML and print the most CPUs/GPUs its autoscaler can bring up; publish: "
                    "also record that maximum in the running cluster (run on the head after ray start)")
     p.add_argument("file", help="cluster-launcher YAML, e.g. cluster.yaml")
@@ -125,6 +129,8 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
     from raydist import cluster
 
+    if args.action not in CLUSTER_ACTIONS:
+        raise ConfigError(unknown("action", args.action, list(CLUSTER_ACTIONS)))
     most = cluster.check_cluster_file(args.file)
     print(f"{args.file}: valid; at most (each on its own, head + workers up to max_workers):")
     for name, amount in most.items():
@@ -149,12 +155,15 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     from raydist import calibration, plan
+    from raydist.engine import check_out
 
     spec = spec_from_args(args)
     counts = plan.parse_counts(args.counts)
     net = plan.Network(plan.parse_bandwidth(args.bandwidth), plan.parse_duration(args.latency))
-    costs = (calibration.from_flops(spec, plan.parse_rate(args.flops), args.workers_per_node)
-             if args.flops else calibration.calibrate(spec, counts, args.workers_per_node))
+    rate = plan.parse_rate(args.flops) if args.flops else None
+    check_out(spec.out)  # before the calibration's seconds of work
+    costs = (calibration.from_flops(spec, rate, args.workers_per_node) if rate
+             else calibration.calibrate(spec, counts, args.workers_per_node))
     rows = plan.predict(costs, net, spec.batch_size, counts, spec.microbatches)
     print(plan.table(rows))
     plan.write(rows, Path(spec.out))
@@ -184,6 +193,10 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:  # argparse: no suggestion
+        print(f"error: {unknown('command', argv[0], list(COMMANDS))}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         code = args.handler(args) or 0

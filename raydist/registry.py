@@ -19,6 +19,11 @@ def closest(word: str, options: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def unknown(kind: str, name: str, names: list[str]) -> str:
+    """The one message for a name that is not among `names`."""
+    return f"{kind}: unknown value '{name}'{closest(name, names)}; expected one of {', '.join(names)}"
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -39,11 +44,7 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def unknown(self, name: str) -> str:
-        names = self.names()
-        return (
-            f"{self.kind}: unknown value '{name}'{closest(name, names)}; "
-            f"expected one of {', '.join(names)}"
-        )
+        return unknown(self.kind, name, self.names())
 
     def __contains__(self, name: object) -> bool:
         return name in self._items

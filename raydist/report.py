@@ -238,9 +238,7 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     with `plan`, a `raydist plan` table whose predicted speedups are set beside the measured."""
     root = Path(folder)
     predictions = load_plan(plan) if plan is not None else None
-    if not (root / "results.csv").is_file():
-        raise ConfigError(f"{folder}: no results.csv; run `raydist sweep FILE --out {folder}` first")
-    results = pd.read_csv(root / "results.csv")
+    results = read_results(root, folder)
     if results.empty or "epoch" not in results:
         raise ConfigError(f"{root / 'results.csv'}: holds no trials")
     sweep = load_sweep(root / "sweep.yaml") if (root / "sweep.yaml").exists() else SweepSpec({}, {})
@@ -255,6 +253,22 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def read_results(root: Path, folder: str | Path) -> pd.DataFrame:
+    """DIR/results.csv, as the sweep wrote it; one ConfigError for every way it is not there."""
+    if not root.exists():
+        raise ConfigError(f"{folder}: no such folder")
+    if not root.is_dir():
+        raise ConfigError(f"{folder}: is a file; expected a sweep's results folder (holding results.csv)")
+    if not (root / "results.csv").is_file():
+        raise ConfigError(f"{folder}: no results.csv; run `raydist sweep FILE --out {folder}` first")
+    try:
+        return pd.read_csv(root / "results.csv")
+    except pd.errors.EmptyDataError:
+        raise ConfigError(f"{root / 'results.csv'}: holds no trials") from None
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise ConfigError(f"{root / 'results.csv'}: cannot be read as CSV ({type(e).__name__})") from None
 
 
 def summary(trials: pd.DataFrame, metric: str, mode: str, target: float | None) -> str:

@@ -33,7 +33,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from raydist import cluster, strategies
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
-from raydist.engine import Diverged, Record
+from raydist.engine import Diverged, Record, check_out
 
 # A trial that ends before its first epoch (a refused setting) reports no metric: without this,
 # Tune's strict metric check would end the whole sweep over it.
@@ -69,6 +69,7 @@ def run(file: str | Path, out: str | Path, address: str | None = None) -> pd.Dat
         raise ConfigError(f"{out}: already holds a sweep; continue it with `raydist sweep --resume "
                           f"{out}` or choose another --out")
     sweep = load_sweep(file)
+    check_out(str(out))
     root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(file, root / "sweep.yaml")
     return execute(sweep, root, address, restore=False)

@@ -20,6 +20,10 @@ from raydist.registry import ConfigError, closest
 RAY = ("ddp", "ps", "pipeline")
 """The strategies that run on Ray (all but local)."""
 
+SEED_MAX = 2**32 - 1
+"""numpy's bound for a seed; torch's generators overflow past 2**63 - 1 (and the batch order's
+seed * 1_000_003 + epoch must stay below that)."""
+
 
 def knob(default: Any, help: str, *, check: Any = None, expected: str = "",
          registry: str = "", choices: tuple[str, ...] = (), strategies: tuple[str, ...] = (),
@@ -89,8 +93,8 @@ class RunSpec:
                                     check=worker_count,
                                     expected="an integer >= 1, or [min, max] with 1 <= min <= max",
                                     strategies=("ddp", "ps"), resumable=("ddp",))
-    seed: int = knob(0, "seed of weights, data split and batch order", check=at_least(0),
-                     expected="an integer >= 0")
+    seed: int = knob(0, "seed of weights, data split and batch order", check=lambda x: 0 <= x <= SEED_MAX,
+                     expected=f"an integer from 0 to {SEED_MAX}")
     model_args: dict[str, Any] = knob({}, "keyword arguments of your model factory, e.g. {width: 256} "
                                       "(--model-arg width=256, repeatable)")
     data_args: dict[str, Any] = knob({}, "keyword arguments of your data loader (--data-arg KEY=VALUE)")

@@ -54,7 +54,8 @@ class SweepSpec:
         if "seeds" in settings:
             if "seed" in raw:
                 raise ConfigError(f"{source}: seed: also set by sweep.seeds; keep one of the two")
-            sweep.space["seed"] = ("grid", sweep_seeds(settings["seeds"], source))
+            seeds = sweep_seeds(settings["seeds"], source)
+            sweep.space["seed"] = ("grid", [checked("seed", s, base, source) for s in seeds])
         variants = settings.get("variants") or []
         if not isinstance(variants, list):
             raise ConfigError(f"{source}: sweep.variants: expected a list of mappings of RunSpec "

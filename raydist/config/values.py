@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import struct
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,8 @@ def coerce(name: str, value: Any, type_: str, where: str = "") -> Any:
         raise ConfigError(f"{where}{name}: got nothing; expected {describe(base)}")
     try:
         return PARSERS[base](value)
+    except OutOfRange as e:
+        raise ConfigError(f"{where}{name}: {e}") from None
     except (TypeError, ValueError):
         raise ConfigError(f"{where}{name}: got {value!r}; expected {describe(base)}") from None
 
@@ -41,6 +45,25 @@ def as_float(v: Any) -> float:
     x = float(v)
     if not math.isfinite(x):
         raise ValueError(v)
+    return x
+
+
+class OutOfRange(ValueError):
+    """A number of the right type that the run cannot hold; its message says why."""
+
+
+FLOAT32_MAX = struct.unpack("f", b"\xff\xff\x7f\x7f")[0]
+FLOAT32_MIN = struct.unpack("f", b"\x01\x00\x00\x00")[0]  # the smallest subnormal
+
+
+def as_float32(v: Any) -> float:
+    """A float knob: training computes in float32, where a larger number is inf and a smaller
+    one 0 (a learning rate of 1e308 fails inside the optimizer, an eps of 1e-300 divides by 0)."""
+    x = as_float(v)
+    if abs(x) > FLOAT32_MAX:
+        raise OutOfRange(f"got {x:g}, too large for float32 (at most {FLOAT32_MAX:.4g})")
+    if x and not struct.unpack("f", struct.pack("f", x))[0]:
+        raise OutOfRange(f"got {x:g}, too small for float32 (it rounds to 0; at least {FLOAT32_MIN:.4g})")
     return x
 
 
@@ -103,7 +126,7 @@ def is_import_path(value: str) -> bool:
     return bool(IMPORT_PATH.fullmatch(value))
 
 
-PARSERS = {"int": as_int, "float": as_float, "bool": as_bool, "str": as_str, "list[int]": as_int_list,
+PARSERS = {"int": as_int, "float": as_float32, "bool": as_bool, "str": as_str, "list[int]": as_int_list,
            "int | list[int]": as_int_or_range, "dict[str, Any]": as_mapping}
 
 
@@ -116,18 +139,58 @@ def describe(base: str) -> str:
 
 # --- files and overrides ----------------------------------------------------------------------
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+MERGE = "tag:yaml.org,2002:merge"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently, and the user meant one of them."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key_node.tag == MERGE or not isinstance(key, Hashable):
+                continue  # merged keys may be overridden; an unhashable key fails in super()
+            if key in seen:
+                raise DuplicateKey(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; every way it can be wrong is one ConfigError
+    naming the file (and the line, where there is one)."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{p}: is a directory; expected a YAML file")
     if not p.is_file():
         raise ConfigError(f"{p}: no such file")
     try:
-        raw = yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+        raw = yaml.load(data.decode("utf-8"), Loader=StrictLoader)
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (line {line_of(data, e.start)}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{line}") from None
+        what = e.problem if isinstance(e, DuplicateKey) else "not valid YAML"
+        raise ConfigError(f"{p}: {what}{line}") from None
+    if raw is None:
+        raise ConfigError(f"{p}: is empty; expected a mapping of field: value")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping of field: value at the top level")
+        got = "a list" if isinstance(raw, list) else f"the single value {raw!r}"
+        raise ConfigError(f"{p}: expected a mapping of field: value at the top level, not {got}")
     return raw
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 import torch
 
 from raydist.config import ConfigError, RunSpec
+from raydist.config.values import FLOAT32_MAX
 from raydist.data import DATASETS, Dataset, split
 
 # --- the registered data sets ------------------------------------------------------------------
@@ -55,6 +56,8 @@ def text(spec: RunSpec, _: str) -> Dataset:
 def _read_table(path: str, reader: Callable[[str], pd.DataFrame], kind: str) -> pd.DataFrame:
     if not path:
         raise ConfigError(f"data: '{kind}' needs a file: {kind}:PATH")
+    if Path(path).is_dir():
+        raise ConfigError(f"{path}: is a directory; expected a {kind} file")
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such file")
     try:
@@ -80,9 +83,14 @@ def _table(spec: RunSpec, path: str, df: pd.DataFrame) -> Dataset:
             row = int(np.argmax(bad.to_numpy()))
             raise ConfigError(f"{path}: column '{col}' is not numeric "
                               f"(row {row + 1}: {df[col].iloc[row]!r})")
-        if values.isna().any():
+        if values.isna().any():  # pandas reads an empty field, nan and NA alike
             row = int(np.argmax(values.isna().to_numpy()))
-            raise ConfigError(f"{path}: column '{col}' has a missing value (row {row + 1})")
+            raise ConfigError(f"{path}: column '{col}' has a missing or NaN value (row {row + 1})")
+        big = ~np.isfinite(values.to_numpy(dtype=np.float64)) | (values.abs() > FLOAT32_MAX).to_numpy()
+        if big.any():  # training reads float32: inf, and what float32 cannot hold, end in NaN
+            row = int(np.argmax(big))
+            raise ConfigError(f"{path}: column '{col}' has {beyond(values.iloc[row])} (row {row + 1}: "
+                              f"{values.iloc[row]:g})")
     if len(df) < 2:
         raise ConfigError(f"{path}: needs at least 2 rows to split, has {len(df)}")
     if df.shape[1] < 2:
@@ -96,6 +104,10 @@ def _table(spec: RunSpec, path: str, df: pd.DataFrame) -> Dataset:
         return split(path, x, y, spec, task="ce", inputs="features", out_dim=len(classes))
     y = torch.tensor(yv, dtype=torch.float32).unsqueeze(1)
     return split(path, x, y, spec, task="mse", inputs="features", out_dim=1)
+
+
+def beyond(x: float) -> str:
+    return "an infinite value" if np.isinf(x) else "a value too large for float32"
 
 
 @DATASETS.register("csv")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from raydist.config import ConfigError, RunSpec
+from raydist.config.values import FLOAT32_MAX
 from raydist.data import Dataset, split
 from raydist.registry import check_arguments, import_object
 
@@ -59,10 +60,12 @@ def tensor(path: str, name: str, value: Any) -> torch.Tensor:
     if value.dtype == torch.bool or value.is_complex():
         raise ConfigError(f"data: {path} returned {name} of dtype {value.dtype}; expected floats or integers")
     if value.is_floating_point():
+        for bad, what in ((~torch.isfinite(value), "a NaN or infinite value"),
+                          (value.double().abs() > FLOAT32_MAX, "a value too large for float32")):
+            if value.dim() and bad.any():  # checked before the cast: float32 turns 1e39 into inf
+                row = int(bad.reshape(len(value), -1).any(1).nonzero()[0])
+                raise ConfigError(f"data: {path} returned {name} with {what} (row {row})")
         value = value.float()
-        if not torch.isfinite(value).all():
-            row = int((~torch.isfinite(value)).reshape(len(value), -1).any(1).nonzero()[0])
-            raise ConfigError(f"data: {path} returned {name} with a NaN or infinite value (row {row})")
     else:
         value = value.long()
     return value

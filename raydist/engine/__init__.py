@@ -5,7 +5,7 @@ before any work; outputs.py, the files every run leaves."""
 
 from raydist.engine.loop import Diverged, Group, Report, RunResult, StateDict, Trainer, fit, fit_restarting
 from raydist.engine.outputs import claim, machine_info, save_metrics, save_outputs
-from raydist.engine.preflight import preflight
+from raydist.engine.preflight import check_out, preflight
 from raydist.engine.record import EpochRecord, Record, make_record
 from raydist.engine.step import (
     LOSSES,
@@ -22,6 +22,6 @@ from raydist.engine.step import (
 )
 
 __all__ = ["LOSSES", "Diverged", "EpochRecord", "Group", "Record", "Report", "RunResult", "StateDict",
-           "Trainer", "backward", "claim", "correct", "denominator", "evaluate", "fit", "fit_restarting",
-           "global_batches", "loss_fn", "machine_info", "make_optimizer", "make_record", "preflight",
-           "save_metrics", "save_outputs", "setup", "step", "train_epoch"]
+           "Trainer", "backward", "check_out", "claim", "correct", "denominator", "evaluate", "fit",
+           "fit_restarting", "global_batches", "loss_fn", "machine_info", "make_optimizer", "make_record",
+           "preflight", "save_metrics", "save_outputs", "setup", "step", "train_epoch"]

@@ -8,6 +8,9 @@ ConfigError: one line naming the field or file."""
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -28,8 +31,11 @@ SPEC_FILE = "spec.yaml"
 
 def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     """Check `spec` for `strategy` (a module of raydist.strategies); returns the data set."""
-    data = load_data(spec)
-    check_output(build_model(spec, data), data, spec)
+    with memory_for("data", f"'{spec.data}'"):
+        data = load_data(spec)
+    with memory_for("model", f"'{spec.model}' for data '{spec.data}'"):
+        model = build_model(spec, data)
+    check_output(model, data, spec)
     spec.refuse_unread()
     strategy.check(spec, data)
     check_out(spec.out)
@@ -43,6 +49,21 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
         cluster.connect(spec, cpus, what)
         cluster.require(*strategy.resources(spec, cluster.gpus_now()))
     return data
+
+
+@contextmanager
+def memory_for(field: str, what: str) -> Iterator[None]:
+    """A size knob too large for this machine (--samples, --hidden, --d-model ...): torch's CPU
+    allocator fails at once, with a RuntimeError (no type of its own) that says so."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e):
+            raise
+        size = re.search(r"allocate (\d+) bytes", str(e))
+        asked = f" ({int(size[1]):.2g} bytes at once)" if size else ""
+        raise ConfigError(f"{field}: {what} needs more memory than this machine has{asked}; "
+                          "make it smaller") from None
 
 
 def check_out(out: str) -> None:

@@ -29,11 +29,10 @@ RESUMES = True
 
 def check(spec: RunSpec, data: Dataset) -> None:
     w = spec.max_workers
-    if OPTIMIZERS[spec.optimizer].full_batch:
-        if data.n_train < w:  # gd: the whole set is split as evenly as possible
-            raise ConfigError(f"workers: got {spec.workers}; {spec.optimizer} splits the "
-                              f"{data.n_train} training samples over the workers, so at most "
-                              f"{data.n_train}")
+    if w > data.n_train:  # a worker past the last sample would never see one
+        raise ConfigError(f"workers: got {spec.workers}, but the data has only {data.n_train} "
+                          f"training samples; expected at most {data.n_train}")
+    if OPTIMIZERS[spec.optimizer].full_batch:  # gd: the whole set, split as evenly as possible
         return
     # An elastic group may run at any size in its range; the batch splits evenly at each of
     # them, so every size follows the same (local's) trajectory and a resize is seamless.
