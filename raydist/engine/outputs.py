@@ -1,5 +1,7 @@
 """What every run leaves in its output folder: spec.yaml (written when the run starts),
-metrics.csv, model.pt and machine.yaml (when it ends): the same files for every strategy."""
+metrics.csv, model.pt and machine.yaml (when it ends): the same files for every strategy. Each is
+written beside its name and renamed over it (checkpoint.replacing): a kill mid-write leaves the
+file of the run before whole, and a resume can still read it."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import pandas as pd
 import torch
 import yaml
 
+from raydist.checkpoint import replacing, save
 from raydist.config import RunSpec
 from raydist.engine.loop import RunResult
 from raydist.engine.preflight import SPEC_FILE
@@ -22,19 +25,22 @@ def claim(spec: RunSpec) -> Path:
     checked against it (preflight.check_resumable)."""
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec.save(out / SPEC_FILE)
+    with replacing(out / SPEC_FILE) as tmp:
+        spec.save(tmp)
     return out
 
 
 def save_metrics(out: Path, records: list[Record]) -> None:
-    pd.DataFrame(records).to_csv(out / "metrics.csv", index=False)
+    with replacing(out / "metrics.csv") as tmp:
+        pd.DataFrame(records).to_csv(tmp, index=False)
 
 
 def save_outputs(out: Path, spec: RunSpec, result: RunResult) -> None:
     """The files of a finished run, in the folder `claim` made (spec.yaml is there already)."""
     save_metrics(out, result.metrics)
-    torch.save({k: v.detach().cpu() for k, v in result.state_dict.items()}, out / "model.pt")
-    (out / "machine.yaml").write_text(yaml.safe_dump(machine_info(spec), sort_keys=False))
+    save(out / "model.pt", {k: v.detach().cpu() for k, v in result.state_dict.items()})
+    with replacing(out / "machine.yaml") as tmp:
+        tmp.write_text(yaml.safe_dump(machine_info(spec), sort_keys=False))
 
 
 def machine_info(spec: RunSpec) -> Record:

@@ -1,9 +1,9 @@
 """The one pre-flight, before any training starts or any folder is made, in this order: the
 spec (validated when it was built), the data and the model, what the strategy needs (knobs it
 does not read are refused by name), the output folder, whether a run already in that folder
-may be resumed by this spec, and last the cluster's capacity: asking a cluster costs a Ray
-start (seconds on a laptop), so every check that needs none comes first. Every failure is a
-ConfigError: one line naming the field or file."""
+may be resumed by this spec (and its checkpoints hold plain data only), and last the cluster's
+capacity: asking a cluster costs a Ray start (seconds on a laptop), so every check that needs
+none comes first. Every failure is a ConfigError: one line naming the field or file."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import torch
 import yaml
 from torch import nn
 
-from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.config.run import resumable
 from raydist.data import Dataset, load_data
@@ -41,7 +40,7 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     check_out(spec.out)
     if strategy.RESUMES:
         check_resumable(spec, Path(spec.out) / SPEC_FILE)
-        checkpoint.resume(spec)  # an actor strategy's checkpoint must not be past spec.epochs
+        strategy.check_saved(spec)  # its checkpoints hold plain data (and are not past spec.epochs)
     if strategy.resources is not None:  # a Ray strategy: join (or start) Ray, measure it
         from raydist import cluster  # imports Ray: the engine itself imports without it
 

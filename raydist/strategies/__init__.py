@@ -7,7 +7,9 @@ it and nothing of another's, with:
 - `resources`: `resources(spec, gpus) -> (CPUs, GPUs, what)` it asks of a cluster that has `gpus`
   GPUs now (with 0 before Ray starts: an embedded Ray is sized to its CPUs), or None for a
   strategy that runs without Ray;
-- `RESUMES`: whether a run continues from the checkpoint in its output folder;
+- `RESUMES`: whether a run continues from the checkpoint in its output folder, and with it
+  `check_saved(spec)`: the pre-flight's refusal (ConfigError) of a checkpoint there that this run
+  cannot resume from (not plain data: raydist/checkpoint.py; past spec.epochs);
 - `run(spec, report) -> RunResult`: the recipe, driving the engine's epoch loop.
 Adding one is a new module or package and its name below; strategies never import each other.
 

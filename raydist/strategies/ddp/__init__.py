@@ -18,13 +18,19 @@ This module imports without Ray: comm.py's registry is read by every RunSpec val
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Diverged, Report, RunResult
 from raydist.optim import OPTIMIZERS
 
 RESUMES = True
+STORAGE, RUN = "ray", "ddp"
+"""Ray Train keeps a run's checkpoints under out/STORAGE/RUN/checkpoint_<time>/ (RunConfig's
+storage_path and name), the two latest of them."""
+STATE = "state.pt"  # the file inside every Ray Train checkpoint
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
@@ -43,6 +49,13 @@ def check(spec: RunSpec, data: Dataset) -> None:
         raise ConfigError(f"batch_size: got {spec.batch_size}; the global batch must divide by "
                           f"{sizes}, e.g. {max(step, spec.batch_size // step * step)}")
     # A short last batch may leave some workers an empty shard: they add a zero gradient.
+
+
+def check_saved(spec: RunSpec) -> None:
+    """Every checkpoint Ray Train may resume from is plain data (checkpoint.load): a worker
+    restores one only inside Ray Train, so a tampered one is refused here, before Ray starts."""
+    for path in sorted((Path(spec.out) / STORAGE / RUN).glob(f"checkpoint_*/{STATE}")):
+        checkpoint.load(path)
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:

@@ -22,7 +22,7 @@ from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Record, Report
 from raydist.faults import Faults
-from raydist.strategies.ddp import num_workers, per_worker
+from raydist.strategies.ddp import RUN, STORAGE, num_workers, per_worker
 from raydist.strategies.ddp.worker import RAY_CALL_S, loop
 
 POLL_S = 0.2  # how often the driver collects records
@@ -68,7 +68,7 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
                                      resources_per_worker=need,
                                      elastic_resize_monitor_interval_s=ELASTIC_CHECK_S),
         run_config=RunConfig(
-            name="ddp", storage_path=str(Path(spec.out) / "ray"),
+            name=RUN, storage_path=str(Path(spec.out) / STORAGE),
             failure_config=FailureConfig(max_failures=spec.max_failures,
                                          controller_failure_limit=START_RETRIES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -16,16 +16,15 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointUploadMode
 from ray.train.torch import get_device, prepare_model
 
-from raydist import ray_compat
+from raydist import checkpoint, ray_compat
 from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Diverged, Record, evaluate, fit, make_optimizer, train_epoch
 from raydist.faults import Faults
 from raydist.models import build_model
-from raydist.strategies.ddp import syncbn
+from raydist.strategies.ddp import STATE, syncbn
 from raydist.strategies.ddp.comm import Comm
 
-STATE = "state.pt"  # the file inside every Ray Train checkpoint
 RAY_CALL_S = 60.0  # bound on any single call to the channel actor
 
 
@@ -124,7 +123,7 @@ def save_checkpoint(history: list[Record], model: torch.nn.Module,
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "epoch": rec["epoch"], "history": history, "rng": rng_states()}
     folder = tempfile.mkdtemp(prefix="raydist_ckpt_")  # Ray deletes it after the upload
-    torch.save(state, Path(folder) / STATE)
+    checkpoint.save(Path(folder) / STATE, state)
     ray.train.report(rec, checkpoint=Checkpoint.from_directory(folder),
                      delete_local_checkpoint_after_upload=True, **report)
 
@@ -135,7 +134,7 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Re
     if ckpt is None:
         return []
     with ckpt.as_directory() as d:
-        state = torch.load(Path(d) / STATE, map_location="cpu", weights_only=False)
+        state = checkpoint.load(Path(d) / STATE)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])  # casts its tensors to the params' device
     set_rng_states(state["rng"])
@@ -143,8 +142,10 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Re
 
 
 def rng_states() -> dict[str, Any]:
+    """Every generator's state as plain data (checkpoint.PLAIN): numpy's key array as a list."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
     states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": np.random.get_state()}
+              "numpy": (name, key.tolist(), pos, has_gauss, gauss)}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -153,6 +154,7 @@ def rng_states() -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Report, RunResult, fit_restarting, global_batches
@@ -98,6 +99,11 @@ def gpus_per_stage(spec: RunSpec, gpus: float) -> float:
     if not (spec.use_gpu if spec.use_gpu is not None else gpus > 0):
         return 0.0
     return min(1.0, gpus / spec.stages) if gpus else 1.0
+
+
+def check_saved(spec: RunSpec) -> None:
+    """The checkpoint a run in spec.out resumes from is plain data and not past spec.epochs."""
+    checkpoint.resume(spec)
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:

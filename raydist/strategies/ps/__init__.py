@@ -25,10 +25,11 @@ upper half of the float32, rounded to nearest even). Servers keep fp32 master we
 the wire dtype.
 
 Faults: after every epoch the driver writes spec.out/checkpoint.pt (weights, optimizer state by
-tensor name, metrics history). When an actor dies, every actor is replaced and the run resumes from
-that checkpoint, at most `max_failures` times; batch order depends only on (seed, epoch), so a
-resumed sync run ends bit for bit where an uninterrupted one does. A new run whose `out` holds a
-checkpoint of the same spec resumes from it, finished or not (engine.fit_restarting).
+tensor name, metrics history; its arrays as tensors, sharding.to_file). When an actor dies, every
+actor is replaced and the run resumes from that checkpoint, at most `max_failures` times; batch
+order depends only on (seed, epoch), so a resumed sync run ends bit for bit where an
+uninterrupted one does. A new run whose `out` holds a checkpoint of the same spec resumes from
+it, finished or not (engine.fit_restarting).
 
 This module imports without Ray; the recipe (`run`) imports the actors when it runs.
 """
@@ -37,12 +38,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Report, RunResult, fit_restarting
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
-from raydist.strategies.ps.sharding import split_model
+from raydist.strategies.ps.sharding import from_file, split_model
 
 RESUMES = True
 SERVER_CPUS = 0.5
@@ -62,6 +64,11 @@ def check(spec: RunSpec, data: Dataset) -> None:
     if spec.workers > batch:
         raise ConfigError(f"workers: {spec.workers} replicas but a global batch holds only {batch} "
                           f"samples; expected workers <= {batch}")
+
+
+def check_saved(spec: RunSpec) -> None:
+    """The checkpoint a run in spec.out resumes from is plain data and not past spec.epochs."""
+    checkpoint.resume(spec)
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
@@ -84,9 +91,10 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     parts = split_model(model, spec.servers)
 
     def start(saved: dict[str, Any] | None) -> Group:
+        saved = from_file(saved) if saved else None
         weights = saved["weights"] if saved else {n: p.detach().numpy() for n, p in model.named_parameters()}
         return Group.start(spec, model, parts, weights, saved["optimizer"] if saved else {})
 
     return fit_restarting(spec, data, report, start=start,
-                          finished=lambda saved: state_dict(model, saved["weights"]),
+                          finished=lambda saved: state_dict(model, from_file(saved)["weights"]),
                           lost=lost, error=ActorFailed)

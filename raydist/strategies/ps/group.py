@@ -23,7 +23,7 @@ from raydist.engine import Record
 from raydist.faults import Faults
 from raydist.strategies.ps import SERVER_CPUS
 from raydist.strategies.ps.actors import Replica, Server
-from raydist.strategies.ps.sharding import Part
+from raydist.strategies.ps.sharding import Part, to_file
 from raydist.strategies.ps.staleness import AsyncSchedule, Item
 
 WAIT_S = 300.0
@@ -105,7 +105,7 @@ class Group:
         return _get(self.replicas[0].evaluate.remote(*self.weights))
 
     def save(self, history: list[Record]) -> None:
-        checkpoint.write(self.spec.out, {"history": history, **self.state()})
+        checkpoint.write(self.spec.out, {"history": history, **to_file(self.state())})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return state_dict(self.model, self.state()["weights"])

@@ -81,6 +81,25 @@ def numpy_state(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict[
             for i, st in optimizer.state_dict()["state"].items()}
 
 
+def to_file(state: dict[str, Any]) -> dict[str, Any]:
+    """ps's state as a checkpoint holds it: its numpy arrays as tensors (raydist/checkpoint.py
+    reads nothing but plain data). torch.tensor copies: the arrays may be read-only ones."""
+    return _convert(state, np.ndarray, torch.tensor)
+
+
+def from_file(state: dict[str, Any]) -> dict[str, Any]:
+    """to_file's inverse, exactly (same dtypes and values): the in-memory and wire format is numpy."""
+    return _convert(state, torch.Tensor, torch.Tensor.numpy)
+
+
+def _convert(value: Any, kind: type, to: Callable[[Any], Any]) -> Any:
+    if isinstance(value, kind):
+        return to(value)
+    if isinstance(value, dict):
+        return {k: _convert(v, kind, to) for k, v in value.items()}
+    return value
+
+
 def load_state(optimizer: torch.optim.Optimizer, names: Sequence[str], state: dict[str, Any]) -> None:
     sd = optimizer.state_dict()
     # torch.tensor copies: arrays from the object store are read-only and must not back the state
