@@ -155,7 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     net = plan.Network(plan.parse_bandwidth(args.bandwidth), plan.parse_duration(args.latency))
     costs = (calibration.from_flops(spec, plan.parse_rate(args.flops), args.workers_per_node)
              if args.flops else calibration.calibrate(spec, counts, args.workers_per_node))
-    rows = plan.predict(costs, net, spec.batch_size, counts, spec.microbatches)
+    rows = plan.predict(costs, net, spec.global_batch, counts, spec.microbatches)
     print(plan.table(rows))
     plan.write(rows, Path(spec.out))
     print(f"wrote {spec.out}/plan.csv, plan.png")
