@@ -302,8 +302,7 @@ def speedup_section(trials: pd.DataFrame, scale: str, root: Path,
         ttt_speedup=table["ttt_speedup"].map(lambda v: fmt(v, "{:.2f}")),
         predicted=table["predicted"].map(lambda v: fmt(v, "{:.2f}")))
     modes = sorted(table["scaling"].unique())
-    extra = (["scaling"] if len(modes) > 1 else []) + \
-        (["global_batch"] if table["global_batch"].nunique() > 1 else [])
+    extra = ["scaling"] * (len(modes) > 1) + ["global_batch"] * (table["global_batch"].nunique() > 1)
     cols = [*[c for c in varying(trials) if c != scale], scale, *extra, "seeds", "samples_per_s", "speedup",
             *(["predicted"] if plan is not None else []),
             "efficiency", "vs_local", "time_to_target", "ttt_speedup"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from raydist import report
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
@@ -58,10 +59,10 @@ def test_step_decay_and_constant_warmup():
 
 
 @pytest.mark.parametrize("raw,global_batch,lr", [
-    # pipeline: its stages split the model, not the batch
     ({"strategy": "local", "batch_per_worker": 32}, 32, 0.1 * 32 / 64),
     ({"strategy": "ddp", "workers": 4, "batch_per_worker": 32}, 128, 0.1 * 128 / 64),
     ({"strategy": "ps", "workers": 3, "batch_per_worker": 32}, 96, 0.1 * 96 / 64),
+    # pipeline: its stages split the model, not the batch
     ({"strategy": "pipeline", "stages": 2, "batch_per_worker": 32}, 32, 0.1 * 32 / 64),
     ({"strategy": "ddp", "workers": 4, "batch_size": 256, "base_batch": 128}, 256, 0.2),
     ({"strategy": "ddp", "workers": 2, "batch_per_worker": 128, "lr_scaling": "sqrt"}, 256, 0.2),
@@ -178,3 +179,33 @@ def test_a_spec_saved_before_the_schedule_knobs_resumes(tmp_path):
         del old[knob]
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(old))
     check_resumable(spec.replace(epochs=4), tmp_path / "spec.yaml")
+
+
+def test_report_tells_strong_from_weak_scaling(tmp_path):
+    """A hand-made results.csv: ddp on 1 and 2 workers at a fixed global batch of 64 (strong) and
+    at 32 per worker (weak); throughput = epoch 2's samples/s, time to target = epoch 1 or 2."""
+    rows = []
+    # (batch_size, batch_per_worker, workers, global batch, samples/s of epoch 2, accuracy, wall time)
+    for i, (bs, bpw, n, gb, sps, acc, wall) in enumerate([
+            (64, None, 1, 64, 100, [0.5, 0.95], [2, 4]), (64, None, 2, 64, 150, [0.95, 0.96], [1, 2]),
+            (None, 32, 1, 32, 80, [0.95, 0.96], [3, 6]), (None, 32, 2, 64, 160, [0.5, 0.95], [2, 4])]):
+        for epoch in (1, 2):
+            rows.append({"trial_id": f"t{i}", "status": "completed", "epoch": epoch,
+                         "val_accuracy": acc[epoch - 1], "samples_per_s": 10 if epoch == 1 else sps,
+                         "wall_time_s": wall[epoch - 1], "global_batch": gb, "strategy": "ddp",
+                         "optimizer": "adam", "workers": n, "batch_size": bs, "batch_per_worker": bpw,
+                         "seed": 0})
+    pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "sweep.yaml").write_text("model: mlp\nsweep: {target: 0.9}\n")
+    lines = report.write(tmp_path).read_text().splitlines()
+    assert ("Scaling: strong (batch_size: the same global batch at every N) and weak (batch_per_worker: "
+            "the global batch grows with the replicas). speedup = samples/s(N) / samples/s(1); "
+            "efficiency = speedup / N; ttt_speedup = time to target(1) / time to target(N); vs_local = "
+            "samples/s / samples/s of local.") in lines
+    assert ("| workers | scaling | global_batch | seeds | samples_per_s | speedup | efficiency | vs_local | "
+            "time_to_target | ttt_speedup |") in lines
+    assert {"| 1 | strong | 64 | 1 | 100 | 1.00 | 1.00 | - | 4.00 s | 1.00 |",
+            "| 2 | strong | 64 | 1 | 150 | 1.50 | 0.75 | - | 1.00 s | 4.00 |",
+            "| 1 | weak | 32 | 1 | 80 | 1.00 | 1.00 | - | 3.00 s | 1.00 |",
+            "| 2 | weak | 64 | 1 | 160 | 2.00 | 1.00 | - | 4.00 s | 0.75 |"} <= set(lines)
+    assert (tmp_path / "speedup.png").read_bytes()[:4] == b"\x89PNG"
