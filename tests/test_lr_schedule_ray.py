@@ -1,8 +1,8 @@
 """Learning-rate schedules and weak scaling on Ray: with warmup and cosine, ddp on 2 workers,
 ps sync and pipeline on 2 stages end where local ends; a ps or pipeline run that loses an actor
 mid-warmup resumes its schedule from the checkpoint bit for bit; async ps steps its servers'
-schedules once per update; and a weak-scaling sweep's report shows both speedups, consistent
-with its results.csv."""
+schedules once per update; and a weak-scaling sweep (ddp on 1 and 2 workers) reports both
+speedups, consistent with its results.csv."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ hidden: [16]
 epochs: 2
 val_fraction: 0.1
 optimizer: adam
-strategy: ps
+strategy: ddp
 batch_per_worker: 32
 lr_scaling: linear
 warmup_steps: 10
