@@ -164,7 +164,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     check_out(spec.out)  # before the calibration's seconds of work
     costs = (calibration.from_flops(spec, rate, args.workers_per_node) if rate
              else calibration.calibrate(spec, counts, args.workers_per_node))
-    rows = plan.predict(costs, net, spec.batch_size, counts, spec.microbatches)
+    rows = plan.predict(costs, net, spec.global_batch, counts, spec.microbatches)
     print(plan.table(rows))
     plan.write(rows, Path(spec.out))
     print(f"wrote {spec.out}/plan.csv, plan.png")

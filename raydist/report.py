@@ -9,7 +9,9 @@ Every number comes from results.csv (one row per trial per epoch), by these rule
   reaches the target; a seed that never reaches it counts as infinitely slow;
 - speedup(N) = throughput(N) / throughput(1) within a setting that differs only in N (the
   sweep's `scale` field, workers by default); efficiency = speedup(N) / N; time-to-target
-  speedup = time(1) / time(N); vs_local = throughput(N) / throughput of `local` in the same setting.
+  speedup = time(1) / time(N); vs_local = throughput(N) / throughput of `local` in the same setting;
+- a trial scales strong (a fixed global batch: batch_size) or weak (batch_per_worker: the global
+  batch grows with the replicas); its global batch is the records' global_batch.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ def per_trial(results: pd.DataFrame, metric: str, mode: str, target: float | Non
         runs = trial.dropna(subset=["epoch"]).sort_values("epoch")
         first = trial.iloc[0]
         rows.append({"trial_id": trial_id, "status": first["status"], **first[spec_columns(results)],
+                     "scaling": "weak" if pd.notna(first.get("batch_per_worker")) else "strong",
+                     "global_batch": runs["global_batch"].median() if "global_batch" in runs else math.nan,
                      "epochs_run": len(runs), "samples_per_s": throughput(runs),
                      "final": runs[metric].iloc[-1] if len(runs) else math.nan,
                      "time_to_target": time_to_target(runs, metric, mode, target)})
@@ -85,6 +89,7 @@ def by_setting(trials: pd.DataFrame, keys: list[str], mode: str = "max") -> pd.D
         "final_min": grouped["final"].min(),
         "final_max": grouped["final"].max(),
         "time_to_target": grouped["time_to_target"].median(),
+        "global_batch": grouped["global_batch"].median(),
     }).reset_index()
 
 
@@ -92,7 +97,7 @@ def by_setting(trials: pd.DataFrame, keys: list[str], mode: str = "max") -> pd.D
 
 def speedup_table(trials: pd.DataFrame, scale: str = "workers") -> pd.DataFrame:
     """One row per setting and N; empty when the sweep does not vary `scale`."""
-    keys = [c for c in varying(trials) if c != scale]
+    keys = [*[c for c in varying(trials) if c != scale], "scaling"]
     if scale not in varying(trials):
         return pd.DataFrame()
     table = by_setting(trials, [*keys, scale])
@@ -154,30 +159,37 @@ def matches(trials: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.Series:
 # --- plots --------------------------------------------------------------------------------------
 
 def plot_speedup(table: pd.DataFrame, scale: str, path: Path) -> None:
-    """Measured speedup and efficiency per strategy; dashed, the plan's prediction where given."""
-    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
-    strategies = table["strategy"] if "strategy" in table else pd.Series("run", index=table.index)
+    """Measured throughput speedup, efficiency and time-to-target speedup per strategy (and
+    mode, where the sweep has both); dashed, the plan's prediction where given."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    modes = sorted(table["scaling"].unique())
+    label = table["strategy"] if "strategy" in table else pd.Series("run", index=table.index)
+    if len(modes) > 1:
+        label = label + " (" + table["scaling"] + ")"
     ns = sorted(table[scale].unique())
-    for name, rows in table.groupby(strategies, sort=True):
-        curve = rows.groupby(scale)[["speedup", "efficiency", "predicted"]].median()
+    for name, rows in table.groupby(label, sort=True):
+        curve = rows.groupby(scale)[["speedup", "efficiency", "ttt_speedup", "predicted"]].median()
         if len(curve) < 2:
             continue  # a baseline with one N draws no line
-        (line,) = ax_s.plot(curve.index, curve["speedup"], "o-", label=name)
-        ax_e.plot(curve.index, curve["efficiency"], "o-", label=name)
+        (line,) = axes[0].plot(curve.index, curve["speedup"], "o-", label=name)
+        axes[1].plot(curve.index, curve["efficiency"], "o-", label=name)
+        axes[2].plot(curve.index, curve["ttt_speedup"], "o-", label=name)
         if curve["predicted"].notna().any():
             color = line.get_color()
-            ax_s.plot(curve.index, curve["predicted"], "x--", color=color, label=f"{name} (plan)")
-            ax_e.plot(curve.index, curve["predicted"] / curve.index, "x--", color=color,
-                      label=f"{name} (plan)")
-    ax_s.plot(ns, ns, "k--", label="ideal")
-    ax_e.plot(ns, [1.0] * len(ns), "k--", label="ideal")
-    for ax, what in ((ax_s, "speedup"), (ax_e, "scaling efficiency")):
+            axes[0].plot(curve.index, curve["predicted"], "x--", color=color, label=f"{name} (plan)")
+            axes[1].plot(curve.index, curve["predicted"] / curve.index, "x--", color=color,
+                         label=f"{name} (plan)")
+    axes[0].plot(ns, ns, "k--", label="ideal")
+    axes[1].plot(ns, [1.0] * len(ns), "k--", label="ideal")
+    axes[2].plot(ns, ns, "k--", label="ideal")
+    for ax, what in zip(axes, ("throughput speedup", "scaling efficiency", "time-to-target speedup"),
+                        strict=True):
         ax.set_xlabel(scale)
         ax.set_ylabel(what)
         ax.set_xticks(ns)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("throughput speedup over 1 (median over settings)")
+    fig.suptitle(f"{' and '.join(modes)} scaling: speedup over {scale} = 1 (median over settings)")
     save(fig, path)
 
 
@@ -303,14 +315,21 @@ def speedup_section(trials: pd.DataFrame, scale: str, root: Path,
         time_to_target=table["time_to_target"].map(fmt_time),
         ttt_speedup=table["ttt_speedup"].map(lambda v: fmt(v, "{:.2f}")),
         predicted=table["predicted"].map(lambda v: fmt(v, "{:.2f}")))
-    cols = [*[c for c in varying(trials) if c != scale], scale, "seeds", "samples_per_s", "speedup",
+    modes = sorted(table["scaling"].unique())
+    extra = ["scaling"] * (len(modes) > 1) + ["global_batch"] * (table["global_batch"].nunique() > 1)
+    cols = [*[c for c in varying(trials) if c != scale], scale, *extra, "seeds", "samples_per_s", "speedup",
             *(["predicted"] if plan is not None else []),
             "efficiency", "vs_local", "time_to_target", "ttt_speedup"]
-    legend = ("speedup = samples/s(N) / samples/s(1); efficiency = speedup / N; ttt_speedup = "
+    legend = (f"Scaling: {' and '.join(MODES[m] for m in modes)}. "
+              "speedup = samples/s(N) / samples/s(1); efficiency = speedup / N; ttt_speedup = "
               "time to target(1) / time to target(N); vs_local = samples/s / samples/s of local.")
     if plan is not None:
         legend += " predicted = the speedup `raydist plan` predicts for the strategy at N (dashed)."
     return [*head, legend, "", markdown(shown[cols]), "", "![speedup](speedup.png)", ""]
+
+
+MODES = {"strong": "strong (batch_size: the same global batch at every N)",
+         "weak": "weak (batch_per_worker: the global batch grows with the replicas)"}
 
 
 def load_plan(path: str | Path) -> pd.DataFrame:

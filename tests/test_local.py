@@ -29,7 +29,8 @@ def test_adam_mlp_digits_reaches_90_percent_and_writes_outputs(tmp_path, capsys)
     assert len(progress) == 5
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_s",
-                                     "epoch_time_s", "wall_time_s"]
+                                     "epoch_time_s", "wall_time_s", "global_batch", "effective_lr"]
+    assert (metrics["global_batch"] == 64).all() and (metrics["effective_lr"] == 0.01).all()
     assert metrics["epoch"].tolist() == [1, 2, 3, 4, 5]
     assert metrics["val_accuracy"].iloc[-1] >= 0.90
     spec = yaml.safe_load((out / "spec.yaml").read_text())

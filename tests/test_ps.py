@@ -93,7 +93,7 @@ def test_server_steps_on_the_sum_of_the_gradients(tmp_path):
     spec = spec_of(tmp_path, "x", optimizer="adam")
     _, model, optimizer = setup(spec)
     part = sharding.split_model(model, 1)[0]
-    server = Server(spec, part, {n: p.detach().numpy().copy() for n, p in model.named_parameters()})
+    server = Server(spec, part, {n: p.detach().numpy().copy() for n, p in model.named_parameters()}, steps=1)
     grads = [torch.randn_like(p) for p in model.parameters()]
     flat = torch.cat([g.reshape(-1) for g in grads])
     server.apply(flat.numpy() * 0.25, flat.numpy() * 0.75)

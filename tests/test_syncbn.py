@@ -287,7 +287,7 @@ def test_ddp_worker_converts_with_sync_batchnorm_on_several_workers(monkeypatch,
     monkeypatch.setattr(worker.ray.train, "get_context", lambda: ctx)
     monkeypatch.setattr(worker, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(worker, "build_model", lambda spec, data: conv_net())
-    monkeypatch.setattr(worker, "restore", lambda model, optimizer: [])
+    monkeypatch.setattr(worker, "restore", lambda model, optimizer, scheduler: [])
     monkeypatch.setattr(worker, "prepare_model", lambda model, **kwargs: model)
     monkeypatch.setattr(worker.Comm, "attach", lambda self, replica: None)
     spec = RunSpec.from_dict({"strategy": "ddp", "workers": 2, "sync_batchnorm": sync})

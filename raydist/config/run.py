@@ -19,6 +19,8 @@ from raydist.registry import ConfigError, closest
 
 RAY = ("ddp", "ps", "pipeline")
 """The strategies that run on Ray (all but local)."""
+DEFAULT_BATCH = 64
+"""The global batch of a spec that gives neither batch_size nor batch_per_worker."""
 
 SEED_MAX = 2**32 - 1
 """numpy's bound for a seed; torch's generators overflow past 2**63 - 1 (and the batch order's
@@ -73,6 +75,22 @@ class RunSpec:
     # --- optimizer ---------------------------------------------------------------------------
     lr: float | None = knob(None, "learning rate; empty means the optimizer's documented default",
                             check=positive, expected="a number > 0")
+    lr_scaling: str = knob("none", "lr for the global batch: as given (none), x global batch / "
+                           "base_batch (linear), or x its square root (sqrt)",
+                           registry="raydist.engine.lr:SCALINGS")
+    base_batch: int = knob(DEFAULT_BATCH, "lr_scaling: the global batch lr was tuned for (the "
+                           "optimizers' default lrs: 64, mlp on digits)", check=at_least(1),
+                           expected="an integer >= 1")
+    warmup_steps: int = knob(0, "optimizer steps of linear warmup: step s uses lr x (s+1)/"
+                             "(warmup_steps+1), the full (scaled) lr from step warmup_steps on",
+                             check=at_least(0), expected="an integer >= 0")
+    lr_schedule: str = knob("constant", "lr after warmup, per optimizer step: constant, cosine (to 0 "
+                            "at the end of the run), step (x lr_gamma every lr_step_size steps)",
+                            registry="raydist.engine.lr:LR_SCHEDULES")
+    lr_step_size: int = knob(1000, "lr_schedule step: optimizer steps between two decays",
+                             check=at_least(1), expected="an integer >= 1")
+    lr_gamma: float = knob(0.1, "lr_schedule step: factor of each decay", check=lambda x: 0 < x <= 1,
+                           expected="a number in (0, 1]")
     beta: float = knob(0.9, "decay of momentum's m and RMSprop's R",
                        check=unit_interval, expected="a number in [0, 1)")
     beta1: float = knob(0.9, "Adam's first-moment decay", check=unit_interval,
@@ -86,8 +104,14 @@ class RunSpec:
     # --- schedule ----------------------------------------------------------------------------
     epochs: int = knob(5, "passes over the training set", check=at_least(1),
                        expected="an integer >= 1", resumable=True)
-    batch_size: int = knob(64, "GLOBAL batch, whatever the worker count (gd: the whole set)",
-                           check=at_least(1), expected="an integer >= 1")
+    batch_size: int | None = knob(None, "GLOBAL batch, whatever the worker count (gd: the whole "
+                                  "set); 64 unless batch_per_worker is given", check=at_least(1),
+                                  expected="an integer >= 1")
+    batch_per_worker: int | None = knob(None, "weak scaling, instead of batch_size: samples per "
+                                        "data-parallel replica; the global batch is this x workers "
+                                        "(ddp, ps) or x 1 (local; pipeline, whose stages split the "
+                                        "model, not the batch)", check=at_least(1),
+                                        expected="an integer >= 1")
     workers: int | list[int] = knob(1, "data-parallel replicas (ddp, ps); ddp also takes a range "
                                     "MIN-MAX ([min, max] in YAML): elastic, grows when nodes join",
                                     check=worker_count,
@@ -191,6 +215,10 @@ class RunSpec:
         return spec
 
     def replace(self, **changes: Any) -> RunSpec:
+        """This spec with `changes`; a new batch_size or batch_per_worker replaces the other."""
+        for one, other in (("batch_size", "batch_per_worker"), ("batch_per_worker", "batch_size")):
+            if changes.get(one) is not None:
+                changes.setdefault(other, None)
         return RunSpec.from_dict({**self.to_dict(), **changes})
 
     def validate(self, where: str = "") -> None:
@@ -221,6 +249,8 @@ class RunSpec:
                               f"scaling) needs strategy ddp, not '{self.strategy}'")
         if self.lr is None:
             self.lr = lookup("raydist.optim:OPTIMIZERS")[self.optimizer].default_lr
+        if self.batch_size is None and self.batch_per_worker is None:
+            self.batch_size = DEFAULT_BATCH
 
     @property
     def min_workers(self) -> int:
@@ -231,6 +261,18 @@ class RunSpec:
     def max_workers(self) -> int:
         """The most replicas the run may have: `workers`, or the high end of its range."""
         return self.workers if isinstance(self.workers, int) else self.workers[1]
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel replicas: `workers` where the strategy reads it (ddp, ps), else 1 (local;
+        pipeline, whose stages split the model, not the batch)."""
+        return self.max_workers if reads(self.strategy, "workers") else 1
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step: batch_size, or batch_per_worker x replicas (gd trains on
+        the whole set whatever this says: engine.global_batches)."""
+        return self.batch_size if self.batch_size is not None else self.batch_per_worker * self.replicas
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -250,6 +292,11 @@ class RunSpec:
     def optimizer_hparams(self) -> dict[str, float]:
         return {"beta": self.beta, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
                 "weight_decay": self.weight_decay}
+
+
+def full_batch(optimizer: str) -> bool:
+    """Whether `optimizer` (gd) steps on the whole training set, whatever the batch knobs say."""
+    return lookup("raydist.optim:OPTIMIZERS")[optimizer].full_batch
 
 
 def default_of(f: dataclasses.Field) -> Any:
@@ -284,18 +331,47 @@ def read_only(raw: dict[str, Any], strategy: str | None = None) -> dict[str, Any
     return {k: v for k, v in raw.items() if k not in KNOBS or reads(strategy, k)}
 
 
-def resumable(strategy: str) -> list[str]:
-    """The knobs a resumed run of `strategy` may change, in RunSpec's order."""
+def resumable(strategy: str, spec: RunSpec | None = None) -> list[str]:
+    """The knobs a resumed run of `strategy` may change, in RunSpec's order; with `spec`, not
+    those its own settings make part of what it computes (`pinned`)."""
     out = []
+    fixed = pinned(spec) if spec is not None else {}
     for name, f in KNOBS.items():
         rule = f.metadata["resumable"]
-        if reads(strategy, name) and (rule is True or (rule and strategy in rule)):
+        if reads(strategy, name) and (rule is True or (rule and strategy in rule)) and name not in fixed:
             out.append(name)
     return out
 
 
+def pinned(spec: RunSpec) -> dict[str, str]:
+    """Knobs resumable by their metadata that `spec` makes part of what it computes: name -> why."""
+    return {name: why(spec) for name, test, why in PINNED if test(spec)}
+
+
+def _spans_run(spec: RunSpec) -> bool:
+    return lookup("raydist.engine.lr:LR_SCHEDULES")[spec.lr_schedule].spans_run
+
+
+# (knob, when a resumed run may not change it, why)
+PINNED: tuple[tuple[str, Any, Any], ...] = (
+    ("workers", lambda s: s.batch_per_worker is not None,
+     lambda s: f"the global batch is batch_per_worker ({s.batch_per_worker}) x workers"),
+    ("epochs", _spans_run,
+     lambda s: f"lr_schedule {s.lr_schedule} spans the run's optimizer steps, which epochs sets"),
+)
+
+
 # Settings valid one by one but not together: (the field the error names, test, what is wrong).
 COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
+    ("batch_per_worker", lambda s: s.batch_per_worker is not None and s.batch_size is not None,
+     lambda s: f"got {s.batch_per_worker} with batch_size {s.batch_size}; give one of them: "
+               "batch_size is the global batch, batch_per_worker x the data-parallel replicas makes it"),
+    ("batch_per_worker", lambda s: s.batch_per_worker is not None and isinstance(s.workers, list),
+     lambda s: f"got {s.batch_per_worker} with elastic workers {s.workers}; the global batch would "
+               "change with the group's size: give batch_size instead"),
+    ("lr_scaling", lambda s: s.lr_scaling != "none" and full_batch(s.optimizer),
+     lambda s: f"got '{s.lr_scaling}' with optimizer {s.optimizer}, which steps on the whole training "
+               "set whatever the batch; expected none"),
     ("grad_compression", lambda s: s.grad_compression == "powersgd" and s.max_workers == 1,
      lambda s: f"got 'powersgd' with workers {s.workers}; PowerSGD compresses the gradients "
                "workers exchange, so it needs workers >= 2"),

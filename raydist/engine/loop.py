@@ -19,6 +19,7 @@ import torch
 from raydist import checkpoint
 from raydist.config import RunSpec
 from raydist.data import Dataset
+from raydist.engine.lr import effective_lr
 from raydist.engine.record import Record, make_record
 from raydist.engine.step import global_batches
 
@@ -68,7 +69,8 @@ def fit(spec: RunSpec, data: Dataset, trainer: Trainer, report: Report,
         loss, measured = trainer.train_epoch(epoch, batches)
         elapsed = time.perf_counter() - t
         rec = make_record(epoch, loss / data.n_train, trainer.evaluate(), data.n_train, elapsed,
-                          time.perf_counter() - start, measured)
+                          time.perf_counter() - start,
+                          {"global_batch": len(batches[0]), "effective_lr": effective_lr(spec), **measured})
         history.append(rec)
         if not math.isfinite(rec["train_loss"]):
             report(rec)

@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from raydist.config import ConfigError, RunSpec
-from raydist.config.run import resumable
+from raydist.config.run import KNOBS, default_of, pinned, resumable
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
 from raydist.models import build_model
@@ -90,12 +90,18 @@ def check_resumable(spec: RunSpec, saved: Path) -> None:
     if not isinstance(old, dict):
         raise ConfigError(f"out: {saved} holds no run spec; choose another out")
     strategy = old.get("strategy", spec.strategy)
-    allowed = resumable(spec.strategy)
+    allowed, fixed = resumable(spec.strategy, spec), pinned(spec)
     for key, value in spec.to_dict().items():
-        if key not in allowed and old.get(key) != value:
-            raise ConfigError(f"{key}: got {value!r}, but {spec.out} holds a {strategy} run with "
-                              f"{key}={old.get(key)!r}; resume it with the same settings "
-                              f"(only {', '.join(allowed)} may change) or choose another out")
+        # a knob the saved spec predates held its default there
+        was = old.get(key, default_of(KNOBS[key]))
+        if key in allowed or was == value:
+            continue
+        held = f"{key}: got {value!r}, but {spec.out} holds a {strategy} run with {key}={was!r}"
+        if key in fixed:
+            raise ConfigError(f"{held}, and {fixed[key]}; resume it with {key}={was!r} or choose "
+                              "another out")
+        raise ConfigError(f"{held}; resume it with the same settings (only {', '.join(allowed)} "
+                          "may change) or choose another out")
 
 
 @torch.no_grad()

@@ -25,6 +25,12 @@ class EpochRecord(TypedDict, total=False):
     """wall seconds of the epoch's training steps (evaluation and checkpoint excluded)."""
     wall_time_s: float
     """wall seconds since the run started (a resumed run continues its first attempt's clock)."""
+    global_batch: int
+    """samples per optimizer step: batch_size, or batch_per_worker x the data-parallel replicas
+    (gd: the whole training set)."""
+    effective_lr: float
+    """lr x the lr_scaling factor of global_batch / base_batch: the lr warmup rises to and the
+    schedule starts from (engine/lr.py)."""
     world_size: int
     """processes that trained this epoch: ddp workers, ps replicas, pipeline stages."""
     comm_wait_s: float

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from raydist.config import RunSpec
 from raydist.data import Dataset, batch_order, load_data, shard
+from raydist.engine.lr import effective_lr
 from raydist.engine.record import Record
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS, build_optimizer
@@ -34,13 +36,20 @@ def setup(spec: RunSpec) -> tuple[Dataset, nn.Sequential, torch.optim.Optimizer]
 
 
 def make_optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
-    return build_optimizer(spec.optimizer, params, spec.lr, **spec.optimizer_hparams())
+    """The spec's optimizer at the lr scaled for the global batch (engine/lr.py); the run's
+    schedule (make_scheduler) then sets each step's lr from it."""
+    return build_optimizer(spec.optimizer, params, effective_lr(spec), **spec.optimizer_hparams())
 
 
 def global_batches(spec: RunSpec, data: Dataset, epoch: int) -> list[torch.Tensor]:
     """Index batches of `epoch`; gd takes the whole training set as one batch."""
-    size = data.n_train if OPTIMIZERS[spec.optimizer].full_batch else spec.batch_size
+    size = data.n_train if OPTIMIZERS[spec.optimizer].full_batch else spec.global_batch
     return batch_order(data.n_train, size, spec.seed, epoch)
+
+
+def total_steps(spec: RunSpec, data: Dataset) -> int:
+    """Optimizer steps of the whole run, one per global batch: the lr schedule's horizon."""
+    return spec.epochs * len(global_batches(spec, data, 1))
 
 
 def denominator(global_batch: int, averaged_over: int = 1) -> float:
@@ -95,21 +104,25 @@ def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, deno
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-         task: str, denom: float) -> float:
+         task: str, denom: float, scheduler: LRScheduler | None = None) -> float:
+    """One optimizer step, then one step of the lr schedule (if any) for the next."""
     total = backward(model, x, y, task, denom)
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     return total
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset,
-                batches: list[torch.Tensor], rank: int = 0, world: int = 1) -> float:
+                batches: list[torch.Tensor], rank: int = 0, world: int = 1,
+                scheduler: LRScheduler | None = None) -> float:
     """One pass; each worker takes its shard of every global batch. Returns this worker's
     sum of per-sample losses."""
     total = 0.0
     for batch in batches:
         idx = shard(batch, rank, world)
         total += step(model, optimizer, data.x_train[idx], data.y_train[idx], data.task,
-                      denominator(len(batch), world))
+                      denominator(len(batch), world), scheduler)
     return total
 
 

@@ -6,7 +6,17 @@ import torch
 
 from raydist.config import RunSpec
 from raydist.data import Dataset, load_data
-from raydist.engine import Record, Report, RunResult, evaluate, fit, make_optimizer, train_epoch
+from raydist.engine import (
+    Record,
+    Report,
+    RunResult,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    total_steps,
+    train_epoch,
+)
 from raydist.models import build_model
 
 RESUMES = False
@@ -26,9 +36,10 @@ class Local:
         self.data = data
         self.model = build_model(spec, data)
         self.optimizer = make_optimizer(spec, self.model.parameters())
+        self.scheduler = make_scheduler(spec, self.optimizer, total_steps(spec, data))
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        return train_epoch(self.model, self.optimizer, self.data, batches), {}
+        return train_epoch(self.model, self.optimizer, self.data, batches, scheduler=self.scheduler), {}
 
     def evaluate(self) -> Record:
         return evaluate(self.model, self.data)

@@ -43,11 +43,11 @@ def check(spec: RunSpec, data: Dataset) -> None:
     # An elastic group may run at any size in its range; the batch splits evenly at each of
     # them, so every size follows the same (local's) trajectory and a resize is seamless.
     step = math.lcm(*range(spec.min_workers, w + 1))
-    if spec.batch_size % step:
+    if spec.global_batch % step:
         sizes = (f"workers ({w})" if isinstance(spec.workers, int) else
                  f"every worker count in {spec.workers} (elastic), i.e. by {step}")
-        raise ConfigError(f"batch_size: got {spec.batch_size}; the global batch must divide by "
-                          f"{sizes}, e.g. {max(step, spec.batch_size // step * step)}")
+        raise ConfigError(f"batch_size: got {spec.global_batch}; the global batch must divide by "
+                          f"{sizes}, e.g. {max(step, spec.global_batch // step * step)}")
     # A short last batch may leave some workers an empty shard: they add a zero gradient.
 
 

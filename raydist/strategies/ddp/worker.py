@@ -15,11 +15,22 @@ import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointUploadMode
 from ray.train.torch import get_device, prepare_model
+from torch.optim.lr_scheduler import LRScheduler
 
 from raydist import checkpoint, ray_compat
 from raydist.config import RunSpec
 from raydist.data import Dataset
-from raydist.engine import Diverged, Record, evaluate, fit, make_optimizer, train_epoch
+from raydist.engine import (
+    Diverged,
+    Record,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    restore_scheduler,
+    total_steps,
+    train_epoch,
+)
 from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.strategies.ddp import STATE, syncbn
@@ -45,17 +56,20 @@ class Replica:
         if spec.sync_batchnorm and self.world > 1:
             self.model = syncbn.convert(self.model)
         self.link = Comm(spec, self.model, self.world)
+        inner = make_optimizer(spec, self.model.parameters())
+        self.scheduler = make_scheduler(spec, inner, total_steps(spec, data))
         # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's step
-        self.optimizer = self.link.wrap(make_optimizer(spec, self.model.parameters()))
+        self.optimizer = self.link.wrap(inner)
         self.model.to(self.device)  # moves the parameters in place: the optimizer still holds them
-        self.history = restore(self.model, self.optimizer)
+        self.history = restore(self.model, self.optimizer, self.scheduler)
         self.data = on_device(data, self.device)
         self.replica = prepare_model(self.model, move_to_device=False,
                                      parallel_strategy_kwargs={"bucket_cap_mb": spec.bucket_cap_mb})
         self.link.attach(self.replica)
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world)
+        loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world,
+                           self.scheduler)
         sent, wait = self.link.take()
         totals = self.sum([loss, wait])  # every rank sends the same payload: rank 0's counts
         return totals[0], {"world_size": self.world, "comm_wait_s": totals[1] / self.world,
@@ -73,7 +87,7 @@ class Replica:
 
     def save(self, history: list[Record]) -> None:
         self.faults.maybe_fail(self.rank, history[-1]["epoch"])
-        save_checkpoint(history, self.model, self.optimizer, self.rank)
+        save_checkpoint(history, self.model, self.optimizer, self.scheduler, self.rank)
 
 
 def loop(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -111,8 +125,8 @@ def on_device(data: Dataset, device: torch.device) -> Dataset:
     return dataclasses.replace(data, **{k: getattr(data, k).to(device) for k in tensors})
 
 
-def save_checkpoint(history: list[Record], model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, rank: int) -> None:
+def save_checkpoint(history: list[Record], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: LRScheduler, rank: int) -> None:
     """Every rank reports (Ray Train pairs the reports up); rank 0 attaches the checkpoint.
     Uploads run in the background: Ray Train's report queue holds one entry until the
     controller polls it, and training should not wait for that."""
@@ -121,14 +135,16 @@ def save_checkpoint(history: list[Record], model: torch.nn.Module,
         ray.train.report(rec, **report)
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "epoch": rec["epoch"], "history": history, "rng": rng_states()}
+             "scheduler": scheduler.state_dict(), "epoch": rec["epoch"], "history": history,
+             "rng": rng_states()}
     folder = tempfile.mkdtemp(prefix="raydist_ckpt_")  # Ray deletes it after the upload
     checkpoint.save(Path(folder) / STATE, state)
     ray.train.report(rec, checkpoint=Checkpoint.from_directory(folder),
                      delete_local_checkpoint_after_upload=True, **report)
 
 
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Record]:
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: LRScheduler) -> list[Record]:
     """Load the latest checkpoint Ray Train registered, if any; returns its history."""
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
@@ -137,6 +153,7 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[Re
         state = checkpoint.load(Path(d) / STATE)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])  # casts its tensors to the params' device
+    restore_scheduler(scheduler, state.get("scheduler"))
     set_rng_states(state["rng"])
     return state["history"]
 

@@ -16,7 +16,7 @@ from torch import nn
 from raydist import checkpoint
 from raydist.config import RunSpec
 from raydist.data import Dataset
-from raydist.engine import Record, evaluate
+from raydist.engine import Record, evaluate, total_steps
 from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.strategies.pipeline import StageFailed, gpus_per_stage
@@ -125,10 +125,10 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
     faults = Faults.of(spec)
     blocks = blocks_of(build_model(spec, data), spec.model).seq
     shapes = boundary_shapes(blocks, data.x_train[:1], bounds)
-    k = len(bounds) - 1
+    k, steps = len(bounds) - 1, total_steps(spec, data)
     return [actor.remote(spec, i, k, blocks[bounds[i] : bounds[i + 1]], data.task,
                          data.x_train if i == 0 else None, data.y_train if i == k - 1 else None,
-                         shapes[i], faults)
+                         shapes[i], faults, steps)
             for i in range(k)]
 
 

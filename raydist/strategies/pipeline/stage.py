@@ -18,7 +18,7 @@ from torch import nn
 
 from raydist.cluster import free_port
 from raydist.config import RunSpec
-from raydist.engine import denominator, loss_fn, make_optimizer
+from raydist.engine import denominator, loss_fn, make_optimizer, make_scheduler, restore_scheduler
 from raydist.faults import Faults
 from raydist.strategies.pipeline.cuts import Shape
 from raydist.strategies.pipeline.schedules import SCHEDULES
@@ -55,7 +55,7 @@ class Stage:
 
     def __init__(self, spec: RunSpec, index: int, stages: int, layers: nn.Sequential, task: str,
                  x: torch.Tensor | None, y: torch.Tensor | None, incoming: Shape,
-                 faults: Faults) -> None:
+                 faults: Faults, steps: int) -> None:
         torch.set_num_threads(spec.threads_per_worker)
         self.faults = faults
         # Ray sets CUDA_VISIBLE_DEVICES to the GPU it gave this actor, if any.
@@ -65,6 +65,7 @@ class Stage:
         self.x, self.y = (None if t is None else t.to(self.device) for t in (x, y))
         self.first, self.last = index == 0, index == stages - 1
         self.optimizer = make_optimizer(spec, layers.parameters())
+        self.scheduler = make_scheduler(spec, self.optimizer, steps)  # the run's `steps` global batches
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """micro-batch -> (input, output; the scaled loss on the last stage) until its backward"""
         self.sending: list[tuple[dist.Work, torch.Tensor]] = []
@@ -131,7 +132,8 @@ class Stage:
 
     def train_step(self, epoch: int, micro: list[np.ndarray], batch_size: int) -> None:
         """One global batch (each micro-batch's sample indices): this stage's ops in schedule
-        order, then the flush (all micro-batches' gradients are in: step once per global batch)."""
+        order, then the flush (all micro-batches' gradients are in: step the optimizer and its lr
+        schedule once per global batch)."""
         self.faults.maybe_fail(self.index, epoch)
         for op, i in SCHEDULES[self.spec.schedule](self.index, self.stages, len(micro)):
             if op == "F":
@@ -144,6 +146,7 @@ class Stage:
         self.sending.clear()
         with self.timed("compute_s"):
             self.optimizer.step()
+            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
 
     def epoch_stats(self) -> dict[str, float]:
@@ -154,8 +157,10 @@ class Stage:
         return stats
 
     def state(self) -> dict[str, Any]:
-        return on_cpu({"model": self.layers.state_dict(), "optimizer": self.optimizer.state_dict()})
+        return on_cpu({"model": self.layers.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict()})
 
     def load(self, state: dict[str, Any]) -> None:
         self.layers.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        restore_scheduler(self.scheduler, state.get("scheduler"))

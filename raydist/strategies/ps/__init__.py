@@ -24,12 +24,16 @@ replicas' next arguments. numpy has no bfloat16: bfloat16 travels as its uint16 
 upper half of the float32, rounded to nearest even). Servers keep fp32 master weights whatever
 the wire dtype.
 
+lr schedule (engine/lr.py): every server steps its schedule with its optimizer, once per update:
+in sync mode once per global batch, as local does; in async mode once per applied gradient, so
+warmup_steps, lr_step_size and cosine's horizon count updates (workers per global batch).
+
 Faults: after every epoch the driver writes spec.out/checkpoint.pt (weights, optimizer state by
-tensor name, metrics history; its arrays as tensors, sharding.to_file). When an actor dies, every
-actor is replaced and the run resumes from that checkpoint, at most `max_failures` times; batch
-order depends only on (seed, epoch), so a resumed sync run ends bit for bit where an
-uninterrupted one does. A new run whose `out` holds a checkpoint of the same spec resumes from
-it, finished or not (engine.fit_restarting).
+tensor name, the servers' lr-schedule state, metrics history; its arrays as tensors,
+sharding.to_file). When an actor dies, every actor is replaced and the run resumes from that
+checkpoint, at most `max_failures` times; batch order depends only on (seed, epoch), so a
+resumed sync run ends bit for bit where an uninterrupted one does. A new run whose `out` holds
+a checkpoint of the same spec resumes from it, finished or not (engine.fit_restarting).
 
 This module imports without Ray; the recipe (`run`) imports the actors when it runs.
 """
@@ -41,7 +45,7 @@ from typing import Any
 from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
-from raydist.engine import Report, RunResult, fit_restarting
+from raydist.engine import Report, RunResult, fit_restarting, global_batches
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
 from raydist.strategies.ps.sharding import from_file, split_model
@@ -60,7 +64,7 @@ def check(spec: RunSpec, data: Dataset) -> None:
     if spec.servers > tensors:
         raise ConfigError(f"servers: {spec.servers} parameter servers but the model has only "
                           f"{tensors} parameter tensors; expected servers <= {tensors}")
-    batch = data.n_train if OPTIMIZERS[spec.optimizer].full_batch else min(spec.batch_size, data.n_train)
+    batch = data.n_train if OPTIMIZERS[spec.optimizer].full_batch else min(spec.global_batch, data.n_train)
     if spec.workers > batch:
         raise ConfigError(f"workers: {spec.workers} replicas but a global batch holds only {batch} "
                           f"samples; expected workers <= {batch}")
@@ -83,17 +87,20 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     checkpoint's weights and optimizer state, or the fresh model's) and the replicas; drive the
     engine's epoch loop, restarting from the checkpoint when an actor dies."""
     from raydist import cluster
-    from raydist.strategies.ps.group import Group, lost, state_dict
+    from raydist.strategies.ps.group import SERVER_STEPS, Group, lost, state_dict
 
     cluster.connect(spec)
     data = load_data(spec)
     model = build_model(spec, data)  # the weights every attempt without a checkpoint starts from
     parts = split_model(model, spec.servers)
+    steps = spec.epochs * SERVER_STEPS[spec.mode](global_batches(spec, data, 1), spec.workers)
 
     def start(saved: dict[str, Any] | None) -> Group:
         saved = from_file(saved) if saved else None
         weights = saved["weights"] if saved else {n: p.detach().numpy() for n, p in model.named_parameters()}
-        return Group.start(spec, model, parts, weights, saved["optimizer"] if saved else {})
+        saved = saved or {}
+        return Group.start(spec, model, parts, weights, saved.get("optimizer", {}),
+                           saved.get("scheduler"), steps)
 
     return fit_restarting(spec, data, report, start=start,
                           finished=lambda saved: state_dict(model, from_file(saved)["weights"]),

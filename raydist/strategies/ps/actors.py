@@ -23,11 +23,12 @@ from raydist.strategies.ps.sharding import Part
 
 
 class Server:
-    """Owns `part`: fp32 master weights in one flat buffer (the parameters are views of it), and
-    the optimizer over them."""
+    """Owns `part`: fp32 master weights in one flat buffer (the parameters are views of it), the
+    optimizer over them and its lr schedule over `steps` updates (the run's server steps)."""
 
     def __init__(self, spec: RunSpec, part: Part, weights: dict[str, np.ndarray],
-                 optimizer_state: dict[str, Any] | None = None) -> None:
+                 optimizer_state: dict[str, Any] | None = None, *, steps: int,
+                 scheduler_state: dict[str, Any] | None = None) -> None:
         torch.set_num_threads(1)
         self.part, self.codec = part, sharding.CODECS[spec.comm_dtype]
         self.flat = torch.from_numpy(np.concatenate(
@@ -36,6 +37,8 @@ class Server:
         self.optimizer = engine.make_optimizer(spec, self.params)
         if optimizer_state:
             sharding.load_state(self.optimizer, part.names, optimizer_state)
+        self.scheduler = engine.make_scheduler(spec, self.optimizer, steps)
+        engine.restore_scheduler(self.scheduler, scheduler_state)
 
     def ready(self) -> bool:
         return True
@@ -44,19 +47,22 @@ class Server:
         return self.codec.encode(self.flat)
 
     def apply(self, *grads: np.ndarray) -> np.ndarray:
-        """Sum the replicas' gradients (in replica order), step, return the new weights."""
+        """Sum the replicas' gradients (in replica order), step (the lr schedule too), return the
+        new weights."""
         total = np.zeros(self.part.size, dtype=np.float32)
         for g in grads:
             total += self.codec.decode(g)
         for p, g in zip(self.params, self.part.views(torch.from_numpy(total)), strict=True):
             p.grad = g
         self.optimizer.step()
+        self.scheduler.step()
         return self.weights()
 
     def state(self) -> dict[str, Any]:
         return {"weights": {n: v.detach().numpy().copy()
                             for n, v in zip(self.part.names, self.part.views(self.flat), strict=True)},
-                "optimizer": sharding.numpy_state(self.optimizer, self.part.names)}
+                "optimizer": sharding.numpy_state(self.optimizer, self.part.names),
+                "scheduler": self.scheduler.state_dict()}
 
 
 class Replica:

@@ -75,12 +75,16 @@ class Group:
 
     @classmethod
     def start(cls, spec: RunSpec, model: nn.Module, parts: list[Part], weights: dict[str, np.ndarray],
-              optimizer_state: dict[str, Any]) -> Group:
+              optimizer_state: dict[str, Any], scheduler_state: dict[str, Any] | None,
+              steps: int) -> Group:
+        """Servers from `weights` and the optimizer and lr-schedule state (every server's
+        schedule is the same: all step once per update), for a run of `steps` server updates."""
         faults = Faults.of(spec)
         group = cls(spec, model,
                     [RemoteServer.options(num_cpus=SERVER_CPUS, **OWN_PLACE).remote(
                         spec, p, {n: weights[n] for n in p.names},
-                        {n: optimizer_state[n] for n in p.names if n in optimizer_state})
+                        {n: optimizer_state[n] for n in p.names if n in optimizer_state},
+                        steps=steps, scheduler_state=scheduler_state)
                      for p in parts],
                     [RemoteReplica.options(num_cpus=spec.threads_per_worker, **OWN_PLACE).remote(
                         spec, i, parts, faults) for i in range(spec.workers)])
@@ -127,8 +131,9 @@ class Group:
 
     def state(self) -> dict[str, Any]:
         states = _get([s.state.remote() for s in self.servers])
-        return {key: {k: v for st in states for k, v in st[key].items()}
-                for key in ("weights", "optimizer")}
+        merged = {key: {k: v for st in states for k, v in st[key].items()}
+                  for key in ("weights", "optimizer")}
+        return {**merged, "scheduler": states[0]["scheduler"]}
 
 
 def state_dict(model: nn.Module, weights: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -159,9 +164,7 @@ def sync_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochWo
 
 def async_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochWork:
     """Each gradient is applied alone as it arrives, unless it is too stale."""
-    world = len(group.replicas)
-    sched = AsyncSchedule([(step, part) for step, b in enumerate(batches) for part in range(world)
-                           if len(shard(b, part, world))], group.spec.max_staleness)
+    sched = AsyncSchedule(shards(batches, len(group.replicas)), group.spec.max_staleness)
     flying: dict[ray.ObjectRef, tuple[int, Item, int, list[ray.ObjectRef]]] = {}
 
     def dispatch(rank: int) -> None:
@@ -170,7 +173,7 @@ def async_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochW
             outs = group.grad(rank, epoch, *item)
             flying[outs[0]] = (rank, item, sched.version, outs[1:])
 
-    for rank in range(world):
+    for rank in range(len(group.replicas)):
         dispatch(rank)
     work = EpochWork([])
     while flying:
@@ -189,8 +192,19 @@ def async_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochW
     return work
 
 
+def shards(batches: list[torch.Tensor], world: int) -> list[Item]:
+    """(step, part) of every non-empty shard of the epoch: async's queue."""
+    return [(step, part) for step, b in enumerate(batches) for part in range(world)
+            if len(shard(b, part, world))]
+
+
 EPOCHS: dict[str, Callable[[Group, int, list[torch.Tensor]], EpochWork]] = {
     "sync": sync_epoch, "async": async_epoch}
+SERVER_STEPS: dict[str, Callable[[list[torch.Tensor], int], int]] = {
+    "sync": lambda batches, world: len(batches),  # one update per global batch
+    # one per applied gradient: a discarded one's shard is recomputed and applied later
+    "async": lambda batches, world: len(shards(batches, world))}
+"""Optimizer (and lr schedule) steps of every server in one epoch, by mode."""
 
 
 def epoch_metrics(work: EpochWork, steps: int, workers: int, elapsed: float) -> Record:
