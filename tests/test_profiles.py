@@ -8,9 +8,7 @@ import math
 import pandas as pd
 import pytest
 
-from raydist import profiles, report
-
-pytestmark = pytest.mark.unit
+from raydist import profiles, report, sweep
 
 INF = math.inf
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -46,6 +44,7 @@ def trials_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.mark.unit
 def test_best_lr_ratios_and_profiles_by_hand():
     scores = profiles.best(profiles.per_lr(trials_table(), "max"), "max").set_index(["workload", "optimizer"])
     assert scores["lr"].to_dict() == {
@@ -67,6 +66,7 @@ def test_best_lr_ratios_and_profiles_by_hand():
         assert shares[name].tolist() == pytest.approx([n / 3 for n in thirds])
 
 
+@pytest.mark.unit
 def test_an_optimizer_missing_on_a_workload_counts_as_never_reaching(tmp_path):
     trials = trials_table()
     trials = trials[~((trials["optimizer"] == "sgd") & (trials["model"] == "cnn"))]
@@ -90,6 +90,7 @@ def results_of(trials: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@pytest.mark.unit
 def test_the_report_draws_profiles_for_several_workloads_only(tmp_path):
     (tmp_path / "results.csv").write_text(results_of(trials_table()).to_csv(index=False))
     (tmp_path / "sweep.yaml").write_text("sweep: {target: 0.9}\n")
@@ -112,3 +113,44 @@ def test_the_report_draws_profiles_for_several_workloads_only(tmp_path):
     (one / "sweep.yaml").write_text("sweep: {target: 0.9}\n")
     assert "Performance profiles" not in report.write(one).read_text()
     assert not (one / "profiles.png").exists()
+
+
+PROTOCOL = """
+strategy: local
+epochs: 2
+optimizer: {grid: [sgd, adam]}
+lr: {grid: [0.01, 0.1]}
+sweep:
+  target: 0.8
+  seeds: [0]
+  max_concurrent: 2
+  variants: [{model: mlp, data: digits}, {model: mlp, data: synthetic, samples: 600}]
+"""
+
+
+@pytest.mark.ray
+def test_a_protocol_sweep_reports_its_profiles(ray_local, tmp_path):
+    (tmp_path / "protocol.yaml").write_text(PROTOCOL)
+    out = tmp_path / "out"
+    sweep.run(tmp_path / "protocol.yaml", out)
+    text = report.write(out).read_text()
+    results = pd.read_csv(out / "results.csv")
+    assert (results.drop_duplicates("trial_id")["status"] == "completed").all()
+    # one seed: an optimizer's time is its best lr's first wall time at val_accuracy >= 0.8
+    times = {}
+    for (optimizer, data), rows in results.groupby(["optimizer", "data"]):
+        hits = [g[g["val_accuracy"] >= 0.8]["wall_time_s"].min() for _, g in rows.groupby("lr")]
+        times[optimizer, f"mlp/{data}"] = min((h for h in hits if not math.isnan(h)), default=INF)
+    lines = set(text.splitlines())
+    for (optimizer, workload), t in times.items():
+        best = min(times[o, workload] for o in ("sgd", "adam"))
+        shown = "not reached" if t == INF else f"{t:.2f} s"
+        ratio = f"{t / best:.2f}" if t < INF else "-"
+        assert any(line.startswith(f"| {optimizer} | {workload} | ") and f"| 1 | {shown} | {ratio} |" in line
+                   for line in lines), (optimizer, workload, shown, ratio)
+    for optimizer in ("sgd", "adam"):
+        wins = sum(times[optimizer, w] == min(times["sgd", w], times["adam", w]) < INF
+                   for w in ("mlp/digits", "mlp/synthetic"))
+        assert any(line.startswith(f"| {optimizer} | {wins / 2:g} |") for line in lines)
+    for png in ("profiles.png", "lr_profiles.png"):
+        assert (out / png).read_bytes()[:8] == PNG
