@@ -154,3 +154,19 @@ def test_a_protocol_sweep_reports_its_profiles(ray_local, tmp_path):
         assert any(line.startswith(f"| {optimizer} | {wins / 2:g} |") for line in lines)
     for png in ("profiles.png", "lr_profiles.png"):
         assert (out / png).read_bytes()[:8] == PNG
+
+
+@pytest.mark.unit
+def test_the_shipped_protocol_gives_every_optimizer_the_same_space():
+    from pathlib import Path
+
+    from raydist.config import load_sweep
+
+    s = load_sweep(Path(__file__).resolve().parents[1] / "tune_configs" / "protocol.yaml")
+    (kind, optimizers), (lr_kind, lrs) = s.space["optimizer"], s.space["lr"]
+    assert kind == lr_kind == "grid" and len(optimizers) >= 4 and len(lrs) >= 3
+    steps = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
+    assert steps == pytest.approx([steps[0]] * len(steps)) and steps[0] > 1  # a log grid
+    assert len(s.space["seed"][1]) >= 3 and s.target is not None and s.search == "grid"
+    assert len({(v["model"], v["data"]) for v in s.variants}) == 2
+    assert sweep.total_trials(s) == len(optimizers) * len(lrs) * len(s.space["seed"][1]) * 2
