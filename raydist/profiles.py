@@ -22,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from raydist.config import RunSpec  # noqa: E402
@@ -109,7 +110,8 @@ def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
     """One column per optimizer: median time to target (top) and final loss (bottom) against
     lr, one line per workload; an lr that never reaches the target leaves a gap on top."""
     names = sorted(table["optimizer"].unique())
-    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.5), squeeze=False,
+                             sharex=True)  # every optimizer searched the same lrs
     for col, name in enumerate(names):
         top, bottom = axes[0][col], axes[1][col]
         for workload, rows in table[table["optimizer"] == name].groupby("workload", sort=True):
@@ -120,6 +122,7 @@ def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
         top.set_title(name)
         for ax, what in ((top, "time to target (s)"), (bottom, "final val_loss")):
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("learning rate")
             ax.set_ylabel(what)
             ax.grid(alpha=0.3)
