@@ -28,11 +28,9 @@ import pandas as pd
 import ray
 import yaml
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator
 
-from raydist import cluster, strategies
-from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
+from raydist import cluster, pbt, search, strategies
+from raydist.config import ConfigError, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record, check_out
 
 # A trial that ends before its first epoch (a refused setting) reports no metric: without this,
@@ -43,22 +41,6 @@ TRIAL_RESOURCES = {"cpu": 0, "trial_driver": 1}
 STATE, EPOCHS = "trial.yaml", "epochs.csv"
 # A status the trial sets itself is final; the driver only marks trials the scheduler stopped.
 FINAL = ("completed", "diverged", "error")
-
-SEARCH: dict[str, Callable[[list[Any]], Any]] = {
-    "grid": tune.grid_search,
-    "choice": tune.choice,
-    "loguniform": lambda v: tune.loguniform(*v),
-    "uniform": lambda v: tune.uniform(*v),
-}
-
-
-def scheduler(sweep: SweepSpec) -> TrialScheduler:
-    if sweep.scheduler == "asha":
-        # max_t past the last epoch: a trial reaching it ends by itself, as `completed`
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_epochs(sweep) + 1,
-                             grace_period=1)
-    return FIFOScheduler()
-
 
 # --- entry points ------------------------------------------------------------------------------
 
@@ -91,7 +73,7 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
         if restore:
             tuner = tune.Tuner.restore(str(root / "tune"), trainable, resume_unfinished=True)
         else:
-            tuner = tune.Tuner(trainable, param_space=param_space(sweep),
+            tuner = tune.Tuner(trainable, param_space=search.param_space(sweep),
                                tune_config=tune_config(sweep), run_config=run_config(sweep, root))
         print(f"sweep: {total_trials(sweep)} trials, at most {sweep.max_concurrent} at a time; "
               f"results in {root}", flush=True)
@@ -155,31 +137,16 @@ def require_trial_drivers() -> None:
 
 # --- the search --------------------------------------------------------------------------------
 
-def param_space(sweep: SweepSpec) -> dict[str, Any]:
-    """The drawn leaves as Tune's samplers; the grids crossed with the variants as one grid axis
-    of whole settings, each trial with only the knobs its strategy reads (SweepSpec.trial_grid)."""
-    space = {key: SEARCH[kind](values) for key, (kind, values) in sweep.space.items() if kind != "grid"}
-    space["variant"] = tune.grid_search(sweep.trial_grid())
-    return space
-
-
 def total_trials(sweep: SweepSpec) -> int:
     return sweep.samples * len(sweep.trial_grid())
 
 
-def max_epochs(sweep: SweepSpec) -> int:
-    values = [sweep.base.get("epochs", RunSpec.epochs)]
-    values += [v["epochs"] for v in sweep.variants if "epochs" in v]
-    values += sweep.space.get("epochs", ("grid", []))[1]
-    return max(int(v) for v in values)
-
-
 def tune_config(sweep: SweepSpec) -> tune.TuneConfig:
-    # The generator bounds concurrency (Tune ignores max_concurrent_trials beside it) and is
-    # seeded, so the same file draws the same choice/range values every time.
-    search = BasicVariantGenerator(max_concurrent=sweep.max_concurrent, random_state=0)
+    # PBT pauses and restarts its trials every perturbation: a process kept for the next start
+    # saves its start-up (imports, data) each time
     return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples,
-                           scheduler=scheduler(sweep), search_alg=search)
+                           scheduler=search.scheduler(sweep), search_alg=search.searcher(sweep),
+                           reuse_actors=sweep.scheduler == "pbt")
 
 
 def run_config(sweep: SweepSpec, root: Path) -> tune.RunConfig:
@@ -199,7 +166,10 @@ def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, An
         try:
             spec = sweep.run_spec(config, str(out))
             spec.save(out / "spec.yaml")
-            strategies.train(spec, report=reporter(out))
+            if sweep.scheduler == "pbt":  # a run that checkpoints through Tune, to be cloned
+                pbt.train(spec, out)
+            else:
+                strategies.train(spec, report=reporter(out))
         except Diverged as e:
             set_state(out, "diverged", str(e))
             return
@@ -300,8 +270,12 @@ def trial_rows(out: Path) -> pd.DataFrame:
     rows = pd.read_csv(epochs) if epochs.exists() else pd.DataFrame([{"epoch": None}])
     spec = yaml.safe_load((out / "spec.yaml").read_text()) if (out / "spec.yaml").exists() else {}
     front = pd.DataFrame({"trial_id": out.name, "status": status}, index=rows.index)
-    back = pd.DataFrame({k: [flat(v)] * len(rows) for k, v in spec.items()}, index=rows.index)
+    # a field the epochs carry themselves (PBT's lr) is the value of each epoch, not the last
+    back = pd.DataFrame({k: [flat(v)] * len(rows) for k, v in spec.items() if k not in rows},
+                        index=rows.index)
     back["message"] = state["message"]
+    for key, value in pbt.lineage(out).items():
+        back[key] = value
     return pd.concat([front, rows, back], axis=1)
 
 

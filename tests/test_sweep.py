@@ -84,7 +84,7 @@ BAD = {
     "seed and seeds": ("seed: 1\nsweep: {seeds: 2}\n",
                        "F: seed: also set by sweep.seeds; keep one of the two"),
     "bad scheduler": ("sweep: {scheduler: hyperband}\n",
-                      "F: sweep.scheduler: got 'hyperband'; expected one of none, asha"),
+                      "F: sweep.scheduler: got 'hyperband'; expected one of none, asha, pbt"),
     "zero concurrency": ("sweep: {max_concurrent: 0}\n",
                          "F: sweep.max_concurrent: got 0; expected an integer >= 1"),
     "bad metric": ("sweep: {metric: accuracy}\n",
@@ -99,8 +99,8 @@ BAD = {
                   "F: sweep.scale: got 'lr'; expected an integer RunSpec field such as workers or stages"),
     "unknown sweep key": ("sweep: {max_concurent: 2}\n",
                           "F: sweep: unknown key 'max_concurent' (did you mean 'max_concurrent'?); expected "
-                          "one of metric, mode, target, samples, scheduler, max_concurrent, scale, seeds, "
-                          "variants"),
+                          "one of metric, mode, target, samples, search, search_seed, scheduler, "
+                          "perturbation_interval, max_concurrent, scale, seeds, variants, perturb"),
     "sweep not a mapping": ("sweep: [1]\n", "F: sweep: expected a mapping of setting: value"),
     "variant sets a searched key": ("workers: {grid: [1, 2]}\nsweep: {variants: [{workers: 4}]}\n",
                                     "F: sweep.variants: workers is searched or set per trial; a variant "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from raydist.config.run import MAPPINGS, RunSpec, at_least, read_only
+from raydist.config.search import SCHEDULERS, SEARCHES, check_search
 from raydist.config.values import as_float, as_int, as_str, load_yaml
 from raydist.registry import ConfigError, closest
 
@@ -31,8 +32,17 @@ class SweepSpec:
     target: float | None = None
     """metric value that counts as reached, for time to target"""
     samples: int = 1
-    """Tune's num_samples: draws of the choice/range leaves, each crossed with every grid"""
+    """Tune's num_samples: draws of the choice/range leaves (random: each crossed with every
+    grid; optuna: the number of trials)"""
+    search: str = "grid"
+    """grid, random or optuna (config/search.py); unset: random if a leaf is drawn, else grid"""
+    search_seed: int = 0
+    """seeds the random and optuna draws and PBT's perturbations: the same file draws the same"""
     scheduler: str = "none"
+    perturb: list[str] = field(default_factory=list)
+    """pbt: the fields it perturbs mid-run, within their leaves' bounds"""
+    perturbation_interval: int = 1
+    """pbt: epochs between two perturbations"""
     max_concurrent: int = 1
     scale: str = "workers"
     """the RunSpec field that is N in speedup(N)"""
@@ -61,6 +71,8 @@ class SweepSpec:
             raise ConfigError(f"{source}: sweep.variants: expected a list of mappings of RunSpec "
                               "field: value")
         sweep.variants = [parse_variant(v, base, sweep.space, source) for v in variants]
+        sweep.perturb = field_names(settings.get("perturb") or [], "sweep.perturb", source)
+        check_search(sweep, settings, source)
         return sweep
 
     def run_spec(self, choice: dict[str, Any], out: str) -> RunSpec:
@@ -158,6 +170,13 @@ def parse_variant(variant: Any, base: dict[str, Any], space: dict[str, Leaf],
     return {k: getattr(spec, k) for k in variant}
 
 
+def field_names(value: Any, where: str, source: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{source}: {where}: got {value!r}; expected a list of RunSpec fields, "
+                          "e.g. [lr]")
+    return value
+
+
 def sweep_seeds(value: Any, source: str) -> list[int]:
     bad = ConfigError(f"{source}: sweep.seeds: got {value!r}; expected an integer >= 1 (seeds "
                       "0..n-1) or a list of integers >= 0")
@@ -176,7 +195,10 @@ SWEEP_SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "mode": (as_str, lambda v: v in ("max", "min"), "one of max, min"),
     "target": (as_float, None, "a number"),
     "samples": (as_int, at_least(1), "an integer >= 1"),
-    "scheduler": (as_str, lambda v: v in ("none", "asha"), "one of none, asha"),
+    "search": (as_str, lambda v: v in SEARCHES, "one of " + ", ".join(SEARCHES)),
+    "search_seed": (as_int, at_least(0), "an integer >= 0"),
+    "scheduler": (as_str, lambda v: v in SCHEDULERS, "one of " + ", ".join(SCHEDULERS)),
+    "perturbation_interval": (as_int, at_least(1), "an integer >= 1"),
     "max_concurrent": (as_int, at_least(1), "an integer >= 1"),
     "scale": (as_str, lambda v: v in {f.name for f in fields(RunSpec) if f.type.startswith("int")},
               "an integer RunSpec field such as workers or stages"),
@@ -184,8 +206,9 @@ SWEEP_SETTINGS: dict[str, tuple[Any, Any, str]] = {
 
 
 def sweep_settings(settings: dict[str, Any], source: str) -> dict[str, Any]:
-    """The scalar settings of the `sweep:` section; seeds and variants are parsed by the caller."""
-    allowed = [*SWEEP_SETTINGS, "seeds", "variants"]
+    """The scalar settings of the `sweep:` section; seeds, variants and perturb are parsed by
+    the caller."""
+    allowed = [*SWEEP_SETTINGS, "seeds", "variants", "perturb"]
     out: dict[str, Any] = {}
     for key, value in settings.items():
         if key not in allowed:
