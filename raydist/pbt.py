@@ -2,10 +2,12 @@
 own process) whose every epoch is reported to Tune with a checkpoint, and which starts from the
 checkpoint Tune hands it: its own after a pause, a donor's after PBT cloned that one into it.
 
-The checkpoint (STATE in Tune's checkpoint folder) holds the model, the optimizer's state, the
-epochs so far with who trained each, and the id of the trial that wrote it. Restored into this
-trial's config, the optimizer's param groups take the config's lr and weight_decay
-(config/search.PERTURBABLE): PBT's perturbed values apply from the next epoch on.
+The checkpoint (STATE in Tune's checkpoint folder; plain data, loaded with weights_only=True)
+holds the model, the optimizer's and the lr schedule's state, the epochs so far with who trained
+each, and the id of the trial that wrote it. Restored into this trial's config, the optimizer's
+param groups take the config's lr (as the schedule's base, after lr_scaling, at the step the
+donor reached) and weight_decay (config/search.PERTURBABLE): PBT's perturbed values apply from
+the next epoch on.
 
 In the trial's folder: epochs.csv (each epoch with `trained_by`, the trial whose run trained it,
 and the perturbed fields' values in that epoch) and exploits.csv (each clone: the epoch it
@@ -21,12 +23,23 @@ from typing import Any
 import pandas as pd
 import torch
 from ray import tune
+from torch.optim.lr_scheduler import LambdaLR
 
-from raydist import strategies
+from raydist import checkpoint, strategies
 from raydist.config import RunSpec
 from raydist.config.search import PERTURBABLE
 from raydist.data import load_data
-from raydist.engine import Diverged, Record, RunResult, claim, fit, preflight, save_metrics, save_outputs
+from raydist.engine import (
+    Diverged,
+    Record,
+    RunResult,
+    claim,
+    effective_lr,
+    fit,
+    preflight,
+    save_metrics,
+    save_outputs,
+)
 
 STATE, EPOCHS, EXPLOITS = "state.pt", "epochs.csv", "exploits.csv"
 
@@ -71,15 +84,15 @@ class Cloned:
     def restore(self) -> list[Record]:
         """The epochs of Tune's checkpoint (none at the start), its model and optimizer state,
         with this trial's lr and weight_decay; a donor's checkpoint is logged as an exploit."""
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
+        saved = tune.get_checkpoint()
+        if saved is None:
             return []
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / STATE, weights_only=False)
+        with saved.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE, map_location="cpu", weights_only=True)
         self.local.model.load_state_dict(state["model"])
         self.local.optimizer.load_state_dict(state["optimizer"])  # brings the donor's lr back
-        for group in self.local.optimizer.param_groups:
-            group.update({name: getattr(self.spec, name) for name in PERTURBABLE})
+        self.local.scheduler.load_state_dict(state["scheduler"])  # the donor's step in the schedule
+        take_config(self.local.scheduler, self.spec)
         self.rows = state["rows"]
         if state["trial_id"] != self.me:
             log_exploit(self.out, len(self.rows), state["trial_id"], self.spec)
@@ -93,10 +106,20 @@ class Cloned:
             tune.report(dict(rec))
             return
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({"model": self.local.model.state_dict(),
-                        "optimizer": self.local.optimizer.state_dict(),
-                        "rows": self.rows, "trial_id": self.me}, Path(folder) / STATE)
+            checkpoint.save(Path(folder) / STATE, {
+                "model": self.local.model.state_dict(), "optimizer": self.local.optimizer.state_dict(),
+                "scheduler": self.local.scheduler.state_dict(), "rows": self.rows, "trial_id": self.me})
             tune.report(dict(rec), checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def take_config(scheduler: LambdaLR, spec: RunSpec) -> None:
+    """This trial's lr and weight_decay in every param group: the lr as the schedule's base (the
+    lr after lr_scaling), at the step the schedule has reached; then it goes on from there."""
+    base = effective_lr(spec)
+    scheduler.base_lrs = [base] * len(scheduler.base_lrs)
+    for group, at in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group.update({"initial_lr": base, "lr": base * at(scheduler.last_epoch),
+                      **{name: getattr(spec, name) for name in PERTURBABLE if name != "lr"}})
 
 
 LINEAGE = ("trained_by", *PERTURBABLE)

@@ -229,3 +229,30 @@ sweep: {scheduler: pbt, perturb: [lr], max_concurrent: 2, metric: val_loss}
             replay(out / "trials" / t / "spec.yaml", donor, last.lr, k + 1), abs=1e-6)
     for t in trials.index:
         assert (out / "trials" / t / "model.pt").exists()
+
+
+@pytest.mark.unit
+def test_a_pbt_clone_keeps_the_donors_place_in_the_schedule_at_its_own_lr():
+    """Donor at lr 0.1, warmup 4 (step s's factor is (s+1)/5), two steps in; the clone's lr is
+    0.2 with batch 128 and linear scaling from base 64: 0.4 at full warmup."""
+    from raydist import pbt
+    from raydist.engine import make_scheduler
+
+    def run(lr: float):
+        spec = RunSpec.from_dict({"lr": lr, "warmup_steps": 4, "batch_size": 128, "lr_scaling": "linear",
+                                  "base_batch": 64, "optimizer": "sgd"})
+        optimizer = make_optimizer(spec, [torch.nn.Parameter(torch.zeros(2))])
+        return spec, optimizer, make_scheduler(spec, optimizer, 100)
+
+    _, donor_opt, donor = run(0.1)
+    for _ in range(2):
+        donor_opt.step()
+        donor.step()
+    spec, opt, clone = run(0.2)
+    opt.load_state_dict(donor_opt.state_dict())
+    clone.load_state_dict(donor.state_dict())
+    pbt.take_config(clone, spec)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 3 / 5)
+    opt.step()
+    clone.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.4 * 4 / 5)
