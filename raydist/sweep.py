@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from raydist import cluster, strategies
+from raydist import cluster, interrupts, strategies
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record
 
@@ -85,7 +85,9 @@ def resume(out: str | Path, address: str | None = None) -> pd.DataFrame:
 
 
 def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) -> pd.DataFrame:
-    with ray_for(sweep, address):
+    """Ray's and Tune's own messages go to DIR/ray.log. Ctrl-C (or SIGTERM) during the fit:
+    Tune stops the trials and saves its state, and the results so far are collected."""
+    with ray_for(sweep, address), cluster.ray_log(root / cluster.RAY_LOG):
         trainable = tune.with_resources(make_trial(sweep, root, os.getcwd()), TRIAL_RESOURCES)
         if restore:
             tuner = tune.Tuner.restore(str(root / "tune"), trainable, resume_unfinished=True)
@@ -94,7 +96,8 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
                                tune_config=tune_config(sweep), run_config=run_config(sweep, root))
         print(f"sweep: {total_trials(sweep)} trials, at most {sweep.max_concurrent} at a time; "
               f"results in {root}", flush=True)
-        tuner.fit()
+        with interrupts.sigterm_as_sigint():
+            tuner.fit()
     results = collect(root)
     summarize(results, total_trials(sweep), root)
     return results
@@ -271,6 +274,11 @@ def collect(root: Path) -> pd.DataFrame:
     results.to_parquet(root / "results.parquet", index=False)
     results.to_csv(root / "results.csv", index=False)
     return pd.read_csv(root / "results.csv")  # the table as the report will read it
+
+
+def interrupted(results: pd.DataFrame) -> bool:
+    """Whether a sweep's results hold trials that never finished (Tune's fit was stopped)."""
+    return bool(len(results)) and (results["status"] == "interrupted").any()
 
 
 def trial_rows(out: Path) -> pd.DataFrame:
