@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import jsonschema
 import ray
 
-from raydist import ray_compat
+from raydist import interrupts, ray_compat
 from raydist.config import ConfigError, RunSpec, load_yaml
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
@@ -42,6 +42,7 @@ def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
     address = spec.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        interrupts.reassert()
         return
     cores = os.cpu_count() or 1
     if cpus > cores:
@@ -72,6 +73,7 @@ def start_local(**init: Any) -> None:
     ray_compat.quiet_token_auth_notice()  # authentication stays on
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, **init)
+    interrupts.reassert()
 
 
 def start_train_coordinator() -> None:

@@ -14,6 +14,7 @@ from types import FrameType
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 received: list[int] = []
 """The signals this process has received since `catching` started, first first."""
+_active: list[bool] = []
 
 
 class Interrupted(KeyboardInterrupt):
@@ -43,11 +44,20 @@ def catching() -> Iterator[None]:
         return
     received.clear()
     before = {s: signal.signal(s, _raise) for s in SIGNALS}
+    _active.append(True)
     try:
         yield
     finally:
+        _active.pop()
         for s, handler in before.items():
             signal.signal(s, handler)
+
+
+def reassert() -> None:
+    """After ray.init: Ray's core installs its own SIGTERM handler (it logs and aborts), which
+    would end the driver without unwinding; while `catching`, SIGTERM is raydist's again."""
+    if _active and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise)
 
 
 @contextlib.contextmanager

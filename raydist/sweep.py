@@ -117,6 +117,7 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
+            interrupts.reassert()
         else:  # ASHA stops trials early: Ray Train must be able to free their workers
             cluster.start_local(resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)
         require_trial_drivers()

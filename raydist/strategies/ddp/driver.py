@@ -79,22 +79,25 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
 
 def deliver(trainer: TorchTrainer, channel: Any, report: Report) -> Any:
     """Run fit() in a background thread; call `report` here, once per epoch, in order. A record
-    seen again after a restart from an earlier checkpoint is not reported twice."""
+    seen again after a restart from an earlier checkpoint is not reported twice. The thread says
+    it is done through an Event: a Thread.join that Ctrl-C interrupted may later claim the thread
+    ended while it still runs (CPython 3.11)."""
     outcome: dict[str, Any] = {}
+    done = threading.Event()
 
     def fit_in_background() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             outcome["error"] = e
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=fit_in_background, name="ddp-fit", daemon=True)
-    thread.start()
+    threading.Thread(target=fit_in_background, name="ddp-fit", daemon=True).start()
     reported = 0
     try:
         while True:
-            thread.join(POLL_S)
-            finished = not thread.is_alive()
+            finished = done.wait(POLL_S)
             for kind, item in ray.get(channel.take.remote(), timeout=RAY_CALL_S):
                 if kind == "line":
                     announce(item)
@@ -108,11 +111,11 @@ def deliver(trainer: TorchTrainer, channel: Any, report: Report) -> Any:
         interrupted = isinstance(e, KeyboardInterrupt)
         with contextlib.suppress(Exception):
             ray.get(channel.stop.remote(), timeout=RAY_CALL_S)
-            thread.join(INTERRUPT_WAIT_S if interrupted else STOP_WAIT_S)
+            done.wait(INTERRUPT_WAIT_S if interrupted else STOP_WAIT_S)
             if interrupted:  # where the run stopped: after the epochs the workers finished meanwhile
-                done = [item["epoch"] for kind, item in ray.get(channel.take.remote(), timeout=RAY_CALL_S)
-                        if kind == "record"]
-                e.epoch = max([reported, *done]) + 1  # type: ignore[attr-defined]
+                ended = [item["epoch"] for kind, item in ray.get(channel.take.remote(), timeout=RAY_CALL_S)
+                         if kind == "record"]
+                e.epoch = max([reported, *ended]) + 1  # type: ignore[attr-defined]
         raise
     if "error" in outcome:
         raise outcome["error"]
