@@ -99,7 +99,7 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
         with interrupts.sigterm_as_sigint():
             tuner.fit()
     results = collect(root)
-    summarize(results, total_trials(sweep), root)
+    results.attrs["interrupted"] = summarize(results, total_trials(sweep), root)
     return results
 
 
@@ -278,8 +278,8 @@ def collect(root: Path) -> pd.DataFrame:
 
 
 def interrupted(results: pd.DataFrame) -> bool:
-    """Whether a sweep's results hold trials that never finished (Tune's fit was stopped)."""
-    return bool(len(results)) and (results["status"] == "interrupted").any()
+    """Whether the sweep that returned `results` left trials unfinished (Tune's fit was stopped)."""
+    return bool(results.attrs.get("interrupted"))
 
 
 def trial_rows(out: Path) -> pd.DataFrame:
@@ -302,7 +302,8 @@ def flat(value: Any) -> Any:
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
-def summarize(results: pd.DataFrame, total: int, root: Path) -> None:
+def summarize(results: pd.DataFrame, total: int, root: Path) -> bool:
+    """Print the trials' outcome; True if some never finished."""
     trials = results.drop_duplicates("trial_id") if len(results) else results
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
     print(f"sweep: {len(trials)} of {total} trials: "
@@ -312,3 +313,4 @@ def summarize(results: pd.DataFrame, total: int, root: Path) -> None:
         print(f"sweep: interrupted; continue it with `raydist sweep --resume {root}`", flush=True)
     if len(results):
         print(f"wrote {root / 'results.csv'} and results.parquet", flush=True)
+    return finished < total
