@@ -279,7 +279,7 @@ def collect(root: Path) -> pd.DataFrame:
 
 def interrupted(results: pd.DataFrame) -> bool:
     """Whether the sweep that returned `results` left trials unfinished (Tune's fit was stopped)."""
-    return bool(results.attrs.get("interrupted"))
+    return bool(getattr(results, "attrs", {}).get("interrupted"))
 
 
 def trial_rows(out: Path) -> pd.DataFrame:
