@@ -248,7 +248,7 @@ def _swap_console_handlers() -> None:
     """Take Ray's console handlers off its loggers (given back when the last log closes)."""
     for log in _ray_loggers():
         for handler in list(log.handlers):
-            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout):
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
                 log.removeHandler(handler)
                 _console[handler] = log
 
