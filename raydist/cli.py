@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import yaml
 
+from raydist import interrupts
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
 from raydist.config.run import MAPPINGS
 from raydist.registry import unknown
@@ -71,8 +72,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Diverged as e:  # the user's settings (an lr too large); the epoch was printed
         print(f"error: diverged: {e}; try a smaller lr", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        print(interrupted_line(spec, getattr(e, "epoch", None)), file=sys.stderr, flush=True)
+        return interrupts.code()
     print(f"wrote {spec.out}/spec.yaml, metrics.csv, model.pt")
     return 0
+
+
+def interrupted_line(spec: RunSpec, epoch: int | None) -> str:
+    """How to go on after Ctrl-C or SIGTERM: every finished epoch's checkpoint is in --out."""
+    from raydist.strategies import get
+
+    where = f"interrupted at epoch {epoch}" if epoch else "interrupted before the first epoch"
+    if not get(spec.strategy).RESUMES:
+        return f"{where}; {spec.strategy} keeps no checkpoint: run the same command again to start over"
+    return f"{where}; run the same command again to resume"
 
 
 def add_sweep_flags(p: argparse.ArgumentParser) -> None:
@@ -88,15 +102,23 @@ def sweep_dir(args: argparse.Namespace) -> str:
     return args.resume or args.out or f"results/{Path(args.file).stem}"
 
 
-def cmd_sweep(args: argparse.Namespace) -> None:
+def cmd_sweep(args: argparse.Namespace) -> int:
     from raydist import sweep
 
     if bool(args.file) == bool(args.resume) or (args.resume and args.out):
         raise ConfigError("sweep: give a sweep FILE (with --out DIR) or --resume DIR")
-    if args.resume:
-        sweep.resume(args.resume, args.address)
-    else:
-        sweep.run(args.file, sweep_dir(args), args.address)
+    try:
+        if args.resume:
+            results = sweep.resume(args.resume, args.address)
+        else:
+            results = sweep.run(args.file, sweep_dir(args), args.address)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside Tune's fit
+        print(f"sweep: interrupted; continue it with `raydist sweep --resume {sweep_dir(args)}`",
+              file=sys.stderr, flush=True)
+        return interrupts.code()
+    # Tune ends a fit on Ctrl-C (or SIGTERM: raydist.sweep) with its state saved, and
+    # sweep.summarize has said how to continue
+    return interrupts.code() if sweep.interrupted(results) else 0
 
 
 def add_report_flags(p: argparse.ArgumentParser) -> None:
@@ -199,13 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = build_parser().parse_args(argv)
     try:
-        code = args.handler(args) or 0
+        with interrupts.catching():  # SIGTERM unwinds as Ctrl-C does
+            code = args.handler(args) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return interrupts.code()
     return code
 
 

@@ -4,19 +4,23 @@ an autoscaler may still add."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
 import os
+import re
 import socket
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jsonschema
 import ray
 
-from raydist import ray_compat
+from raydist import interrupts, ray_compat
 from raydist.config import ConfigError, RunSpec, load_yaml
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
@@ -38,6 +42,7 @@ def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
     address = spec.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
+        interrupts.reassert()
         return
     start_local(num_cpus=embedded_cpus(cpus, what))
 
@@ -74,6 +79,7 @@ def start_local(**init: Any) -> None:
     ray_compat.quiet_token_auth_notice()  # authentication stays on
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, **init)
+    interrupts.reassert()
 
 
 def start_train_coordinator() -> None:
@@ -86,6 +92,35 @@ def start_train_coordinator() -> None:
     if ray.util.client.ray.is_connected():  # a Ray Client driver: leave it to Ray Train
         return
     ray_compat.start_autoscaling_coordinator()
+
+
+def whoami() -> tuple[str, int]:
+    """This actor's id and process id, for its driver to name it to the user if it dies."""
+    return ray.get_runtime_context().get_actor_id(), os.getpid()
+
+
+def dead_actor(e: BaseException) -> str | None:
+    """The id of the actor whose death `e` reports: its own call failed, or a call that read
+    what it made (a RayTaskError whose cause is that death)."""
+    for err in (getattr(e, "cause", None), e):
+        if isinstance(err, ray.exceptions.RayActorError) and getattr(err, "actor_id", None):
+            return err.actor_id
+    return None
+
+
+class Members:
+    """An attempt's actors by id, each with its name for the user and its process id."""
+
+    def __init__(self, fallback: str) -> None:
+        self.fallback, self.names = fallback, {}
+
+    def add(self, name: str, ident: tuple[str, int]) -> None:
+        self.names[ident[0]] = (name, ident[1])
+
+    def who(self, e: BaseException) -> str:
+        """'ps replica 1 (pid 1234)', or the fallback if `e` names no actor of this attempt."""
+        found = self.names.get(dead_actor(e))
+        return f"{found[0]} (pid {found[1]})" if found else self.fallback
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -147,6 +182,81 @@ def limits_record(config: dict[str, Any]) -> Any:
         group.resources.update({k: int(v) for k, v in node_type["resources"].items() if v >= 1})
     record.max_resources.update({k: int(v) for k, v in max_resources(config).items() if v >= 1})
     return record
+
+
+# --- Ray's console output, into a file ---------------------------------------------------------
+
+RAY_LOG = "ray.log"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_logs: list[TextIO] = []
+_logs_lock = threading.Lock()
+_console: dict[logging.Handler, logging.Logger] = {}
+
+
+class _Plain:
+    """A file that drops the colour codes Ray puts around its prefixes."""
+
+    def __init__(self, files: list[TextIO]) -> None:
+        self.files = files
+
+    def write(self, text: str) -> None:
+        for f in self.files:
+            f.write(ANSI.sub("", text))
+
+    def flush(self) -> None:
+        for f in self.files:
+            f.flush()
+
+
+def _to_files(data: dict[str, Any], ignore_prefix: bool) -> None:
+    with _logs_lock:
+        ray_compat.print_worker_batch(data, _Plain(_logs), ignore_prefix)
+        for f in _logs:
+            f.flush()
+
+
+def _ray_loggers() -> list[logging.Logger]:
+    named = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.split(".")[0] == "ray"]
+    return [logging.getLogger("ray"), *named]
+
+
+@contextlib.contextmanager
+def ray_log(path: str | Path) -> Iterator[Path]:
+    """While it is open, what Ray would print on this driver's console goes to `path` instead:
+    the workers' forwarded output and the raylet's reports of dead workers (tracebacks, "actor
+    died"), and the records of Ray's own loggers (Ray Train's, Tune's). raydist's lines (epochs,
+    restarts, notes) stay on the console. Nested or concurrent uses each get everything."""
+    path = Path(path)
+    f = path.open("a", buffering=1)
+    with _logs_lock:
+        _logs.append(f)
+        if len(_logs) == 1:
+            ray_compat.route_worker_output(_to_files)
+            _swap_console_handlers()
+    to_file = logging.StreamHandler(_Plain([f]))
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("ray").addHandler(to_file)
+    try:
+        yield path
+    finally:
+        logging.getLogger("ray").removeHandler(to_file)
+        with _logs_lock:
+            _logs.remove(f)
+            if not _logs:
+                ray_compat.route_worker_output(None)
+                for handler, log in _console.items():
+                    log.addHandler(handler)
+                _console.clear()
+        f.close()
+
+
+def _swap_console_handlers() -> None:
+    """Take Ray's console handlers off its loggers (given back when the last log closes)."""
+    for log in _ray_loggers():
+        for handler in list(log.handlers):
+            if getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+                log.removeHandler(handler)
+                _console[handler] = log
 
 
 # --- The cluster-launcher YAML (`ray up FILE`): is it valid, and how big can it grow? ---

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -80,3 +81,35 @@ def quiet_token_auth_notice() -> None:
         drop.filter = lambda record: TOKEN_NOTICE not in record.getMessage()  # type: ignore[method-assign]
         drop.raydist = True  # type: ignore[attr-defined]
         log.addFilter(drop)
+
+
+# --- Ray's console output, sent to a file instead (raydist's own lines stay on the console) ---
+
+def route_worker_output(write: Callable[[dict[str, Any], bool], None] | None) -> None:
+    """The driver prints what its workers write (log_to_driver) and the raylet's error reports
+    (a worker died, with its traceback) through one module function, `print_worker_logs(batch,
+    file, ignore_prefix)`; both call sites look it up when they print. `write(batch,
+    ignore_prefix)` takes its place; None puts Ray's own back."""
+    from ray._private import worker
+
+    original = getattr(worker, "_raydist_print_worker_logs", worker.print_worker_logs)
+    worker._raydist_print_worker_logs = original
+    if write is None:
+        worker.print_worker_logs = original
+        return
+    worker.print_worker_logs = lambda data, print_file, ignore_prefix=False: write(data, ignore_prefix)
+
+
+def print_worker_batch(data: dict[str, Any], file: Any, ignore_prefix: bool) -> None:
+    """Ray's own formatting of one batch of worker lines: `(Class pid=N) line`."""
+    from ray._private import worker
+
+    getattr(worker, "_raydist_print_worker_logs", worker.print_worker_logs)(data, file, ignore_prefix)
+
+
+def train_worker_died(e: BaseException) -> bool:
+    """Whether Ray Train reports a worker's process as gone (its health check failed), as
+    opposed to an exception its training function raised."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    return isinstance(e, WorkerHealthCheckFailedError)

@@ -29,7 +29,7 @@ import ray
 import yaml
 from ray import tune
 
-from raydist import cluster, pbt, search, strategies
+from raydist import cluster, interrupts, pbt, search, strategies
 from raydist.config import ConfigError, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record, check_out
 
@@ -68,7 +68,9 @@ def resume(out: str | Path, address: str | None = None) -> pd.DataFrame:
 
 
 def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) -> pd.DataFrame:
-    with ray_for(sweep, address):
+    """Ray's and Tune's own messages go to DIR/ray.log. Ctrl-C (or SIGTERM) during the fit:
+    Tune stops the trials and saves its state, and the results so far are collected."""
+    with ray_for(sweep, address), cluster.ray_log(root / cluster.RAY_LOG):
         trainable = tune.with_resources(make_trial(sweep, root, os.getcwd()), TRIAL_RESOURCES)
         if restore:
             tuner = tune.Tuner.restore(str(root / "tune"), trainable, resume_unfinished=True)
@@ -77,9 +79,10 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
                                tune_config=tune_config(sweep), run_config=run_config(sweep, root))
         print(f"sweep: {total_trials(sweep)} trials, at most {sweep.max_concurrent} at a time; "
               f"results in {root}", flush=True)
-        tuner.fit()
+        with interrupts.sigterm_as_sigint():
+            tuner.fit()
     results = collect(root)
-    summarize(results, total_trials(sweep), root)
+    results.attrs["interrupted"] = summarize(results, total_trials(sweep), root)
     return results
 
 
@@ -97,6 +100,7 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
+            interrupts.reassert()
         else:  # ASHA stops trials early: Ray Train must be able to free their workers
             cluster.start_local(num_cpus=cluster.embedded_cpus(*hungriest_trial(sweep)),
                                 resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)
@@ -263,6 +267,11 @@ def collect(root: Path) -> pd.DataFrame:
     return pd.read_csv(root / "results.csv")  # the table as the report will read it
 
 
+def interrupted(results: pd.DataFrame) -> bool:
+    """Whether the sweep that returned `results` left trials unfinished (Tune's fit was stopped)."""
+    return bool(getattr(results, "attrs", {}).get("interrupted"))
+
+
 def trial_rows(out: Path) -> pd.DataFrame:
     state = get_state(out)
     status = "interrupted" if state["status"] == "running" else state["status"]
@@ -287,7 +296,8 @@ def flat(value: Any) -> Any:
     return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
-def summarize(results: pd.DataFrame, total: int, root: Path) -> None:
+def summarize(results: pd.DataFrame, total: int, root: Path) -> bool:
+    """Print the trials' outcome; True if some never finished."""
     trials = results.drop_duplicates("trial_id") if len(results) else results
     counts = trials["status"].value_counts().to_dict() if len(trials) else {}
     print(f"sweep: {len(trials)} of {total} trials: "
@@ -297,3 +307,4 @@ def summarize(results: pd.DataFrame, total: int, root: Path) -> None:
         print(f"sweep: interrupted; continue it with `raydist sweep --resume {root}`", flush=True)
     if len(results):
         print(f"wrote {root / 'results.csv'} and results.parquet", flush=True)
+    return finished < total

@@ -173,8 +173,8 @@ def victim(nodes: Nodes, classes: tuple[str, ...]) -> str:
 
 @ray.remote(num_cpus=0)
 class Gate:
-    """ddp's Channel (put / take / stop), logging every record and holding the first record of
-    epoch `hold` until `open` is called or, with `until_world`, a record from a group of that
+    """ddp's Channel (hello / put / restart / take / stop), logging every record and holding the
+    first record of epoch `hold` until `open` is called or, with `until_world`, a record from a group of that
     size arrives (the held record is then dropped: the grown group trains that epoch again)."""
 
     def __init__(self, hold: int, log: str, until_world: int = 0) -> None:
@@ -201,9 +201,15 @@ class Gate:
         self.records.append(rec)
         return self.stopping
 
-    async def take(self) -> list[dict[str, Any]]:
+    async def take(self) -> list[tuple[str, Any]]:
         out, self.records = self.records, []
-        return out
+        return [("record", rec) for rec in out]
+
+    async def hello(self, rank: int, pid: int) -> None:
+        pass
+
+    async def restart(self, *args: Any) -> None:  # ddp's restart line: not this test's subject
+        pass
 
     async def stop(self) -> None:
         self.stopping = True

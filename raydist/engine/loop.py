@@ -9,6 +9,7 @@ share `fit_restarting`: after a death, new actors start from the latest checkpoi
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,20 +65,30 @@ def fit(spec: RunSpec, data: Dataset, trainer: Trainer, report: Report,
     history = list(history or [])
     start = time.perf_counter() - (history[-1]["wall_time_s"] if history else 0.0)
     for epoch in range(len(history) + 1, spec.epochs + 1):
-        batches = global_batches(spec, data, epoch)
-        t = time.perf_counter()
-        loss, measured = trainer.train_epoch(epoch, batches)
-        elapsed = time.perf_counter() - t
-        rec = make_record(epoch, loss / data.n_train, trainer.evaluate(), data.n_train, elapsed,
-                          time.perf_counter() - start,
-                          {"global_batch": len(batches[0]), "effective_lr": effective_lr(spec), **measured})
-        history.append(rec)
-        if not math.isfinite(rec["train_loss"]):
-            report(rec)
-            raise Diverged(f"training loss is {rec['train_loss']} at epoch {epoch}", history)
-        trainer.save(history)
-        report(rec)
+        try:
+            fit_epoch(spec, data, trainer, report, history, epoch, start)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the CLI says where the run stopped
+            e.epoch = getattr(e, "epoch", None) or epoch  # type: ignore[attr-defined]
+            raise
     return history
+
+
+def fit_epoch(spec: RunSpec, data: Dataset, trainer: Trainer, report: Report, history: list[Record],
+              epoch: int, start: float) -> None:
+    """One epoch of `fit`: train, evaluate, stop if diverged, checkpoint, report."""
+    batches = global_batches(spec, data, epoch)
+    t = time.perf_counter()
+    loss, measured = trainer.train_epoch(epoch, batches)
+    elapsed = time.perf_counter() - t
+    rec = make_record(epoch, loss / data.n_train, trainer.evaluate(), data.n_train, elapsed,
+                      time.perf_counter() - start,
+                      {"global_batch": len(batches[0]), "effective_lr": effective_lr(spec), **measured})
+    history.append(rec)
+    if not math.isfinite(rec["train_loss"]):
+        report(rec)
+        raise Diverged(f"training loss is {rec['train_loss']} at epoch {epoch}", history)
+    trainer.save(history)
+    report(rec)
 
 
 class Group(Trainer, Protocol):
@@ -89,6 +100,20 @@ class Group(Trainer, Protocol):
     def close(self) -> None:
         """Kill the actors."""
 
+    def who_died(self, e: BaseException) -> str:
+        """The actor whose death `e` reports, for the user: 'ps replica 1 (pid 1234)'."""
+
+
+def announce(line: str) -> None:
+    """One line for the user, on stderr beside the epoch lines: what the run does about a
+    failure. Ray's own account of it (tracebacks) goes to the run's ray.log."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def restart_line(attempt: int, limit: int, what: str, epoch: int, how: str = "died") -> str:
+    """`epoch`: the first epoch the restarted run trains (the checkpoint holds those before)."""
+    return f"restart {attempt}/{limit}: {what} {how}; resuming from epoch {epoch}"
+
 
 def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
                    start: Callable[[dict[str, Any] | None], Group],
@@ -99,9 +124,12 @@ def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
     to start; `finished` gives the model of a checkpoint already at spec.epochs; `lost` tells an
     actor's death from any other error. Deaths restart at most spec.max_failures times."""
     restarts = checkpoint.Restarts(spec.strategy, spec.max_failures, error)
+    died = ""
     while True:
         saved = checkpoint.resume(spec)
         history = saved["history"] if saved else []
+        if died:
+            announce(restart_line(restarts.failures, spec.max_failures, died, len(history) + 1))
         if len(history) == spec.epochs:
             return RunResult(history, finished(saved))
         try:
@@ -110,6 +138,10 @@ def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
             if not lost(e):
                 raise
             restarts.before_start(e)
+            announce(f"restart: {spec.strategy} actors died before they started "
+                     f"({type(e).__name__}); starting them again ({restarts.unstarted}/"
+                     f"{checkpoint.START_RETRIES})")
+            died = ""
             continue
         try:
             history = fit(spec, data, group, report, history)
@@ -118,5 +150,6 @@ def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
             if not lost(e):
                 raise
             restarts.while_training(e)
+            died = group.who_died(e)
         finally:
             group.close()

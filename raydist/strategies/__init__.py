@@ -18,8 +18,10 @@ pipeline stage process would otherwise pay for at start-up."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -47,7 +49,9 @@ def progress(rec: Record) -> None:
 def train(spec: RunSpec, report: Report = progress) -> RunResult:
     """Pre-flight, run and save one spec. User errors surface before the output folder
     exists; a ConfigError raised later removes the folder this call created. A diverged run
-    leaves its metrics.csv (no model.pt)."""
+    leaves its metrics.csv (no model.pt). Ray's console output goes to out/ray.log while it
+    runs. Interrupted (KeyboardInterrupt, Ctrl-C or SIGTERM through raydist.interrupts), the
+    checkpoints stay, and the exception's `epoch` says which epoch was under way."""
     strategy = get(spec.strategy)
     preflight(spec, strategy)
     out = Path(spec.out)
@@ -60,7 +64,11 @@ def train(spec: RunSpec, report: Report = progress) -> RunResult:
         report(rec)
 
     try:
-        result = strategy.run(spec, tee)
+        with ray_log(strategy, out):
+            result = strategy.run(spec, tee)
+    except KeyboardInterrupt as e:
+        e.epoch = getattr(e, "epoch", None) or (seen[-1]["epoch"] + 1 if seen else None)  # type: ignore[attr-defined]
+        raise
     except ConfigError:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -70,3 +78,15 @@ def train(spec: RunSpec, report: Report = progress) -> RunResult:
         raise
     save_outputs(out, spec, result)
     return result
+
+
+@contextlib.contextmanager
+def ray_log(strategy: ModuleType, out: Path) -> Iterator[None]:
+    """A Ray strategy's run sends what Ray prints to out/ray.log (raydist.cluster.ray_log)."""
+    if strategy.resources is None:
+        yield
+        return
+    from raydist import cluster  # imports Ray
+
+    with cluster.ray_log(out / cluster.RAY_LOG):
+        yield

@@ -13,20 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raydist import cluster
+from raydist import cluster, ray_compat
 from raydist.config import RunSpec
 from raydist.data import Dataset
-from raydist.engine import Record, Report
+from raydist.engine import Record, Report, announce, restart_line
 from raydist.faults import Faults
 from raydist.strategies.ddp import RUN, STORAGE, num_workers, per_worker
 from raydist.strategies.ddp.worker import RAY_CALL_S, loop
 
 POLL_S = 0.2  # how often the driver collects records
-STOP_WAIT_S = 60.0  # how long an interrupted driver waits for the workers to stop
+STOP_WAIT_S = 60.0  # how long a driver whose report failed waits for the workers to stop
+INTERRUPT_WAIT_S = 20.0  # the same after Ctrl-C or SIGTERM: the command ends within 30 s
 # A worker group that cannot start (Ray Train waits 60 s each time) is retried this often,
 # then the run fails instead of waiting forever.
 START_RETRIES = 2
@@ -71,59 +72,102 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
             name=RUN, storage_path=str(Path(spec.out) / STORAGE),
             failure_config=FailureConfig(max_failures=spec.max_failures,
                                          controller_failure_limit=START_RETRIES),
+            callbacks=[Watch(channel, spec.max_failures)],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING")))
 
 
 def deliver(trainer: TorchTrainer, channel: Any, report: Report) -> Any:
     """Run fit() in a background thread; call `report` here, once per epoch, in order. A record
-    seen again after a restart from an earlier checkpoint is not reported twice."""
+    seen again after a restart from an earlier checkpoint is not reported twice. The thread says
+    it is done through an Event: a Thread.join that Ctrl-C interrupted may later claim the thread
+    ended while it still runs (CPython 3.11)."""
     outcome: dict[str, Any] = {}
+    done = threading.Event()
 
     def fit_in_background() -> None:
         try:
             outcome["result"] = trainer.fit()
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             outcome["error"] = e
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=fit_in_background, name="ddp-fit", daemon=True)
-    thread.start()
+    threading.Thread(target=fit_in_background, name="ddp-fit", daemon=True).start()
     reported = 0
     try:
         while True:
-            thread.join(POLL_S)
-            finished = not thread.is_alive()
-            for rec in ray.get(channel.take.remote(), timeout=RAY_CALL_S):
-                if rec["epoch"] > reported:
-                    report(rec)
-                    reported = rec["epoch"]
+            finished = done.wait(POLL_S)
+            for kind, item in ray.get(channel.take.remote(), timeout=RAY_CALL_S):
+                if kind == "line":
+                    announce(item)
+                elif item["epoch"] > reported:
+                    report(item)
+                    reported = item["epoch"]
             if finished:
                 break
-    except BaseException:
+    except BaseException as e:
         # The workers stop at the end of their epoch; the caller's error wins.
+        interrupted = isinstance(e, KeyboardInterrupt)
         with contextlib.suppress(Exception):
             ray.get(channel.stop.remote(), timeout=RAY_CALL_S)
-            thread.join(STOP_WAIT_S)
+            done.wait(INTERRUPT_WAIT_S if interrupted else STOP_WAIT_S)
+            if interrupted:  # where the run stopped: after the epochs the workers finished meanwhile
+                ended = [item["epoch"] for kind, item in ray.get(channel.take.remote(), timeout=RAY_CALL_S)
+                         if kind == "record"]
+                e.epoch = max([reported, *ended]) + 1  # type: ignore[attr-defined]
         raise
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
 
 
+class Watch(UserCallback):
+    """In Ray Train's controller: each failure of the worker group that Ray Train restarts
+    becomes one restart line (through the channel, to the driver's console). Ray Train restores
+    the latest checkpoint it has registered: the one of the last report seen here."""
+
+    def __init__(self, channel: Any, max_failures: int) -> None:
+        self.channel, self.max_failures = channel, max_failures
+        self.epoch = self.failures = 0
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if checkpoint is not None:
+            self.epoch = metrics[0]["epoch"]
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        self.failures += 1
+        if self.failures > self.max_failures:  # Ray Train ends the run: its error says so
+            return
+        died = sorted(r for r, e in worker_exceptions.items() if ray_compat.train_worker_died(e))
+        rank = (died or sorted(worker_exceptions))[0]
+        how = "died" if died else f"failed ({type(worker_exceptions[rank]).__name__})"
+        self.channel.restart.remote(self.failures, self.max_failures, rank, how, self.epoch + 1)
+
+
 @ray.remote(num_cpus=0)
 class Channel:
-    """Per-epoch records from rank 0 to the driver; the driver's request to stop, back."""
+    """Per-epoch records from rank 0 to the driver, and restart lines (Watch); the driver's
+    request to stop, back. Each worker says its pid when it starts, for those lines."""
 
     def __init__(self) -> None:
-        self.records: list[Record] = []
+        self.events: list[tuple[str, Any]] = []
+        self.pids: dict[int, int] = {}
         self.stopping = False
 
+    def hello(self, rank: int, pid: int) -> None:
+        self.pids[rank] = pid
+
     def put(self, rec: Record) -> bool:
-        self.records.append(rec)
+        self.events.append(("record", rec))
         return self.stopping
 
-    def take(self) -> list[Record]:
-        out, self.records = self.records, []
+    def restart(self, attempt: int, limit: int, rank: int, how: str, epoch: int) -> None:
+        pid = f" (pid {self.pids[rank]})" if rank in self.pids else ""
+        self.events.append(("line", restart_line(attempt, limit, f"ddp worker {rank}{pid}", epoch, how)))
+
+    def take(self) -> list[tuple[str, Any]]:
+        out, self.events = self.events, []
         return out
 
     def stop(self) -> None:

@@ -4,6 +4,7 @@ global batch, through DDP with raydist's communication hook; checkpoints via Ray
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import tempfile
 from pathlib import Path
@@ -96,6 +97,7 @@ def loop(config: dict[str, Any]) -> dict[str, Any] | None:
     ray_compat.quiet_train_reports()  # keep the console for the per-epoch progress lines
     torch.set_num_threads(spec.threads_per_worker)
     me = Replica(spec, config["data"], config["faults"])
+    config["channel"].hello.remote(me.rank, os.getpid())  # named by it if it dies
     stop = torch.zeros(1, device=me.device)
 
     def publish(rec: Record) -> None:

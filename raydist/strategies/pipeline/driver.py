@@ -14,6 +14,7 @@ from ray.exceptions import ObjectLostError, RayActorError
 from torch import nn
 
 from raydist import checkpoint
+from raydist.cluster import Members
 from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Record, evaluate, total_steps
@@ -46,7 +47,7 @@ class Pipeline:
         self.stages = spawn(spec, data, bounds)
         self.states: list[dict[str, Any]] = []
         try:
-            start(self.stages, saved)
+            self.members = start(self.stages, saved)
         except BaseException:
             self.close()
             raise
@@ -72,6 +73,9 @@ class Pipeline:
     def close(self) -> None:
         for stage in self.stages:
             ray.kill(stage)
+
+    def who_died(self, e: BaseException) -> str:
+        return self.members.who(e)
 
 
 def finished(refs: list[ray.ObjectRef], timeout: float) -> Iterator[ray.ObjectRef]:
@@ -132,12 +136,17 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
             for i in range(k)]
 
 
-def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> None:
-    """Load the checkpoint, if any, into the new stages and connect them."""
+def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> Members:
+    """Load the checkpoint, if any, into the new stages and connect them; who is who."""
     what = f"the start of {len(stages)} stage actors (other work may hold the cluster's CPUs)"
     loads = [s.load.remote(st) for s, st in zip(stages, saved["stages"], strict=True)] if saved else []
-    ip, port = wait([stages[0].address.remote(), *loads], what, START_TIMEOUT_S)[0]
+    idents = [s.whoami.remote() for s in stages]
+    (ip, port), *rest = wait([stages[0].address.remote(), *idents, *loads], what, START_TIMEOUT_S)
     wait([s.join.remote(ip, port) for s in stages], what, START_TIMEOUT_S)
+    members = Members("a pipeline stage")
+    for i, ident in enumerate(rest[: len(stages)]):
+        members.add(f"pipeline stage {i}", ident)
+    return members
 
 
 def run_batches(spec: RunSpec, stages: list[ray.actor.ActorHandle], epoch: int,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raydist.cluster import free_port
+from raydist.cluster import free_port, whoami
 from raydist.config import RunSpec
 from raydist.engine import denominator, loss_fn, make_optimizer, make_scheduler, restore_scheduler
 from raydist.faults import Faults
@@ -71,6 +71,10 @@ class Stage:
         self.sending: list[tuple[dist.Work, torch.Tensor]] = []
         """sends under way, with their buffers, until the step's end"""
         self.reset()
+
+    def whoami(self) -> tuple[str, int]:
+        """Its actor id and pid: the driver names a dead stage by them."""
+        return whoami()
 
     def address(self) -> tuple[str, int]:
         return node_address()

@@ -40,8 +40,11 @@ class Server:
         self.scheduler = engine.make_scheduler(spec, self.optimizer, steps)
         engine.restore_scheduler(self.scheduler, scheduler_state)
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> tuple[str, int]:
+        """Up and running: its actor id and pid (the driver names a dead actor by them)."""
+        from raydist.cluster import whoami  # only ever called as an actor, in Ray
+
+        return whoami()
 
     def weights(self) -> np.ndarray:
         return self.codec.encode(self.flat)
@@ -78,8 +81,11 @@ class Replica:
         self.params = [[named[n] for n in part.names] for part in parts]
         self._batches: tuple[int, list[torch.Tensor]] = (0, [])
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> tuple[str, int]:
+        """Up and running: its actor id and pid (the driver names a dead actor by them)."""
+        from raydist.cluster import whoami  # only ever called as an actor, in Ray
+
+        return whoami()
 
     def load(self, weights: Sequence[np.ndarray]) -> int:
         """Copy the servers' weights into the model; returns the bytes received."""

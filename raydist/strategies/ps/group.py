@@ -17,6 +17,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from torch import nn
 
 from raydist import checkpoint
+from raydist.cluster import Members
 from raydist.config import RunSpec
 from raydist.data import shard
 from raydist.engine import Record
@@ -72,6 +73,7 @@ class Group:
     servers: list[Any]
     replicas: list[Any]
     weights: list[ray.ObjectRef] = field(default_factory=list)
+    members: Members = field(default_factory=lambda: Members("a ps actor"))
 
     @classmethod
     def start(cls, spec: RunSpec, model: nn.Module, parts: list[Part], weights: dict[str, np.ndarray],
@@ -89,10 +91,14 @@ class Group:
                     [RemoteReplica.options(num_cpus=spec.threads_per_worker, **OWN_PLACE).remote(
                         spec, i, parts, faults) for i in range(spec.workers)])
         try:
-            _get([a.ready.remote() for a in group.servers + group.replicas])
+            idents = _get([a.ready.remote() for a in group.servers + group.replicas])
         except BaseException:
             group.close()
             raise
+        names = [f"ps server {i}" for i in range(len(parts))]
+        names += [f"ps replica {i}" for i in range(spec.workers)]
+        for name, ident in zip(names, idents, strict=True):
+            group.members.add(name, ident)
         group.weights = [s.weights.remote() for s in group.servers]
         return group
 
@@ -117,6 +123,9 @@ class Group:
     def close(self) -> None:
         for actor in self.servers + self.replicas:
             ray.kill(actor)
+
+    def who_died(self, e: BaseException) -> str:
+        return self.members.who(e)
 
     # --- moving refs ---------------------------------------------------------------------------
 

@@ -1,0 +1,238 @@
+"""`raydist train` and `raydist sweep` as a user runs them (CLI subprocesses, each starting its own
+embedded Ray, hence the multinode tier): a worker that dies prints one restart line and no
+traceback (Ray's account goes to --out/ray.log); Ctrl-C or SIGTERM stops the command within 30 s
+with exit code 130 / 143, one line saying how to resume, every finished epoch's checkpoint kept
+and none of its Ray processes left; the same command again ends with the model an uninterrupted
+run ends with. A sweep interrupted by Ctrl-C, or whose driver is SIGKILLed, finishes with
+`raydist sweep --resume DIR`. Only processes these tests started are ever signalled."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from killer import parents
+from rayprocs import alive, processes_of, stop
+
+pytestmark = [pytest.mark.multinode, pytest.mark.timeout(900)]
+REPO = Path(__file__).resolve().parents[1]
+RAYDIST = [sys.executable, "-m", "raydist.cli"]
+STOP_S = 30  # the promise: the command ends this long after the signal
+GONE_S = 15  # and its Ray processes this long after the command
+BASE = ["--model", "mlp", "--data", "digits", "--hidden", "16", "--epochs", "8", "--batch-size", "64",
+        "--seed", "0", "--val-fraction", "0.1", "--optimizer", "adam"]
+STRATEGIES = {  # strategy: (its flags, the signal it gets)
+    "ps": (["--strategy", "ps", "--workers", "2", "--servers", "1"], signal.SIGTERM),
+    "pipeline": (["--strategy", "pipeline", "--stages", "2"], signal.SIGINT),
+    "ddp": (["--strategy", "ddp", "--workers", "2"], signal.SIGINT),
+}
+
+
+def env(**extra: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAYDIST_FAULT")}
+    return {**clean, "PYTHONPATH": str(REPO), **extra}
+
+
+def descendants(root: int) -> list[int]:
+    up = parents()
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += [c for c, p in up.items() if p == pid]
+    return found
+
+
+def session_of(pids: list[int]) -> str | None:
+    """The Ray session folder of the embedded Ray among `pids` (from its raylet's command line)."""
+    for pid in pids:
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        for arg in args:
+            if arg.startswith("--session-dir="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+class Command:
+    """One CLI command in a session of its own; its output in a file; on the way out, whatever
+    is left of its process tree or its Ray session is stopped by PID."""
+
+    def __init__(self, tmp: Path, args: list[str], name: str, **extra: str) -> None:
+        self.log = tmp / f"{name}.out"
+        with self.log.open("w") as f:
+            self.proc = subprocess.Popen([*RAYDIST, *args], cwd=REPO, env=env(**extra), stdout=f,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.tree: list[int] = []
+        self.session: str | None = None
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, ready, what: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.proc.poll() is None, f"the command ended before {what}:\n{self.text()}"
+            assert time.monotonic() < deadline, f"no {what} in {timeout} s:\n{self.text()}"
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> float:
+        """Send `sig` to the command (only it, as `kill` does); returns how long it took to end."""
+        self.tree = descendants(self.proc.pid)
+        self.session = session_of(self.tree)
+        t = time.monotonic()
+        os.kill(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout=STOP_S + 30)
+        except subprocess.TimeoutExpired:
+            pass
+        return time.monotonic() - t
+
+    def leftovers(self) -> list[int]:
+        """Its processes still alive GONE_S after it ended (its tree when signalled, and anything
+        that names its Ray session)."""
+        deadline = time.monotonic() + GONE_S
+        while True:
+            left = [p for p in self.tree[1:] if alive(p)]
+            left += processes_of(self.session) if self.session else []
+            if not left or time.monotonic() > deadline:
+                return sorted(set(left))
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 600) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        stop([p for p in self.tree[1:] if alive(p)] + (processes_of(self.session) if self.session else []))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """The three runs undisturbed, one after the other in one process (one Ray start)."""
+    tmp = tmp_path_factory.mktemp("clean")
+    runs = [["train", *BASE, *flags, "--out", str(tmp / name)] for name, (flags, _) in STRATEGIES.items()]
+    code = f"import sys; from raydist import cli; sys.exit(max([cli.main(args) for args in {runs!r}]))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True,
+                          text=True, timeout=900, start_new_session=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {name: torch.load(tmp / name / "model.pt") for name in STRATEGIES}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_a_death_prints_one_line_and_an_interrupted_run_resumes_to_the_same_model(
+        strategy, uninterrupted, tmp_path):
+    flags, sig = STRATEGIES[strategy]
+    out = tmp_path / "out"
+    args = ["train", *BASE, *flags, "--max-failures", "1", "--out", str(out)]
+    first = Command(tmp_path, args, "first", RAYDIST_FAULT="1:2")  # worker/replica/stage 1 dies in epoch 2
+    try:
+        first.wait_for(lambda: re.search(r"^epoch 3 ", first.text(), re.M), "epoch 3")
+        took = first.signal(sig)
+        assert first.proc.returncode == 128 + sig, first.text()
+        assert took < STOP_S, f"it took {took:.1f} s to stop"
+        assert first.leftovers() == [], "processes of the interrupted command still alive"
+    finally:
+        first.close()
+    console = first.text()
+    kind = {"ddp": "ddp worker", "ps": "ps replica", "pipeline": "pipeline stage"}[strategy]
+    restarts = re.findall(r"^restart .*$", console, re.M)
+    assert len(restarts) == 1 and re.fullmatch(
+        rf"restart 1/1: {kind} 1 \(pid \d+\) died; resuming from epoch [12]", restarts[0]), console
+    assert "Traceback" not in console and "(raylet)" not in console, console
+    stopped = re.findall(r"^interrupted at epoch (\d+); run the same command again to resume$", console, re.M)
+    assert len(stopped) == 1, console
+    detail = (out / "ray.log").read_text()  # Ray's own account of the death, naming the process
+    pid = re.search(r"\(pid (\d+)\)", restarts[0]).group(1)
+    assert pid in detail and "died" in detail, detail[-3000:]
+    epoch = int(stopped[0])
+    assert 4 <= epoch <= 8
+
+    again = Command(tmp_path, args, "again")
+    try:
+        assert again.finish() == 0, again.text()
+    finally:
+        again.close()
+    if strategy != "ddp":  # ps and pipeline resume from checkpoint.pt: epochs before it are not redone
+        assert re.findall(r"^epoch (\d+) ", again.text(), re.M)[0] == str(epoch)
+    model, clean = torch.load(out / "model.pt"), uninterrupted[strategy]
+    assert list(model) == list(clean) and all(torch.equal(model[k], clean[k]) for k in clean)
+
+
+SWEEP = """
+strategy: local
+model: mlp
+data: digits
+hidden: [16]
+epochs: 3
+batch_size: 16
+lr: {grid: [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]}
+sweep: {max_concurrent: 1}
+"""
+
+
+def statuses(out: Path) -> list[str]:
+    return [yaml.safe_load(p.read_text())["status"] for p in sorted(out.glob("trials/*/trial.yaml"))]
+
+
+def resumed_to_the_end(tmp_path: Path, out: Path) -> None:
+    again = Command(tmp_path, ["sweep", "--resume", str(out)], "resumed")
+    try:
+        assert again.finish() == 0, again.text()
+    finally:
+        again.close()
+    assert statuses(out) == ["completed"] * 6, again.text()
+
+
+def test_a_sweep_stopped_by_ctrl_c_continues_with_resume(tmp_path):
+    (tmp_path / "sweep.yaml").write_text(SWEEP)
+    out = tmp_path / "out"
+    first = Command(tmp_path, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out)], "first")
+    try:
+        first.wait_for(lambda: "completed" in statuses(out), "a completed trial")
+        took = first.signal(signal.SIGINT)
+        assert first.proc.returncode == 130, first.text()
+        assert took < STOP_S, f"it took {took:.1f} s to stop"
+        assert first.leftovers() == [], "processes of the interrupted sweep still alive"
+    finally:
+        first.close()
+    assert f"sweep: interrupted; continue it with `raydist sweep --resume {out}`" in first.text()
+    assert "Traceback" not in first.text() and "Tuner.restore" not in first.text(), first.text()
+    resumed_to_the_end(tmp_path, out)
+
+
+def test_a_sweep_whose_driver_was_killed_continues_with_resume(tmp_path):
+    (tmp_path / "sweep.yaml").write_text(SWEEP)
+    out = tmp_path / "out"
+    first = Command(tmp_path, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out)], "first")
+    seen: dict[str, float] = {}
+
+    def saved_since_last_trial_began() -> bool:
+        """A trial has finished, and Tune's state was saved after the newest trial began: a
+        trial Tune's saved state does not know would be started afresh under a new id."""
+        for trial in out.glob("trials/*"):
+            seen.setdefault(trial.name, time.time())
+        states = list(out.glob("tune/experiment_state*.json"))
+        return ("completed" in statuses(out) and bool(states)
+                and max(p.stat().st_mtime for p in states) > max(seen.values()) + 0.5)
+
+    try:
+        first.wait_for(saved_since_last_trial_began, "a saved state")
+        first.signal(signal.SIGKILL)
+        assert first.proc.returncode == -signal.SIGKILL
+    finally:
+        first.close()  # a SIGKILLed driver shuts nothing down: its Ray is stopped by PID here
+    resumed_to_the_end(tmp_path, out)
