@@ -167,6 +167,19 @@ class RunSpec:
                                   "(default: balanced by parameter count)",
                                   check=lambda v: all(c >= 1 for c in v),
                                   expected="a list of integers >= 1", strategies=("pipeline",))
+    virtual_stages: int | None = knob(None, "pipeline: chunks of blocks each stage actor holds "
+                                      "(interleaved-1f1b; default: the schedule's own, 2 there, "
+                                      "else 1); cuts then name where chunks start",
+                                      check=at_least(1), expected="an integer >= 1",
+                                      strategies=("pipeline",))
+    replicas: int = knob(1, "pipeline: copies of the pipeline (DP x PP) that split each global "
+                         "batch and sum their gradients per stage position", check=at_least(1),
+                         expected="an integer >= 1", strategies=("pipeline",),
+                         resumable=("pipeline",))
+    timeline_step: int = knob(2, "pipeline: the global batch (counted from 1 over the run) whose "
+                              "stage ops go to stage_events.json, the report's timeline; 0: none",
+                              check=at_least(0), expected="an integer >= 0",
+                              strategies=("pipeline",), resumable=True)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
