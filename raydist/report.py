@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from raydist import timeline  # noqa: E402
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
 
 SPEC = [f.name for f in fields(RunSpec)]
@@ -252,6 +253,7 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     lines += machine_section(root)
     lines += speedup_section(trials, scale, root, predictions)
     lines += optimizer_sections(results, trials, metric, mode, target, root)
+    lines += timeline.section(root)
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
