@@ -213,8 +213,10 @@ class Stage:
     def weights(self, mb: int, chunk: int) -> None:
         """A split backward's weight pass: the output's gradient into the weights' .grad."""
         out, grad = self.deferred.pop((mb, chunk))
+        params = [q for q in self.chunks[chunk].parameters() if q.requires_grad]
         with self.timed("compute_s", ("W", mb, chunk)):
-            out.backward(grad, inputs=list(self.chunks[chunk].parameters()))
+            if params:  # a chunk without weights (a reshape) has no weight pass
+                out.backward(grad, inputs=params)
 
     def train_step(self, epoch: int, micro: list[np.ndarray], batch_size: int,
                    record: bool = False) -> None:
