@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raydist.cluster import free_port
 from raydist.config import RunSpec
 from raydist.engine import denominator, loss_fn, make_optimizer
 from raydist.faults import Faults
@@ -66,12 +65,6 @@ class Place:
 
 
 # --- communication: a gloo process group among the stages, point to point -----------------------
-
-def node_address() -> tuple[str, int]:
-    """This node's address and a port free on it: where the other stages find stage 0."""
-    ip = ray.util.get_node_ip_address()
-    return ip, free_port(ip)
-
 
 def on_cpu(state: Any) -> Any:
     """A state dict with every tensor on the CPU: the driver need not have a GPU."""
@@ -123,18 +116,26 @@ class Stage:
         self.events: list[tuple[str, int, int, float, float]] | None = None
         """(kind, micro-batch, chunk, start, end) of the step being recorded (the timeline)"""
         self.recorded: list[tuple[str, int, int, float, float]] = []
+        self.store: Any = None
+        """rank 0: the process group's TCPStore, hosted from `address` on"""
         self.reset()
 
     def address(self) -> tuple[str, int]:
-        return node_address()
+        """Host the group's store (rank 0): this node's address and the port the store bound.
+        The OS picks the port as the store binds it: a port found free first and bound later
+        may be taken meanwhile by another process on a shared machine (EADDRINUSE, seen)."""
+        ip = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(ip, 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=STEP_TIMEOUT_S))
+        return ip, self.store.port
 
     def join(self, ip: str, port: int) -> None:
         """Enter the process group of all stage actors (blocks until every one has) and, with
         replicas, every stage position's group (each actor creates every group, in order)."""
-        p = self.place
-        dist.init_process_group("gloo", init_method=f"tcp://{ip}:{port}", rank=p.rank,
-                                world_size=p.stages * p.replicas,
-                                timeout=timedelta(seconds=STEP_TIMEOUT_S))
+        p, timeout = self.place, timedelta(seconds=STEP_TIMEOUT_S)
+        store = self.store if p.rank == 0 else dist.TCPStore(ip, port, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=p.rank, world_size=p.stages * p.replicas,
+                                timeout=timeout)
         if p.replicas > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             for k in range(p.stages):
@@ -226,13 +227,10 @@ class Stage:
         self.faults.maybe_fail(self.place.rank, epoch)
         self.events = [] if record else None
         p = self.place
+        run = {"F": lambda i, c: self.forward(i, c, torch.tensor(micro[i]), batch_size),
+               "B": self.backward, "W": self.weights}
         for kind, i, chunk in self.schedule.ops(p.stage, p.stages, len(micro), p.chunks):
-            if kind == "F":
-                self.forward(i, chunk, torch.tensor(micro[i]), batch_size)
-            elif kind == "B":
-                self.backward(i, chunk)
-            else:
-                self.weights(i, chunk)
+            run[kind](i, chunk)
         with self.timed("comm_s", ("sends", -1, -1)):
             for work, _ in self.sending:
                 work.wait()
