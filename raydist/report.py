@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from raydist import profiles  # noqa: E402
+from raydist import profiles, timeline  # noqa: E402
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
 
 SPEC = [f.name for f in fields(RunSpec)]
@@ -264,6 +264,7 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     lines += speedup_section(trials, scale, root, predictions)
     lines += optimizer_sections(results, trials, metric, mode, target, root)
     lines += profiles.section(results, trials, mode, target, root)  # several workloads only
+    lines += timeline.section(root)
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

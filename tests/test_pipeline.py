@@ -93,8 +93,8 @@ def test_balanced_cuts_minimise_the_largest_stage():
 
 @pytest.mark.unit
 def test_schedules_order_each_stages_ops():
-    f = [("F", i) for i in range(3)]
-    b = [("B", i) for i in range(3)]
+    f = [("F", i, 0) for i in range(3)]
+    b = [("B", i, 0) for i in range(3)]
     assert gpipe(0, 2, 3) == gpipe(1, 2, 3) == f + b
     # 1F1B: stage k warms up with K-k-1 forwards, then alternates
     assert one_f_one_b(0, 3, 3) == [f[0], f[1], f[2], b[0], b[1], b[2]]
@@ -152,7 +152,7 @@ def test_cli_train_writes_the_outputs_of_local(runs, tmp_path):
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "machine.yaml", "metrics.csv",
-                                                          "model.pt", "spec.yaml"]
+                                                          "model.pt", "spec.yaml", "stage_events.json"]
     model = torch.load(tmp_path / "model.pt")
     assert list(model) == list(reference.state_dict)
     assert max((model[k] - v).abs().max().item() for k, v in reference.state_dict.items()) <= 1e-5
@@ -237,8 +237,8 @@ def test_a_second_invocation_continues_from_the_checkpoint_of_the_first(runs, tm
         train(first.replace(epochs=3, lr=0.5), quiet)
     assert str(err.value) == (
         f"lr: got 0.5, but {tmp_path} holds a pipeline run with lr={two_epochs.lr!r}; resume it with "
-        "the same settings (only epochs, out, address, max_failures, threads_per_worker, use_gpu may "
-        "change) or choose another out")
+        "the same settings (only epochs, out, address, max_failures, threads_per_worker, use_gpu, "
+        "replicas, timeline_step may change) or choose another out")
 
 
 @pytest.mark.ray

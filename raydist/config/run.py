@@ -195,6 +195,19 @@ class RunSpec:
                                   "(default: balanced by parameter count)",
                                   check=lambda v: all(c >= 1 for c in v),
                                   expected="a list of integers >= 1", strategies=("pipeline",))
+    virtual_stages: int | None = knob(None, "pipeline: chunks of blocks each stage actor holds "
+                                      "(interleaved-1f1b; default: the schedule's own, 2 there, "
+                                      "else 1); cuts then name where chunks start",
+                                      check=at_least(1), expected="an integer >= 1",
+                                      strategies=("pipeline",))
+    replicas: int = knob(1, "pipeline: copies of the pipeline (DP x PP) that split each global "
+                         "batch and sum their gradients per stage position", check=at_least(1),
+                         expected="an integer >= 1", strategies=("pipeline",),
+                         resumable=("pipeline",))
+    timeline_step: int = knob(2, "pipeline: the global batch (counted from 1 over the run) whose "
+                              "stage ops go to stage_events.json, the report's timeline; 0: none",
+                              check=at_least(0), expected="an integer >= 0",
+                              strategies=("pipeline",), resumable=True)
 
     # ----------------------------------------------------------------------------------------
     @classmethod
@@ -263,16 +276,18 @@ class RunSpec:
         return self.workers if isinstance(self.workers, int) else self.workers[1]
 
     @property
-    def replicas(self) -> int:
-        """Data-parallel replicas: `workers` where the strategy reads it (ddp, ps), else 1 (local;
-        pipeline, whose stages split the model, not the batch)."""
-        return self.max_workers if reads(self.strategy, "workers") else 1
+    def data_parallel(self) -> int:
+        """Data-parallel replicas: `workers` where the strategy reads it (ddp, ps), a pipeline's
+        `replicas` (its stages split the model, not the batch), else 1 (local)."""
+        if reads(self.strategy, "workers"):
+            return self.max_workers
+        return self.replicas if reads(self.strategy, "replicas") else 1
 
     @property
     def global_batch(self) -> int:
         """Samples per optimizer step: batch_size, or batch_per_worker x replicas (gd trains on
         the whole set whatever this says: engine.global_batches)."""
-        return self.batch_size if self.batch_size is not None else self.batch_per_worker * self.replicas
+        return self.batch_size if self.batch_size is not None else self.batch_per_worker * self.data_parallel
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,7 +32,8 @@ class EpochRecord(TypedDict, total=False):
     """lr x the lr_scaling factor of global_batch / base_batch: the lr warmup rises to and the
     schedule starts from (engine/lr.py)."""
     world_size: int
-    """processes that trained this epoch: ddp workers, ps replicas, pipeline stages."""
+    """processes that trained this epoch: ddp workers, ps replicas, pipeline stage actors
+    (replicas x stages)."""
     comm_wait_s: float
     """seconds of the epoch a training process spent waiting for communication instead of
     computing, mean over the processes: ddp, all-reduce not hidden behind the backward pass
@@ -42,21 +43,28 @@ class EpochRecord(TypedDict, total=False):
     """bytes all processes put on the wire per global batch, counted as sent: ddp, the payload
     the communication hooks hand to gloo's ring all-reduce (each of N workers sends
     2(N-1)/N of it); ps, gradients up and weights down as the replicas measured them
-    (discarded gradients included); pipeline, activations and their gradients between stages."""
+    (discarded gradients included); pipeline, activations and their gradients between stages,
+    and with replicas their gradients' all-reduce, counted as ddp counts it."""
     compute_s: float
     """ps: a replica's busy seconds in the epoch (mean over replicas)."""
     discarded: int
     """ps: gradients computed but dropped as too stale (async; their shards were recomputed; sync: 0)."""
     bubble_fraction: float
-    """pipeline: share of the stages' epoch time not spent computing."""
+    """pipeline: share of the stage actors' epoch time not spent computing."""
     bubble_bound: float
-    """pipeline: GPipe's bubble for equal stages and free communication, (K-1)/(M+K-1)."""
+    """pipeline: the schedule's ideal bubble, as a share of the stages' time, for equal stages and
+    free communication: the bubble is (K-1)/(V*M) of the compute time (V chunks per actor: 1 but
+    interleaved-1f1b), so (K-1)/(V*M+K-1); GPipe's and 1F1B's (K-1)/(M+K-1); ZB-H1's, with F, B
+    and W of equal time, (K-1)/(3M+K-1)."""
 
 
 PER_STAGE = {
-    "stage{i}_compute_s": "pipeline: stage i's seconds of forward, backward and optimizer step",
-    "stage{i}_comm_s": "pipeline: stage i's seconds waiting in receives and sends",
-    "stage{i}_peak_activations": "pipeline: the most micro-batches stage i held at once",
+    "stage{i}_compute_s": "pipeline: stage i's seconds of forward, backward and optimizer step "
+                          "(with replicas: the mean over the replicas of stage i)",
+    "stage{i}_comm_s": "pipeline: stage i's seconds waiting in receives, sends and the replicas' "
+                       "all-reduce (mean over replicas)",
+    "stage{i}_peak_activations": "pipeline: the most micro-batches (interleaved: micro-batch chunks) "
+                                 "stage i held at once (the most over replicas)",
 }
 """Per-stage fields of a pipeline record, one of each per stage i."""
 

@@ -1,12 +1,15 @@
-"""`pipeline`: the model cut into K contiguous stages, one Ray actor each; GPipe and 1F1B.
+"""`pipeline`: the model cut into K stages, one Ray actor each; GPipe, 1F1B, interleaved 1F1B
+(V chunks per actor), ZB-H1; R replicas of the whole pipeline (DP x PP).
 
-Every global batch is split into M micro-batches. The driver makes one call per stage per
-global batch; the stages then run their schedule among themselves, activations flowing forward
-and their gradients back over a gloo process group of the stage actors (point to point, never
-through the driver or the object store). The last stage's loss is the SUM over its micro-batch
-divided by the GLOBAL batch size (engine.denominator), so the gradients accumulated over the
-micro-batches are the full-batch gradient; every stage steps its own optimizer once all
-micro-batches are back (the flush), and the run equals `local` to round-off.
+Every global batch is split over the R replicas, and each replica's share into M micro-batches.
+The driver makes one call per stage actor per global batch; the stages then run their schedule
+among themselves, activations flowing forward and their gradients back over a gloo process
+group of the stage actors (point to point, never through the driver or the object store). The
+last stage's loss is the SUM over its micro-batch divided by the GLOBAL batch size
+(engine.denominator), so the gradients accumulated over the micro-batches (and summed over the
+replicas of a stage position, one all-reduce per step) are the full-batch gradient; every stage
+steps its own optimizer once all micro-batches are back (the flush), and the run equals `local`
+to round-off.
 
 cuts.py: where the model is cut and what crosses each cut; schedules.py: which op a stage
 runs when; stage.py: the Stage actor (the math and its messages); driver.py: the stages of one
@@ -26,7 +29,8 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Report, RunResult, fit_restarting, global_batches
 from raydist.models import build_model
-from raydist.strategies.pipeline.cuts import HOW, Blocks, blocks_of, shared_parameters, stage_bounds
+from raydist.strategies.pipeline.cuts import HOW, Blocks, blocks_of, pieces, shared_parameters, stage_bounds
+from raydist.strategies.pipeline.schedules import SCHEDULES, chunks_of
 
 RESUMES = True
 
@@ -36,26 +40,47 @@ class StageFailed(RuntimeError):
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
-    """The model must come as blocks (cuts.blocks_of), the cut and the micro-batches must fit
-    the blocks and the batch."""
+    """The model must come as blocks (cuts.blocks_of), the schedule, the cut and the
+    micro-batches must fit the blocks and the batch."""
     model = build_model(spec, data)
     parts = blocks_of(model, spec.model)
     check_blocks(model, parts, data, spec)
-    blocks = len(parts)
-    k = spec.stages
+    check_schedule(spec, len(parts))
+    batch = len(global_batches(spec, data, 1)[0])  # gd: the whole training set
+    if spec.microbatches * spec.replicas > batch:
+        per = "" if spec.replicas == 1 else f" x replicas {spec.replicas}"
+        raise ConfigError(f"microbatches: got {spec.microbatches}{per}, more than the global batch of "
+                          f"{batch} samples; expected at most {batch // spec.replicas}")
+    if spec.cuts is not None:
+        check_cuts(spec, len(parts))
+
+
+def check_schedule(spec: RunSpec, blocks: int) -> None:
+    """Chunks only under an interleaved schedule, at least one block per chunk, and whole
+    groups of K micro-batches for an interleaved one."""
+    k, entry = spec.stages, SCHEDULES[spec.schedule]
+    v = chunks_of(spec.schedule, spec.virtual_stages)
+    if v > 1 and not entry.interleaved:
+        raise ConfigError(f"virtual_stages: got {v}, but schedule '{spec.schedule}' runs one chunk per "
+                          "stage actor; expected 1, or schedule interleaved-1f1b")
     if k > blocks:
         raise ConfigError(f"stages: got {k}, but model '{spec.model}' has only {blocks} blocks; "
                           f"expected at most {blocks}")
-    batch = len(global_batches(spec, data, 1)[0])  # gd: the whole training set
-    if spec.microbatches > batch:
-        raise ConfigError(f"microbatches: got {spec.microbatches}, more than the global batch of "
-                          f"{batch} samples; expected at most {batch}")
-    cuts = spec.cuts
-    if cuts is None:
-        return
-    if len(cuts) != k - 1:
-        raise ConfigError(f"cuts: got {cuts}; expected {k - 1} block indices (stages - 1) "
-                          f"for stages={k}")
+    if k * v > blocks:
+        raise ConfigError(f"virtual_stages: got {v} with stages {k}: {spec.schedule} cuts the model into "
+                          f"stages x virtual_stages = {k * v} chunks, but model '{spec.model}' has only "
+                          f"{blocks} blocks; expected stages x virtual_stages <= {blocks}")
+    if entry.interleaved and spec.microbatches % k:
+        raise ConfigError(f"microbatches: got {spec.microbatches}; {spec.schedule} runs micro-batches in "
+                          f"groups of stages ({k}): expected a multiple of {k}")
+
+
+def check_cuts(spec: RunSpec, blocks: int) -> None:
+    cuts, k, n = spec.cuts, spec.stages, pieces(spec)
+    if len(cuts) != n - 1:
+        what = (f"(stages - 1) for stages={k}" if n == k else
+                f"(stages x virtual_stages - 1) for stages={k}, virtual_stages={n // k}")
+        raise ConfigError(f"cuts: got {cuts}; expected {n - 1} block indices {what}")
     if any(b <= a for a, b in itertools.pairwise(cuts)):
         raise ConfigError(f"cuts: got {cuts}; expected strictly increasing block indices")
     if not all(1 <= c < blocks for c in cuts):
@@ -87,18 +112,22 @@ def check_blocks(model: nn.Module, blocks: Blocks, data: Dataset, spec: RunSpec)
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
-    """(CPUs, GPUs, what) the stages ask of a cluster that has `gpus` GPUs now."""
-    return (spec.stages * spec.threads_per_worker, spec.stages * gpus_per_stage(spec, gpus),
-            f"pipeline ({spec.stages} stages x {spec.threads_per_worker} threads)")
+    """(CPUs, GPUs, what) the stage actors ask of a cluster that has `gpus` GPUs now."""
+    actors = spec.stages * spec.replicas
+    what = f"{spec.stages} stages"
+    if spec.replicas > 1:
+        what = f"{spec.replicas} replicas x {what}"
+    return (actors * spec.threads_per_worker, actors * gpus_per_stage(spec, gpus),
+            f"pipeline ({what} x {spec.threads_per_worker} threads)")
 
 
 def gpus_per_stage(spec: RunSpec, gpus: float) -> float:
-    """With GPUs (use_gpu, or by default when the cluster has any): a whole GPU per stage when
-    there are enough, else the stages share them (2 stages on 1 GPU: half each). Asked for on a
-    cluster without any, a whole one each, which the capacity check then refuses."""
+    """With GPUs (use_gpu, or by default when the cluster has any): a whole GPU per stage actor
+    when there are enough, else the actors share them (2 stages on 1 GPU: half each). Asked for
+    on a cluster without any, a whole one each, which the capacity check then refuses."""
     if not (spec.use_gpu if spec.use_gpu is not None else gpus > 0):
         return 0.0
-    return min(1.0, gpus / spec.stages) if gpus else 1.0
+    return min(1.0, gpus / (spec.stages * spec.replicas)) if gpus else 1.0
 
 
 def check_saved(spec: RunSpec) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from raydist.config import ConfigError, RunSpec
+from raydist.strategies.pipeline.schedules import chunks_of
 
 HOW = ("return an nn.Sequential of its blocks, or give the module a method pipeline_blocks(self) "
        "-> list[nn.Module] whose blocks, applied in order, equal its forward")
@@ -119,9 +120,15 @@ def balanced_cuts(sizes: list[int], stages: int) -> list[int]:
     return list(even(0, stages)[1])
 
 
+def pieces(spec: RunSpec) -> int:
+    """The chunks the model is cut into: K stages x V chunks per stage (V = 1 but interleaved)."""
+    return spec.stages * chunks_of(spec.schedule, spec.virtual_stages)
+
+
 def stage_bounds(spec: RunSpec, model: nn.Sequential) -> list[int]:
-    """[0, cut_1, ..., cut_{K-1}, blocks]: stage k holds blocks bounds[k]:bounds[k+1]."""
-    cuts = spec.cuts if spec.cuts is not None else balanced_cuts(block_sizes(model), spec.stages)
+    """[0, cut_1, ..., blocks]: chunk j (virtual stage j; stage j when V = 1) holds blocks
+    bounds[j]:bounds[j+1]; chunk j runs on stage actor j mod K."""
+    cuts = spec.cuts if spec.cuts is not None else balanced_cuts(block_sizes(model), pieces(spec))
     return [0, *cuts, len(model)]
 
 

@@ -20,9 +20,10 @@ from raydist.data import Dataset
 from raydist.engine import Record, evaluate, total_steps
 from raydist.faults import Faults
 from raydist.models import build_model
-from raydist.strategies.pipeline import StageFailed, gpus_per_stage
+from raydist.strategies.pipeline import StageFailed, events, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
-from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Stage
+from raydist.strategies.pipeline.schedules import bubble_bound, chunks_of, micro_count
+from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Place, Stage
 
 START_TIMEOUT_S = 300.0
 """Stage actors that have not started by then mean the cluster's CPUs are taken by other work."""
@@ -38,8 +39,9 @@ def lost(e: BaseException) -> bool:
 
 
 class Pipeline:
-    """The stages of one attempt, and the driver's copy of the model, reassembled from them
-    after every epoch (under the model's own keys) to evaluate it."""
+    """The stage actors of one attempt (R replicas x K stages, in rank order), and the driver's
+    copy of the model, reassembled from replica 0's stages after every epoch (under the model's
+    own keys) to evaluate it."""
 
     def __init__(self, spec: RunSpec, data: Dataset, model: nn.Module, blocks: Blocks,
                  bounds: list[int], saved: dict[str, Any] | None) -> None:
@@ -47,20 +49,26 @@ class Pipeline:
         self.stages = spawn(spec, data, bounds)
         self.states: list[dict[str, Any]] = []
         try:
-            self.members = start(self.stages, saved)
+            self.members = start(self.stages, saved, spec.stages)
         except BaseException:
             self.close()
             raise
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         t = time.perf_counter()
-        run_batches(self.spec, self.stages, epoch, batches)
+        record_at = self.spec.timeline_step - (epoch - 1) * len(batches) - 1
+        run_batches(self.spec, self.stages, epoch, batches, record_at)
         elapsed = time.perf_counter() - t
         stats = wait([s.epoch_stats.remote() for s in self.stages], "collecting stage statistics")
-        return stats[-1]["loss"], pipeline_record(self.spec, stats, elapsed, len(batches))
+        if 0 <= record_at < len(batches):
+            write_events(self.spec, epoch, self.spec.timeline_step, len(batches[record_at]), stats)
+        k = self.spec.stages
+        loss = sum(s["loss"] for i, s in enumerate(stats) if i % k == k - 1)
+        return loss, pipeline_record(self.spec, stats, elapsed, len(batches))
 
     def evaluate(self) -> Record:
-        self.states = wait([s.state.remote() for s in self.stages], "collecting stage weights")
+        first = self.stages[: self.spec.stages]  # every replica holds the same weights
+        self.states = wait([s.state.remote() for s in first], "collecting stage weights")
         self.model.load_state_dict(self.blocks.model_state([st["model"] for st in self.states]))
         return evaluate(self.model, self.data)
 
@@ -118,65 +126,92 @@ def death_among(refs: list[ray.ObjectRef]) -> Exception | None:
 
 
 def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.ActorHandle]:
-    """One actor per stage, each given its slice of a freshly built model (the weights local
-    starts from) and, first and last, the training inputs and targets: the data set is read
-    once, by the driver."""
-    # scheduling_strategy: not inside a Tune trial's placement group, which holds its driver only
+    """R x K actors in rank order (replica-major), each given its chunks of a freshly built
+    model (the weights local starts from) and, first and last stage, the training inputs and
+    targets: the data set is read once, by the driver, and put in the object store once.
+    Replicas spread over the nodes (Ray's SPREAD), each actor on its own cores."""
+    # not inside a Tune trial's placement group, which holds its driver only
     options: dict[str, Any] = {"num_cpus": spec.threads_per_worker, "max_restarts": 0,
-                               "scheduling_strategy": "DEFAULT",
+                               "scheduling_strategy": "SPREAD" if spec.replicas > 1 else "DEFAULT",
                                "num_gpus": gpus_per_stage(spec, ray.cluster_resources().get("GPU", 0.0))}
     actor = ray.remote(Stage).options(**options)
     faults = Faults.of(spec)
     blocks = blocks_of(build_model(spec, data), spec.model).seq
     shapes = boundary_shapes(blocks, data.x_train[:1], bounds)
-    k, steps = len(bounds) - 1, total_steps(spec, data)
-    return [actor.remote(spec, i, k, blocks[bounds[i] : bounds[i + 1]], data.task,
-                         data.x_train if i == 0 else None, data.y_train if i == k - 1 else None,
-                         shapes[i], faults, steps)
-            for i in range(k)]
+    k, v, steps = spec.stages, (len(bounds) - 1) // spec.stages, total_steps(spec, data)
+    x, y = ray.put(data.x_train), ray.put(data.y_train)
+    actors = []
+    for r in range(spec.replicas):
+        for i in range(k):
+            place = Place(i, k, r, spec.replicas, v)
+            chunks = [blocks[bounds[place.virtual(c)] : bounds[place.virtual(c) + 1]] for c in range(v)]
+            actors.append(actor.remote(spec, place, chunks, data.task, x if i == 0 else None,
+                                       y if i == k - 1 else None,
+                                       [shapes[place.virtual(c)] for c in range(v)], faults, steps))
+    return actors
 
 
-def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> Members:
-    """Load the checkpoint, if any, into the new stages and connect them; who is who."""
+def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None, k: int) -> Members:
+    """Load the checkpoint, if any, into the new stages (every replica of stage position i the
+    saved stage i) and connect them; who is who."""
     what = f"the start of {len(stages)} stage actors (other work may hold the cluster's CPUs)"
-    loads = [s.load.remote(st) for s, st in zip(stages, saved["stages"], strict=True)] if saved else []
+    loads = [s.load.remote(saved["stages"][i % k]) for i, s in enumerate(stages)] if saved else []
     idents = [s.whoami.remote() for s in stages]
     (ip, port), *rest = wait([stages[0].address.remote(), *idents, *loads], what, START_TIMEOUT_S)
     wait([s.join.remote(ip, port) for s in stages], what, START_TIMEOUT_S)
     members = Members("a pipeline stage")
     for i, ident in enumerate(rest[: len(stages)]):
-        members.add(f"pipeline stage {i}", ident)
+        replica = f" of replica {i // k}" if len(stages) > k else ""
+        members.add(f"pipeline stage {i % k}{replica}", ident)
     return members
 
 
 def run_batches(spec: RunSpec, stages: list[ray.actor.ActorHandle], epoch: int,
-                batches: list[torch.Tensor]) -> None:
-    """One call per stage per global batch: the stages run the schedule among themselves. Batch
-    b+1 is handed out before the driver waits for batch b, so no stage idles while the driver
-    learns that b is done. A short last batch of an epoch may have fewer samples than
-    micro-batches: the empty ones are skipped."""
+                batches: list[torch.Tensor], record_at: int = -1) -> None:
+    """One call per stage actor per global batch: each replica takes its share of the batch,
+    and its stages run the schedule among themselves. Batch b+1 is handed out before the driver
+    waits for batch b, so no stage idles while the driver learns that b is done. A short batch
+    is split into fewer micro-batches, never an empty one (schedules.micro_count); a replica
+    whose share is empty only adds zeros to the gradients. Batch `record_at` is recorded."""
     in_flight: list[ray.ObjectRef] = []
-    for batch in batches:
-        # numpy, not tensors: Ray pickles a torch tensor ~0.6 ms slower, per tensor and per stage
-        micro = [m.numpy() for m in torch.tensor_split(batch, spec.microbatches) if len(m)]
-        refs = [s.train_step.remote(epoch, micro, len(batch)) for s in stages]
+    k = spec.stages
+    for b, batch in enumerate(batches):
+        refs = []
+        for r, share in enumerate(torch.tensor_split(batch, spec.replicas)):
+            n = micro_count(spec.schedule, k, spec.microbatches, len(share))
+            # numpy, not tensors: Ray pickles a torch tensor ~0.6 ms slower, per tensor and per stage
+            micro = [m.numpy() for m in torch.tensor_split(share, n)] if n else []
+            refs += [s.train_step.remote(epoch, micro, len(batch), b == record_at)
+                     for s in stages[r * k : (r + 1) * k]]
         wait(in_flight, f"a global batch of epoch {epoch}")
         in_flight = refs
     wait(in_flight, f"a global batch of epoch {epoch}")
 
 
-def pipeline_record(spec: RunSpec, stats: list[dict[str, float]], elapsed: float, steps: int) -> Record:
-    """Bubble: the share of the stages' time in the epoch's steps not spent computing (waiting
-    for a neighbour or moving tensors), next to GPipe's bound for equal stages and free
-    communication."""
-    k, m = len(stats), spec.microbatches
+def write_events(spec: RunSpec, epoch: int, step: int, samples: int, stats: list[dict[str, Any]]) -> None:
+    k = spec.stages
+    head = {"epoch": epoch, "step": step, "schedule": spec.schedule, "stages": k,
+            "replicas": spec.replicas, "chunks": chunks_of(spec.schedule, spec.virtual_stages),
+            "microbatches": micro_count(spec.schedule, k, spec.microbatches, samples // spec.replicas)}
+    events.write(spec.out, head, [{"replica": i // k, "stage": i % k, "node": s["node"],
+                                   "events": s["events"]} for i, s in enumerate(stats)])
+
+
+def pipeline_record(spec: RunSpec, stats: list[dict[str, Any]], elapsed: float, steps: int) -> Record:
+    """Bubble: the share of the stage actors' time in the epoch's steps not spent computing
+    (waiting for a neighbour, moving tensors, the replicas' all-reduce), next to the ideal
+    bubble of the schedule for equal stages and free communication. Per stage position: the
+    mean over its replicas (activations: the most)."""
+    k, n = spec.stages, len(stats)
+    chunks = chunks_of(spec.schedule, spec.virtual_stages)
     compute = sum(s["compute_s"] for s in stats)
-    rec: Record = {"world_size": k, "comm_wait_s": sum(s["comm_s"] for s in stats) / k,
+    rec: Record = {"world_size": n, "comm_wait_s": sum(s["comm_s"] for s in stats) / n,
                    "bytes_per_step": sum(s["sent"] for s in stats) / steps,
-                   "bubble_fraction": 1 - compute / (k * elapsed),
-                   "bubble_bound": (k - 1) / (m + k - 1)}
-    for i, s in enumerate(stats):
-        rec[f"stage{i}_compute_s"] = s["compute_s"]
-        rec[f"stage{i}_comm_s"] = s["comm_s"]
-        rec[f"stage{i}_peak_activations"] = s["peak"]
+                   "bubble_fraction": 1 - compute / (n * elapsed),
+                   "bubble_bound": bubble_bound(spec.schedule, k, spec.microbatches, chunks)}
+    for i in range(k):
+        mine = stats[i::k]
+        rec[f"stage{i}_compute_s"] = sum(s["compute_s"] for s in mine) / len(mine)
+        rec[f"stage{i}_comm_s"] = sum(s["comm_s"] for s in mine) / len(mine)
+        rec[f"stage{i}_peak_activations"] = max(s["peak"] for s in mine)
     return rec
