@@ -8,6 +8,7 @@ from raydist.config import RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Record, Report, RunResult, evaluate, fit, make_optimizer, train_epoch
 from raydist.models import build_model
+from raydist.progress import steps
 
 RESUMES = False
 """A local run starts afresh: it keeps no checkpoint."""
@@ -28,7 +29,7 @@ class Local:
         self.optimizer = make_optimizer(spec, self.model.parameters())
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        return train_epoch(self.model, self.optimizer, self.data, batches), {}
+        return train_epoch(self.model, self.optimizer, self.data, steps(batches, epoch)), {}
 
     def evaluate(self) -> Record:
         return evaluate(self.model, self.data)

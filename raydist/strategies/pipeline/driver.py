@@ -19,6 +19,7 @@ from raydist.data import Dataset
 from raydist.engine import Record, evaluate
 from raydist.faults import Faults
 from raydist.models import build_model
+from raydist.progress import steps
 from raydist.strategies.pipeline import StageFailed, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
 from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Stage
@@ -53,7 +54,7 @@ class Pipeline:
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         t = time.perf_counter()
-        run_batches(self.spec, self.stages, epoch, batches)
+        run_batches(self.spec, self.stages, epoch, steps(batches, epoch))  # a bar at a terminal
         elapsed = time.perf_counter() - t
         stats = wait([s.epoch_stats.remote() for s in self.stages], "collecting stage statistics")
         return stats[-1]["loss"], pipeline_record(self.spec, stats, elapsed, len(batches))
