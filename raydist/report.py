@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from raydist import report_html  # noqa: E402
+from raydist import report_html, tracking  # noqa: E402
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
 
 SPEC = [f.name for f in fields(RunSpec)]
@@ -256,7 +256,8 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     lines += optimizer_sections(results, trials, metric, mode, target, root)
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
-    report_html.write(path)  # the same report as one self-contained page
+    page = report_html.write(path)  # the same report as one self-contained page
+    tracking.log_report(sweep.base.get("tracking"), root, [path, page, *sorted(root.glob("*.png"))])
     return path
 
 

@@ -31,7 +31,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from raydist import cluster, strategies
+from raydist import cluster, strategies, tracking
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record
 from raydist.progress import SweepLine
@@ -184,7 +184,8 @@ def tune_config(sweep: SweepSpec) -> tune.TuneConfig:
 
 def run_config(sweep: SweepSpec, root: Path) -> tune.RunConfig:
     return tune.RunConfig(name="tune", storage_path=str(root), verbose=0,
-                          callbacks=[Progress(root, total_trials(sweep), sweep.metric)])
+                          callbacks=[Progress(root, total_trials(sweep), sweep.metric),
+                                     *tracking.tune_callbacks(sweep.base.get("tracking"), root)])
 
 
 # --- one trial ---------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, An
         try:
             spec = sweep.run_spec(config, str(out))
             spec.save(out / "spec.yaml")
-            strategies.train(spec, report=reporter(out))
+            strategies.train(spec, report=reporter(out), track=False)  # Tune's callbacks track it
         except Diverged as e:
             set_state(out, "diverged", str(e))
             return

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parents[1] / "raydist"
 LAYER = {"registry": 0, "config": 1, "faults": 1, "checkpoint": 1, "progress": 1, "optim": 2, "data": 2,
-         "models": 3, "ray_compat": 3, "cluster": 4, "engine": 5, "strategies": 6,
+         "tracking": 2, "models": 3, "ray_compat": 3, "cluster": 4, "engine": 5, "strategies": 6,
          "calibration": 7, "plan": 8, "sweep": 8, "report_html": 8, "report": 9, "cli": 10}
 
 
