@@ -107,7 +107,7 @@ def add_report_flags(p: argparse.ArgumentParser) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from raydist import report
 
-    path = report.write(args.dir, args.plan)
+    path = Path(report.write(args.dir, args.plan))
     print(f"report: {path} and {path.with_suffix('.html').name}")
 
 
