@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-import torch
 from tqdm import tqdm
 
 
@@ -35,20 +34,26 @@ def is_terminal(stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
-class Steps(list):
-    """An epoch's global batches (still a list: len, indexing), with a bar that advances by each
-    batch's samples when the trainer asks for the next one, i.e. once the step before is done."""
+class Steps:
+    """An epoch's global batches (len and indexing as the batches have them), with a bar that
+    advances by each batch's samples when the trainer asks for the next one, i.e. once the step
+    before is done. A stream's batches say their `samples` (they cannot be counted ahead)."""
 
-    def __init__(self, batches: Sequence[torch.Tensor], epoch: int, stream: TextIO) -> None:
-        super().__init__(batches)
-        self.epoch, self.stream = epoch, stream
+    def __init__(self, batches: Sequence[Any], epoch: int, stream: TextIO) -> None:
+        self.batches, self.epoch, self.stream = batches, epoch, stream
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        total = sum(len(b) for b in list.__iter__(self))
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.batches[i]
+
+    def __iter__(self) -> Iterator[Any]:
+        total = getattr(self.batches, "samples", None) or sum(len(b) for b in self.batches)
         bar = tqdm(total=total, desc=f"epoch {self.epoch}", unit=" samples", leave=False,
                    file=self.stream, postfix=f"step 0/{len(self)}", **screen())
         try:
-            for i, batch in enumerate(list.__iter__(self), start=1):
+            for i, batch in enumerate(self.batches, start=1):
                 yield batch
                 bar.set_postfix_str(f"step {i}/{len(self)}", refresh=False)
                 bar.update(len(batch))
@@ -56,7 +61,7 @@ class Steps(list):
             bar.close()  # leave=False: the line is cleared for the epoch's own line
 
 
-def steps(batches: list[torch.Tensor], epoch: int, stream: TextIO | None = None) -> list[torch.Tensor]:
+def steps(batches: Sequence[Any], epoch: int, stream: TextIO | None = None) -> Sequence[Any]:
     """`batches` with a bar when `stream` (default: stdout) is a terminal, else `batches` itself."""
     stream = stream or sys.stdout
     return Steps(batches, epoch, stream) if is_terminal(stream) else batches

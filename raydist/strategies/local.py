@@ -12,6 +12,8 @@ from raydist.progress import steps
 
 RESUMES = False
 """A local run starts afresh: it keeps no checkpoint."""
+STREAMS = True
+"""It reads a streamed data set (data/streamed.py) through Ray Data in this process."""
 resources = None
 """It runs in this process, without Ray."""
 
@@ -41,5 +43,12 @@ class Local:
 def run(spec: RunSpec, report: Report) -> RunResult:
     torch.set_num_threads(spec.threads_per_worker)
     data = load_data(spec)
+    if data.streamed:  # read through Ray Data, on an embedded Ray unless one runs here already
+        import ray
+
+        from raydist import cluster
+
+        if not ray.is_initialized():
+            cluster.start_local(log_to_driver=False)
     trainer = Local(spec, data)
     return RunResult(fit(spec, data, trainer, report), trainer.model.state_dict())

@@ -25,6 +25,8 @@ from raydist.engine import Diverged, Report, RunResult
 from raydist.optim import OPTIMIZERS
 
 RESUMES = True
+STREAMS = True
+"""Each worker reads a streamed data set through Ray Train's get_dataset_shard (driver.py)."""
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
