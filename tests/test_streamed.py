@@ -122,3 +122,15 @@ def test_local_reads_the_stream_in_batches_and_ddp_ends_equal(ray_local, folder,
         torch.testing.assert_close(ddp.state_dict[key], value, rtol=0, atol=1e-5)
     assert local.metrics[0]["train_loss"] == pytest.approx(ddp.metrics[0]["train_loss"], abs=1e-5)
     assert local.metrics[0]["val_accuracy"] > 0.6  # it learns from the stream
+
+
+@pytest.mark.unit
+def test_a_csv_folder_is_counted_in_one_pass(tmp_path):
+    root = tmp_path / "csv"
+    root.mkdir()
+    for i in range(3):
+        pd.DataFrame({"a": [0.5 * i, 1.0, 2.0], "b": [1, 2, 3], "y": [0.1, 0.2, 0.3 + i]}).to_csv(
+            root / f"part-{i}.csv", index=False)
+    data = load_data(RunSpec.from_dict({"data": f"csv-dir:{root}", "val_fraction": 0.3}))
+    assert (data.n_train, data.n_val, data.features, data.target) == (6, 3, ["a", "b"], "y")
+    assert (data.task, data.out_dim, data.y_train.dtype) == ("mse", 1, torch.float32)
