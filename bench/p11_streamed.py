@@ -1,7 +1,7 @@
-"""P10: `local` on the same rows streamed through Ray Data (`parquet-dir:`, 20 files) against
+"""P11: `local` on the same rows streamed through Ray Data (`parquet-dir:`, 20 files) against
 held in memory (`parquet:`, one file of the same rows), in training samples/s, alternating.
 
-    .venv/bin/python bench/p10_streamed.py --reps 3
+    .venv/bin/python bench/p11_streamed.py --reps 3
 
 Both: mlp 8 -> 16 -> 2, sgd, global batch 1024, 2 epochs, 1 thread; the median samples/s of
 the epochs after the first. The in-memory side indexes tensors; the streamed side pays Ray
@@ -41,7 +41,7 @@ def main() -> None:
     common.start_ray()
     base = {"strategy": "local", "model": "mlp", "hidden": "16", "optimizer": "sgd", "lr": 0.1,
             "batch_size": 1024, "epochs": 2, "threads_per_worker": 1}
-    with tempfile.TemporaryDirectory(prefix="p10_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="p11_") as tmp:
         folder, whole = write(Path(tmp), args.files, args.rows)
         sides = {"streamed (parquet-dir, Ray Data)": common.spec(**base, data=f"parquet-dir:{folder}"),
                  "in memory (parquet)": common.spec(**base, data=f"parquet:{whole}")}
@@ -49,7 +49,7 @@ def main() -> None:
                                  for name, s in sides.items()}, args.reps)
     ref = common.median(kept["in memory (parquet)"])
     rows = [[name, common.median(v), common.median(v) / ref] for name, v in kept.items()]
-    print(f"P10 on {common.machine()}; {args.files} files x {args.rows} rows\n")
+    print(f"P11 on {common.machine()}; {args.files} files x {args.rows} rows\n")
     print(common.markdown(["side", "median samples/s", "vs in memory"], rows))
 
 
