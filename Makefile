@@ -4,9 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test unit lint clean
+.PHONY: setup browser run test unit lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Chromium renders report.html in tests/test_report_html.py (skipped without one). Installed
+# quietly where it is missing and apt-get can run (as root); setup never fails over it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || true
 
 # torch is pinned in pyproject.toml and installed first, so pip never resolves a CUDA build.
 $(STAMP): pyproject.toml
@@ -22,7 +30,7 @@ run: $(STAMP)
 	$(BIN)/raydist sweep tune_configs/quickstart.yaml --out results/quickstart
 	$(BIN)/raydist report results/quickstart
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 

@@ -130,7 +130,8 @@ def add_report_flags(p: argparse.ArgumentParser) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from raydist import report
 
-    print(f"report: {report.write(args.dir, args.plan)}")
+    path = Path(report.write(args.dir, args.plan))
+    print(f"report: {path} and {path.with_suffix('.html').name}")
 
 
 CLUSTER_ACTIONS = ("check", "publish")
@@ -197,7 +198,7 @@ Command = tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Na
 COMMANDS: dict[str, Command] = {
     "train": (add_spec_flags, cmd_train, "train one run with one strategy"),
     "sweep": (add_sweep_flags, cmd_sweep, "run a Ray Tune sweep over RunSpec fields"),
-    "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results"),
+    "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results, and report.html"),
     "cluster": (add_cluster_flags, cmd_cluster, "check a cluster-launcher YAML (`ray up FILE`)"),
     "plan": (add_plan_flags, cmd_plan, "predict step time and speedup per strategy at scale"),
 }

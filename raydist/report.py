@@ -1,4 +1,5 @@
-"""`raydist report DIR`: a sweep's results.csv turned into tables, Markdown and PNG plots.
+"""`raydist report DIR`: a sweep's results.csv turned into tables, Markdown and PNG plots (and
+report.html, the same as one page: report_html.py).
 
 Every number comes from results.csv (one row per trial per epoch), by these rules:
 - a trial's throughput is the median samples/s over its epochs after the first (the first
@@ -28,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from raydist import profiles, timeline  # noqa: E402
+from raydist import profiles, report_html, timeline, tracking  # noqa: E402
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
 
 SPEC = [f.name for f in fields(RunSpec)]
@@ -267,6 +268,8 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     lines += timeline.section(root)
     path = root / "report.md"
     path.write_text("\n".join(lines) + "\n")
+    page = report_html.write(path)  # the same report as one self-contained page
+    tracking.log_report(sweep.base.get("tracking"), root, [path, page, *sorted(root.glob("*.png"))])
     return path
 
 

@@ -29,9 +29,10 @@ import ray
 import yaml
 from ray import tune
 
-from raydist import cluster, interrupts, pbt, search, strategies
+from raydist import cluster, interrupts, pbt, search, strategies, tracking
 from raydist.config import ConfigError, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record, check_out
+from raydist.progress import SweepLine
 
 # A trial that ends before its first epoch (a refused setting) reports no metric: without this,
 # Tune's strict metric check would end the whole sweep over it.
@@ -155,7 +156,8 @@ def tune_config(sweep: SweepSpec) -> tune.TuneConfig:
 
 def run_config(sweep: SweepSpec, root: Path) -> tune.RunConfig:
     return tune.RunConfig(name="tune", storage_path=str(root), verbose=0,
-                          callbacks=[Progress(root, total_trials(sweep), sweep.metric)])
+                          callbacks=[Progress(root, total_trials(sweep), sweep.metric),
+                                     *tracking.tune_callbacks(sweep.base.get("tracking"), root)])
 
 
 # --- one trial ---------------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, An
             if sweep.scheduler == "pbt":  # a run that checkpoints through Tune, to be cloned
                 pbt.train(spec, out)
             else:
-                strategies.train(spec, report=reporter(out))
+                strategies.train(spec, report=reporter(out), track=False)  # Tune's callbacks track it
         except Diverged as e:
             set_state(out, "diverged", str(e))
             return
@@ -210,20 +212,32 @@ def get_state(out: Path) -> dict[str, str]:
 
 
 class Progress(tune.Callback):
-    """One line per trial start, epoch and end. Marks the trials the scheduler stopped early."""
+    """One line per trial start, epoch and end. Marks the trials the scheduler stopped early.
+    At a terminal, a status line below them: trials done / running / pending, and an ETA."""
 
     def __init__(self, root: Path, total: int, metric: str) -> None:
         self.root, self.total, self.metric = root, total, metric
+        self.status: SweepLine | None = None  # made on the driver, where Tune calls the callback
+
+    def line(self, text: str, trials: list, ending: Any = None) -> None:
+        self.status = self.status or SweepLine(self.total)
+        self.status.write(text)
+        self.status.update(done(trials, ending), sum(t.status == "RUNNING" and t is not ending
+                                                      for t in trials))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self.status is not None:
+            self.status.close()
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"[{done(trials)}/{self.total}] {trial.trial_id} started   {describe(trial.config)}",
-              flush=True)
+        self.line(f"[{done(trials)}/{self.total}] {trial.trial_id} started   {describe(trial.config)}",
+                  trials)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                         **info: Any) -> None:
         value = result.get(self.metric, float("nan"))
-        print(f"      {trial.trial_id} epoch {result['epoch']}  {self.metric} {value:.4f}  "
-              f"{result['samples_per_s']:.0f} samples/s", flush=True)
+        self.line(f"      {trial.trial_id} epoch {result['epoch']}  {self.metric} {value:.4f}  "
+                  f"{result['samples_per_s']:.0f} samples/s", trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.finished(trials, trial, "stopped")
@@ -240,8 +254,8 @@ class Progress(tune.Callback):
             state = {"status": status, "message": why[status]}
             set_state(out, **state)
         note = f"  {state['message']}" if state["status"] in ("diverged", "error") else ""
-        print(f"[{done(trials, trial)}/{self.total}] {trial.trial_id} {state['status']}{note}",
-              flush=True)
+        self.line(f"[{done(trials, trial)}/{self.total}] {trial.trial_id} {state['status']}{note}",
+                  trials, trial)
 
 
 def done(trials: list, ending: Any = None) -> int:

@@ -159,6 +159,10 @@ class RunSpec:
     straggler: float = knob(1.0, "ps: slow-down factor of replica 0 (benchmarks)",
                             check=at_least(1), expected="a number >= 1", strategies=("ps",),
                             resumable=True)
+    tracking: str | None = knob(None, "log every epoch to tensorboard (event files in OUT/tensorboard/) "
+                                "or mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns/); in a sweep, "
+                                "Tune's callbacks track each trial", registry="raydist.tracking:TRACKERS")
+    # not resumable: a resumed run with other tracking would leave its epochs tracked in part
     use_gpu: bool | None = knob(None, "ddp, pipeline: train on GPUs (default: when the cluster "
                                 "has some now)", strategies=("ddp", "pipeline"), resumable=True)
     # --- ddp ---------------------------------------------------------------------------------

@@ -2,15 +2,18 @@
 registered data sets are in builtin.py; `data: mypkg.data:load` names a user's loader
 (imported.py).
 
-Every data set is small enough to live in memory as tensors. `x` holds float features
-(images flattened) or int64 token ids; `task` says which loss the engine applies.
+Every data set but a streamed one lives in memory as tensors. `x` holds float features
+(images flattened) or int64 token ids; `task` says which loss the engine applies. A streamed
+set (`parquet-dir:PATH`, `csv-dir:PATH`: streamed.py) reads its rows through Ray Data as the
+epoch goes; the engine reaches rows only through `epoch_batches`, `rows` and `val_batches`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +35,8 @@ class Dataset:
     """'features', 'image' (features that are also an image) or 'tokens'."""
     out_dim: int
     image_shape: tuple[int, int, int] | None = None
+    streamed = False
+    """whether the rows stream from files (streamed.py) instead of living in these tensors"""
 
     @property
     def n_features(self) -> int:
@@ -40,6 +45,27 @@ class Dataset:
     @property
     def n_train(self) -> int:
         return len(self.x_train)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.x_val)
+
+    def epoch_batches(self, size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+        """The global batches of an epoch (here: index tensors, batch_order)."""
+        return batch_order(self.n_train, size, seed, epoch)
+
+    def rows(self, batch: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Worker `rank`'s samples of a global batch."""
+        idx = shard(batch, rank, world)
+        return self.x_train[idx], self.y_train[idx]
+
+    def val_batches(self, size: int = 2048) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i in range(0, len(self.x_val), size):
+            yield self.x_val[i : i + size], self.y_val[i : i + size]
+
+    def in_worker(self, shard: Callable[[str], Any]) -> Dataset:
+        """The set as a ddp worker reads it (a stream: through get_dataset_shard)."""
+        return self
 
 
 Loader = Callable[[RunSpec, str], Dataset]
@@ -79,4 +105,4 @@ def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return torch.tensor_split(batch, world)[rank]
 
 
-from raydist.data import builtin, images  # noqa: E402,F401  (each registers its data sets)
+from raydist.data import builtin, images, streamed  # noqa: E402,F401  (each registers its data sets)

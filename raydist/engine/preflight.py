@@ -24,6 +24,7 @@ from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
 from raydist.models import build_model
 from raydist.models.imported import first_line
+from raydist.optim import OPTIMIZERS
 
 SPEC_FILE = "spec.yaml"
 
@@ -36,6 +37,7 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
         model = build_model(spec, data)
     check_output(model, data, spec)
     spec.refuse_unread()
+    check_stream(spec, data, strategy)
     strategy.check(spec, data)
     check_out(spec.out)
     if strategy.RESUMES:
@@ -63,6 +65,19 @@ def memory_for(field: str, what: str) -> Iterator[None]:
         asked = f" ({int(size[1]):.2g} bytes at once)" if size else ""
         raise ConfigError(f"{field}: {what} needs more memory than this machine has{asked}; "
                           "make it smaller") from None
+
+
+def check_stream(spec: RunSpec, data: Dataset, strategy: ModuleType) -> None:
+    """A streamed data set (data/streamed.py) goes to the strategies that read one (STREAMS),
+    in batches: gd's one batch of the whole training set would hold it all in memory."""
+    if not data.streamed:
+        return
+    if not getattr(strategy, "STREAMS", False):
+        raise ConfigError(f"data: {spec.data} is streamed through Ray Data, which {spec.strategy} does "
+                          "not read; use strategy local or ddp, or a parquet:FILE that fits in memory")
+    if OPTIMIZERS[spec.optimizer].full_batch:
+        raise ConfigError(f"optimizer: {spec.optimizer} takes the whole training set as one batch, "
+                          f"which a streamed data set ({spec.data}) never holds; use sgd or another")
 
 
 def check_out(out: str) -> None:

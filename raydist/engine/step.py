@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from raydist.config import RunSpec
-from raydist.data import Dataset, batch_order, load_data, shard
+from raydist.data import Dataset, load_data
 from raydist.engine.lr import effective_lr
 from raydist.engine.record import Record
 from raydist.models import build_model
@@ -44,7 +44,7 @@ def make_optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
 def global_batches(spec: RunSpec, data: Dataset, epoch: int) -> list[torch.Tensor]:
     """Index batches of `epoch`; gd takes the whole training set as one batch."""
     size = data.n_train if OPTIMIZERS[spec.optimizer].full_batch else spec.global_batch
-    return batch_order(data.n_train, size, spec.seed, epoch)
+    return data.epoch_batches(size, spec.seed, epoch)
 
 
 def total_steps(spec: RunSpec, data: Dataset) -> int:
@@ -120,9 +120,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Datase
     sum of per-sample losses."""
     total = 0.0
     for batch in batches:
-        idx = shard(batch, rank, world)
-        total += step(model, optimizer, data.x_train[idx], data.y_train[idx], data.task,
-                      denominator(len(batch), world), scheduler)
+        x, y = data.rows(batch, rank, world)
+        total += step(model, optimizer, x, y, data.task, denominator(len(batch), world), scheduler)
     return total
 
 
@@ -140,13 +139,12 @@ def evaluate(model: nn.Module, data: Dataset, batch: int = 2048) -> Record:
 
 def _evaluate(model: nn.Module, data: Dataset, batch: int) -> Record:
     loss, hits = 0.0, 0.0
-    for i in range(0, len(data.x_val), batch):
-        x, y = data.x_val[i : i + batch], data.y_val[i : i + batch]
+    for x, y in data.val_batches(batch):
         out = model(x)
         loss += loss_fn(data.task)(out, y).item()
         if data.task in CLASSES:
             hits += correct(out, y, data.task) * len(x)
-    rec: Record = {"val_loss": loss / len(data.x_val)}
+    rec: Record = {"val_loss": loss / data.n_val}
     if data.task in CLASSES:
-        rec["val_accuracy"] = hits / len(data.x_val)
+        rec["val_accuracy"] = hits / data.n_val
     return rec

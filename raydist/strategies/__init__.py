@@ -28,6 +28,7 @@ from types import ModuleType
 from raydist.config import ConfigError, RunSpec
 from raydist.engine import Diverged, Record, Report, RunResult, claim, preflight, save_metrics, save_outputs
 from raydist.registry import Registry
+from raydist.tracking import open_run
 
 STRATEGIES: Registry[str] = Registry("strategy")
 for _name in ("local", "ddp", "ps", "pipeline"):
@@ -46,21 +47,24 @@ def progress(rec: Record) -> None:
           f"{rec['epoch_time_s']:.2f} s", flush=True)
 
 
-def train(spec: RunSpec, report: Report = progress) -> RunResult:
+def train(spec: RunSpec, report: Report = progress, track: bool = True) -> RunResult:
     """Pre-flight, run and save one spec. User errors surface before the output folder
     exists; a ConfigError raised later removes the folder this call created. A diverged run
     leaves its metrics.csv (no model.pt). Ray's console output goes to out/ray.log while it
     runs. Interrupted (KeyboardInterrupt, Ctrl-C or SIGTERM through raydist.interrupts), the
-    checkpoints stay, and the exception's `epoch` says which epoch was under way."""
+    checkpoints stay, and the exception's `epoch` says which epoch was under way. `track`: log the
+    epochs to `spec.tracking` (a sweep's trials do not: Tune's callbacks track them)."""
     strategy = get(spec.strategy)
     preflight(spec, strategy)
     out = Path(spec.out)
     created = not out.exists()
     claim(spec)
     seen: list[Record] = []
+    tracker = open_run(spec if track else None)
 
     def tee(rec: Record) -> None:
         seen.append(rec)
+        tracker.log(rec)
         report(rec)
 
     try:
@@ -70,12 +74,16 @@ def train(spec: RunSpec, report: Report = progress) -> RunResult:
         e.epoch = getattr(e, "epoch", None) or (seen[-1]["epoch"] + 1 if seen else None)  # type: ignore[attr-defined]
         raise
     except ConfigError:
+        tracker.close(failed=True)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    except Diverged as e:  # the epochs it trained stay on disk, the diverged one included
-        save_metrics(out, e.history or seen)
+    except BaseException as e:
+        tracker.close(failed=True)
+        if isinstance(e, Diverged):  # the epochs it trained stay on disk, the diverged one included
+            save_metrics(out, e.history or seen)
         raise
+    tracker.close()
     save_outputs(out, spec, result)
     return result
 

@@ -18,9 +18,12 @@ from raydist.engine import (
     train_epoch,
 )
 from raydist.models import build_model
+from raydist.progress import steps
 
 RESUMES = False
 """A local run starts afresh: it keeps no checkpoint."""
+STREAMS = True
+"""It reads a streamed data set (data/streamed.py) through Ray Data in this process."""
 resources = None
 """It runs in this process, without Ray."""
 
@@ -39,7 +42,8 @@ class Local:
         self.scheduler = make_scheduler(spec, self.optimizer, total_steps(spec, data))
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        return train_epoch(self.model, self.optimizer, self.data, batches, scheduler=self.scheduler), {}
+        return train_epoch(self.model, self.optimizer, self.data, steps(batches, epoch),
+                           scheduler=self.scheduler), {}
 
     def evaluate(self) -> Record:
         return evaluate(self.model, self.data)
@@ -51,5 +55,12 @@ class Local:
 def run(spec: RunSpec, report: Report) -> RunResult:
     torch.set_num_threads(spec.threads_per_worker)
     data = load_data(spec)
+    if data.streamed:  # read through Ray Data, on an embedded Ray unless one runs here already
+        import ray
+
+        from raydist import cluster
+
+        if not ray.is_initialized():
+            cluster.start_local(log_to_driver=False)
     trainer = Local(spec, data)
     return RunResult(fit(spec, data, trainer, report), trainer.model.state_dict())

@@ -31,6 +31,8 @@ STORAGE, RUN = "ray", "ddp"
 """Ray Train keeps a run's checkpoints under out/STORAGE/RUN/checkpoint_<time>/ (RunConfig's
 storage_path and name), the two latest of them."""
 STATE = "state.pt"  # the file inside every Ray Train checkpoint
+STREAMS = True
+"""Each worker reads a streamed data set through Ray Train's get_dataset_shard (driver.py)."""
 
 
 def check(spec: RunSpec, data: Dataset) -> None:

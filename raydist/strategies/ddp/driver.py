@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
+from ray.data import ExecutionOptions
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -61,6 +70,7 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
     cluster.start_train_coordinator()  # ready before the controller asks for it
     return TorchTrainer(
         loop,
+        **streams(data),
         # The driver's data travels with the job: workers need neither the data file nor the
         # libraries that load it (importing scikit-learn for digits costs seconds per worker).
         train_loop_config={"spec": spec, "data": data, "channel": channel, "faults": Faults.of(spec)},
@@ -75,6 +85,16 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
             callbacks=[Watch(channel, spec.max_failures)],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING")))
+
+
+def streams(data: Dataset) -> dict[str, Any]:
+    """A streamed set's Ray Data datasets, unsplit: every worker reads the epoch's whole stream
+    in one order and keeps its part of each global batch (data/streamed.py says why)."""
+    if not data.streamed:
+        return {}
+    return {"datasets": data.ray_datasets(),
+            "dataset_config": DataConfig(datasets_to_split=[],
+                                         execution_options=ExecutionOptions(preserve_order=True))}
 
 
 def deliver(trainer: TorchTrainer, channel: Any, report: Report) -> Any:

@@ -63,7 +63,7 @@ class Replica:
         self.optimizer = self.link.wrap(inner)
         self.model.to(self.device)  # moves the parameters in place: the optimizer still holds them
         self.history = restore(self.model, self.optimizer, self.scheduler)
-        self.data = on_device(data, self.device)
+        self.data = on_device(data.in_worker(ray.train.get_dataset_shard), self.device)
         self.replica = prepare_model(self.model, move_to_device=False,
                                      parallel_strategy_kwargs={"bucket_cap_mb": spec.bucket_cap_mb})
         self.link.attach(self.replica)

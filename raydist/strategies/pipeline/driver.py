@@ -20,6 +20,7 @@ from raydist.data import Dataset
 from raydist.engine import Record, evaluate, total_steps
 from raydist.faults import Faults
 from raydist.models import build_model
+from raydist.progress import steps
 from raydist.strategies.pipeline import StageFailed, events, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
 from raydist.strategies.pipeline.schedules import bubble_bound, chunks_of, micro_count
@@ -57,7 +58,7 @@ class Pipeline:
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         t = time.perf_counter()
         record_at = self.spec.timeline_step - (epoch - 1) * len(batches) - 1
-        run_batches(self.spec, self.stages, epoch, batches, record_at)
+        run_batches(self.spec, self.stages, epoch, steps(batches, epoch), record_at)  # a bar at a terminal
         elapsed = time.perf_counter() - t
         stats = wait([s.epoch_stats.remote() for s in self.stages], "collecting stage statistics")
         if 0 <= record_at < len(batches):
