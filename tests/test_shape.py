@@ -67,7 +67,7 @@ def test_which_knobs_a_resume_may_change():
     # where and how fast a run goes, never what it computes; ddp's elastic group may resize
     assert resumable("ps") == ["epochs", "out", "address", "max_failures", "threads_per_worker", "straggler"]
     assert resumable("pipeline") == ["epochs", "out", "address", "max_failures", "threads_per_worker",
-                                     "use_gpu"]
+                                     "use_gpu", "replicas", "timeline_step"]
     assert resumable("ddp") == ["epochs", "workers", "out", "address", "max_failures", "threads_per_worker",
                                 "use_gpu", "bucket_cap_mb"]
 

@@ -14,7 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from raydist import report, sweep
 from raydist.cli import main
 
-FIELDS = ["train_loss", "val_loss", "val_accuracy", "samples_per_s", "epoch_time_s", "wall_time_s"]
+FIELDS = ["train_loss", "val_loss", "val_accuracy", "samples_per_s", "epoch_time_s", "wall_time_s",
+          "global_batch", "effective_lr"]
 RUN = ["train", "--strategy", "local", "--data", "digits", "--epochs", "3", "--batch-size", "128"]
 
 
