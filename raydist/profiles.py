@@ -26,6 +26,7 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from raydist.config import RunSpec  # noqa: E402
+from raydist.tables import fmt, fmt_time, markdown, save  # noqa: E402
 
 WORKLOAD = ("model", "data")
 TAUS = (1.0, 1.5, 2.0, 4.0)
@@ -131,10 +132,6 @@ def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
-def save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- the report's section ---------------------------------------------------------------------------
@@ -175,19 +172,3 @@ def result_table(scores: pd.DataFrame, ratio: pd.DataFrame) -> pd.DataFrame:
                                                                   strict=True)],
         "final val_loss (median)": scores["final_loss"].map(lambda v: fmt(v, "{:.4f}")),
     }).sort_values(["optimizer", "workload"]).reset_index(drop=True)
-
-
-def fmt(value: float, pattern: str) -> str:
-    return pattern.format(value) if math.isfinite(value) else "-"
-
-
-def fmt_time(value: float) -> str:
-    return "not reached" if math.isinf(value) else fmt(value, "{:.2f} s")
-
-
-def markdown(table: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |",
-             "|" + "|".join("---" for _ in table.columns) + "|"]
-    lines += ["| " + " | ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in row) + " |"
-              for row in table.itertuples(index=False)]
-    return "\n".join(lines)

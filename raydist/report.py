@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -31,6 +30,7 @@ import yaml  # noqa: E402
 
 from raydist import profiles, report_html, timeline, tracking  # noqa: E402
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
+from raydist.tables import fmt, fmt_time, fmt_value, markdown, save  # noqa: E402
 
 SPEC = [f.name for f in fields(RunSpec)]
 NOT_A_SETTING = ("seed", "out", "address")  # differ between trials without changing what is run
@@ -239,10 +239,6 @@ def plot_lr(sens: pd.DataFrame, metric: str, path: Path) -> None:
     save(fig, path)
 
 
-def save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -386,27 +382,3 @@ def optimizer_sections(results: pd.DataFrame, trials: pd.DataFrame, metric: str,
     grid["lr"] = grid["lr"].map(fmt_value)
     return [*lines, f"Median final {metric} over seeds.", "", markdown(grid), "",
             "![lr sensitivity](lr_sensitivity.png)", ""]
-
-
-# --- formatting ---------------------------------------------------------------------------------
-
-def fmt(value: float, pattern: str) -> str:
-    return pattern.format(value) if value is not None and math.isfinite(value) else "-"
-
-
-def fmt_time(value: float) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    return "not reached" if math.isinf(value) else f"{value:.2f} s"
-
-
-def fmt_value(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def markdown(table: pd.DataFrame) -> str:
-    cells = table.astype(object).map(lambda v: fmt_value(v) if isinstance(v, float) else str(v))
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |",
-             "|" + "|".join("---" for _ in table.columns) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
-    return "\n".join(lines)

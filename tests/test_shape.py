@@ -9,7 +9,7 @@ import pytest
 
 from raydist.cli import main
 from raydist.config import RunSpec, SweepSpec
-from raydist.config.run import resumable
+from raydist.config.resume import resumable
 from raydist.engine.record import documented
 from raydist.strategies import train
 

@@ -19,7 +19,8 @@ import yaml
 from torch import nn
 
 from raydist.config import ConfigError, RunSpec
-from raydist.config.run import KNOBS, default_of, pinned, resumable
+from raydist.config.resume import pinned, resumable
+from raydist.config.run import KNOBS, default_of
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
 from raydist.models import build_model
