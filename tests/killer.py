@@ -18,19 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ray.util.state import list_actors
+from rayprocs import parents
 
 CLASSES = {"ddp": ("RayTrainWorker",), "ps": ("Server", "Replica"), "pipeline": ("Stage",)}
-
-
-def parents() -> dict[int, int]:
-    found = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                found[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    return found
 
 
 def descends_from(pid: int, root: int) -> bool:

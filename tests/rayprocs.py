@@ -36,28 +36,40 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def processes_of(marker: str) -> list[int]:
-    """PIDs whose command line names `marker` (a head's private temp dir: GCS, raylet,
-    dashboard, agents, fake autoscaler nodes), and all their descendants (workers, drivers)."""
-    parent, roots = {}, []
+def parents() -> dict[int, int]:
+    """pid -> parent pid of every process now (Linux's /proc)."""
+    found = {}
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmdline = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-        if marker.encode() in cmdline:
-            roots.append(int(d.name))
-    found, todo = set(roots), list(roots)
+        if d.name.isdigit():
+            try:
+                found[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    return found
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """Every process below `pids`, not `pids` themselves."""
+    parent, found, todo = parents(), set(), list(pids)
     while todo:
         pid = todo.pop()
         kids = [c for c, p in parent.items() if p == pid and c not in found]
         found.update(kids)
         todo.extend(kids)
     return sorted(found)
+
+
+def processes_of(marker: str) -> list[int]:
+    """PIDs whose command line names `marker` (a head's private temp dir: GCS, raylet,
+    dashboard, agents, fake autoscaler nodes), and all their descendants (workers, drivers)."""
+    roots = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and marker.encode() in (d / "cmdline").read_bytes():
+                roots.append(int(d.name))
+        except OSError:
+            continue
+    return sorted({*roots, *descendants(roots)})
 
 
 def alive(pid: int) -> bool:

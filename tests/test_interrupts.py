@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from killer import parents
-from rayprocs import alive, processes_of, stop
+from rayprocs import alive, parents, processes_of, stop
 
 pytestmark = [pytest.mark.multinode, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
