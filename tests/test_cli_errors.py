@@ -8,7 +8,7 @@ from raydist.cli import main
 
 pytestmark = pytest.mark.unit
 
-OPTIMIZER_NAMES = "gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars"
+OPTIMIZER_NAMES = "gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars, muon, lamb, adafactor, lion, schedule-free-adamw"
 
 
 def write(path, text):

@@ -38,8 +38,8 @@ def test_adam_mlp_digits_reaches_90_percent_and_writes_outputs(tmp_path, capsys)
     assert yaml.safe_load((out / "machine.yaml").read_text())["threads_per_worker"] == 1
 
 
-@pytest.mark.parametrize("name", SEED_SIX)
-def test_each_seed_optimizer_at_its_default_lr_lowers_the_training_loss(name, tmp_path):
+@pytest.mark.parametrize("name", [*SEED_SIX, "muon", "lamb", "adafactor", "lion", "schedule-free-adamw"])
+def test_each_optimizer_at_its_default_lr_lowers_the_training_loss(name, tmp_path):
     spec = RunSpec.from_dict({"optimizer": name, "epochs": 4, "out": str(tmp_path)})
     metrics = train(spec, quiet).metrics
     losses = [m["train_loss"] for m in metrics]

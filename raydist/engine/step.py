@@ -30,10 +30,11 @@ def setup(spec: RunSpec) -> tuple[Dataset, nn.Sequential, torch.optim.Optimizer]
     """Data, model and optimizer of a run, identical in every process given the same spec."""
     data = load_data(spec)
     model = build_model(spec, data)
-    return data, model, make_optimizer(spec, model.parameters())
+    return data, model, make_optimizer(spec, model.named_parameters())
 
 
 def make_optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
+    """params: (name, tensor) pairs under the model's own names (muon splits by them), or tensors."""
     return build_optimizer(spec.optimizer, params, spec.lr, **spec.optimizer_hparams())
 
 

@@ -8,6 +8,7 @@ from raydist.config import RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Record, Report, RunResult, evaluate, fit, make_optimizer, train_epoch
 from raydist.models import build_model
+from raydist.optim import training
 
 RESUMES = False
 """A local run starts afresh: it keeps no checkpoint."""
@@ -23,12 +24,13 @@ class Local:
     """The engine's step over whole global batches, in this process."""
 
     def __init__(self, spec: RunSpec, data: Dataset) -> None:
-        self.data = data
+        self.spec, self.data = spec, data
         self.model = build_model(spec, data)
-        self.optimizer = make_optimizer(spec, self.model.parameters())
+        self.optimizer = make_optimizer(spec, self.model.named_parameters())
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        return train_epoch(self.model, self.optimizer, self.data, batches), {}
+        with training(self.spec.optimizer, self.optimizer):
+            return train_epoch(self.model, self.optimizer, self.data, batches), {}
 
     def evaluate(self) -> Record:
         return evaluate(self.model, self.data)

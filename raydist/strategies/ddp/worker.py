@@ -22,6 +22,7 @@ from raydist.data import Dataset
 from raydist.engine import Diverged, Record, evaluate, fit, make_optimizer, train_epoch
 from raydist.faults import Faults
 from raydist.models import build_model
+from raydist.optim import training
 from raydist.strategies.ddp import syncbn
 from raydist.strategies.ddp.comm import Comm
 
@@ -47,7 +48,8 @@ class Replica:
             self.model = syncbn.convert(self.model)
         self.link = Comm(spec, self.model, self.world)
         # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's step
-        self.optimizer = self.link.wrap(make_optimizer(spec, self.model.parameters()))
+        self.rule = make_optimizer(spec, self.model.named_parameters())
+        self.optimizer = self.link.wrap(self.rule)
         self.model.to(self.device)  # moves the parameters in place: the optimizer still holds them
         self.history = restore(self.model, self.optimizer)
         self.data = on_device(data, self.device)
@@ -56,7 +58,8 @@ class Replica:
         self.link.attach(self.replica)
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world)
+        with training(self.spec.optimizer, self.rule):
+            loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world)
         sent, wait = self.link.take()
         totals = self.sum([loss, wait])  # every rank sends the same payload: rank 0's counts
         return totals[0], {"world_size": self.world, "comm_wait_s": totals[1] / self.world,

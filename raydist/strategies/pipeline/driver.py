@@ -53,7 +53,9 @@ class Pipeline:
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         t = time.perf_counter()
+        wait([s.train_mode.remote() for s in self.stages], "the stages' switch to training")
         run_batches(self.spec, self.stages, epoch, batches)
+        wait([s.eval_mode.remote() for s in self.stages], "the stages' switch to evaluation")
         elapsed = time.perf_counter() - t
         stats = wait([s.epoch_stats.remote() for s in self.stages], "collecting stage statistics")
         return stats[-1]["loss"], pipeline_record(self.spec, stats, elapsed, len(batches))
@@ -121,13 +123,14 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
                                "num_gpus": gpus_per_stage(spec, ray.cluster_resources().get("GPU", 0.0))}
     actor = ray.remote(Stage).options(**options)
     faults = Faults.of(spec)
-    blocks = blocks_of(build_model(spec, data), spec.model).seq
-    shapes = boundary_shapes(blocks, data.x_train[:1], bounds)
+    blocks = blocks_of(build_model(spec, data), spec.model)
+    shapes = boundary_shapes(blocks.seq, data.x_train[:1], bounds)
     k = len(bounds) - 1
-    return [actor.remote(spec, i, k, blocks[bounds[i] : bounds[i + 1]], data.task,
-                         data.x_train if i == 0 else None, data.y_train if i == k - 1 else None,
-                         shapes[i], faults)
-            for i in range(k)]
+    slices = [blocks.seq[bounds[i] : bounds[i + 1]] for i in range(k)]
+    return [actor.remote(spec, i, k, layers, [blocks.model_key(n) for n, _ in layers.named_parameters()],
+                         data.task, data.x_train if i == 0 else None,
+                         data.y_train if i == k - 1 else None, shapes[i], faults)
+            for i, layers in enumerate(slices)]
 
 
 def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None) -> None:

@@ -20,6 +20,7 @@ from raydist.cluster import free_port
 from raydist.config import RunSpec
 from raydist.engine import denominator, loss_fn, make_optimizer
 from raydist.faults import Faults
+from raydist.optim import OPTIMIZERS
 from raydist.strategies.pipeline.cuts import Shape
 from raydist.strategies.pipeline.schedules import SCHEDULES
 
@@ -53,8 +54,8 @@ class Stage:
     parameters. The first stage also holds the training inputs, the last one the targets, so
     that per step only the micro-batches' sample indices travel from the driver."""
 
-    def __init__(self, spec: RunSpec, index: int, stages: int, layers: nn.Sequential, task: str,
-                 x: torch.Tensor | None, y: torch.Tensor | None, incoming: Shape,
+    def __init__(self, spec: RunSpec, index: int, stages: int, layers: nn.Sequential, names: list[str],
+                 task: str, x: torch.Tensor | None, y: torch.Tensor | None, incoming: Shape,
                  faults: Faults) -> None:
         torch.set_num_threads(spec.threads_per_worker)
         self.faults = faults
@@ -64,7 +65,9 @@ class Stage:
         self.layers, self.incoming = layers.to(self.device), incoming
         self.x, self.y = (None if t is None else t.to(self.device) for t in (x, y))
         self.first, self.last = index == 0, index == stages - 1
-        self.optimizer = make_optimizer(spec, layers.parameters())
+        # names: its parameters' names in the whole model (muon splits by them)
+        self.optimizer = make_optimizer(spec, zip(names, layers.parameters(), strict=True))
+        self.modes = OPTIMIZERS[spec.optimizer]
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """micro-batch -> (input, output; the scaled loss on the last stage) until its backward"""
         self.sending: list[tuple[dist.Work, torch.Tensor]] = []
@@ -145,6 +148,14 @@ class Stage:
         with self.timed("compute_s"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+
+    def train_mode(self) -> None:
+        """Before an epoch's steps: the weights gradients are taken at (schedule-free: y)."""
+        self.modes.train(self.optimizer)
+
+    def eval_mode(self) -> None:
+        """After them: the weights to evaluate and checkpoint (schedule-free: x)."""
+        self.modes.eval(self.optimizer)
 
     def epoch_stats(self) -> dict[str, float]:
         """Sum of losses (last stage), compute and communication seconds, the most activations
