@@ -144,6 +144,18 @@ def test_ends_equal_to_local(name, runs):
 
 
 @pytest.mark.ray
+@pytest.mark.parametrize("optimizer", ["muon", "lamb", "adafactor", "lion", "schedule-free-adamw"])
+def test_newer_optimizers_end_equal_to_local(optimizer, ray_local, tmp_path):
+    """Each stage steps its own block (muon: stage 0 the hidden matrix and its bias, stage 1 the
+    head, all AdamW's); schedule-free's stages evaluate and save x, as local does."""
+    raw = {**MLP, "optimizer": optimizer}
+    reference = train(RunSpec.from_dict({**raw, "out": str(tmp_path / "local")}), quiet)
+    spec = RunSpec.from_dict({**raw, **RUNS["mlp-gpipe"], "strategy": "pipeline",
+                              "out": str(tmp_path / "pp")})
+    assert_same_as_local(train(spec, quiet), reference)
+
+
+@pytest.mark.ray
 def test_cli_train_writes_the_outputs_of_local(runs, tmp_path):
     reference = runs("mlp")
     raw = pipeline_raw("mlp-1f1b")
