@@ -25,7 +25,7 @@ import torch
 from raydist.registry import Registry
 
 Params = Iterable[torch.Tensor]
-Named = Iterable["tuple[str, torch.Tensor] | torch.Tensor"]
+Named = Iterable[tuple[str, torch.Tensor] | torch.Tensor]
 
 
 def unchanged(optimizer: torch.optim.Optimizer) -> None:

@@ -47,7 +47,8 @@ class Replica:
         if spec.sync_batchnorm and self.world > 1:
             self.model = syncbn.convert(self.model)
         self.link = Comm(spec, self.model, self.world)
-        # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's step
+        # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's
+        # step; the rule itself is what an epoch switches into training mode
         self.rule = make_optimizer(spec, self.model.named_parameters())
         self.optimizer = self.link.wrap(self.rule)
         self.model.to(self.device)  # moves the parameters in place: the optimizer still holds them

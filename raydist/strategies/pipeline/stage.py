@@ -67,7 +67,7 @@ class Stage:
         self.first, self.last = index == 0, index == stages - 1
         # names: its parameters' names in the whole model (muon splits by them)
         self.optimizer = make_optimizer(spec, zip(names, layers.parameters(), strict=True))
-        self.modes = OPTIMIZERS[spec.optimizer]
+        self.entry = OPTIMIZERS[spec.optimizer]
         self.saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         """micro-batch -> (input, output; the scaled loss on the last stage) until its backward"""
         self.sending: list[tuple[dist.Work, torch.Tensor]] = []
@@ -151,11 +151,11 @@ class Stage:
 
     def train_mode(self) -> None:
         """Before an epoch's steps: the weights gradients are taken at (schedule-free: y)."""
-        self.modes.train(self.optimizer)
+        self.entry.train(self.optimizer)
 
     def eval_mode(self) -> None:
         """After them: the weights to evaluate and checkpoint (schedule-free: x)."""
-        self.modes.eval(self.optimizer)
+        self.entry.eval(self.optimizer)
 
     def epoch_stats(self) -> dict[str, float]:
         """Sum of losses (last stage), compute and communication seconds, the most activations

@@ -35,7 +35,7 @@ class Server:
             [np.asarray(weights[n], dtype=np.float32).reshape(-1) for n in part.names]))
         self.params = [nn.Parameter(v) for v in part.views(self.flat)]
         self.optimizer = engine.make_optimizer(spec, zip(part.names, self.params, strict=True))
-        self.modes = OPTIMIZERS[spec.optimizer]
+        self.entry = OPTIMIZERS[spec.optimizer]
         if optimizer_state:
             sharding.load_state(self.optimizer, part.names, optimizer_state)
 
@@ -47,12 +47,12 @@ class Server:
 
     def train_mode(self) -> np.ndarray:
         """Before an epoch's steps: the weights gradients are taken at (schedule-free: y)."""
-        self.modes.train(self.optimizer)
+        self.entry.train(self.optimizer)
         return self.weights()
 
     def eval_mode(self) -> np.ndarray:
         """After them: the weights to evaluate and checkpoint (schedule-free: x)."""
-        self.modes.eval(self.optimizer)
+        self.entry.eval(self.optimizer)
         return self.weights()
 
     def apply(self, *grads: np.ndarray) -> np.ndarray:
