@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, batch_order
 from raydist.engine import backward, global_batches, loss_fn, setup, train_epoch
+from raydist.optim import OPTIMIZERS
 from raydist.strategies.pipeline.cuts import block_sizes, blocks_of
 
 CONTENDED_TIMEOUT_S = 600.0
@@ -117,7 +118,9 @@ def settle(job: Job) -> tuple[Dataset, nn.Sequential, torch.optim.Optimizer]:
     if job.niceness > os.nice(0):
         os.nice(job.niceness - os.nice(0))
     torch.set_num_threads(job.spec.threads_per_worker)
-    return setup(job.spec)
+    data, model, optimizer = setup(job.spec)
+    OPTIMIZERS[job.spec.optimizer].train(optimizer)  # it only steps, never evaluates
+    return data, model, optimizer
 
 
 def alone_worker(rank: int, start: Any, results: Any, job: Job, sizes: list[int], micro: int) -> None:

@@ -23,6 +23,8 @@ from raydist.strategies import ddp, train
 # Each Ray Train fit costs ~10 s on an idle 2-core machine, several times that under load.
 pytestmark = pytest.mark.timeout(900)
 SIX = ["gd", "sgd", "momentum", "adagrad", "rmsprop", "adam"]
+NEW = ["muon", "lamb", "adafactor", "lion", "schedule-free-adamw"]
+CHECKED = SIX + NEW
 # Small enough that Ray Train's start-up, not the training, is what a test waits for. With 10%
 # held out, digits has 1617 training samples: gd's full batch and each epoch's last batch (17)
 # split unevenly over 2 workers.
@@ -50,23 +52,23 @@ def run_ddp(tmp: Path, optimizer: str) -> tuple[RunResult, list[Record], list[bo
 
 @pytest.fixture(scope="module")
 def six_runs(ray_local, tmp_path_factory, trained):
-    """local and ddp for the six optimizers. The local runs go one by one: they draw their
-    weights from torch's global RNG, which threads share. The ddp runs (weights drawn in the
-    worker processes) go two at a time: a fit mostly waits on Ray Train's start-up and
-    shutdown, and 2 x 2 workers fit the fixture's 4 CPUs. The ddp runs are kept for later
+    """local and ddp for the six optimizers and the five newer ones. The local runs go one by
+    one: they draw their weights from torch's global RNG, which threads share. The ddp runs
+    (weights drawn in the worker processes) go two at a time: a fit mostly waits on Ray Train's
+    start-up and shutdown, and 2 x 2 workers fit the fixture's 4 CPUs. The ddp runs are kept for later
     modules (tests/test_multinode.py compares a run that lost a node with the adam one)."""
     tmp = tmp_path_factory.mktemp("six")
     local = {opt: train(spec(tmp / f"local_{opt}", strategy="local", workers=1, optimizer=opt),
-                        report=lambda rec: None) for opt in SIX}
+                        report=lambda rec: None) for opt in CHECKED}
     with ThreadPoolExecutor(2) as pool:
-        ddp_runs = dict(zip(SIX, pool.map(lambda opt: run_ddp(tmp, opt), SIX), strict=True))
-    for opt in SIX:
+        ddp_runs = dict(zip(CHECKED, pool.map(lambda opt: run_ddp(tmp, opt), CHECKED), strict=True))
+    for opt in CHECKED:
         trained.put(spec(tmp / f"ddp_{opt}", optimizer=opt), ddp_runs[opt][0])
-    return tmp, {opt: (local[opt], *ddp_runs[opt]) for opt in SIX}
+    return tmp, {opt: (local[opt], *ddp_runs[opt]) for opt in CHECKED}
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("optimizer", SIX)
+@pytest.mark.parametrize("optimizer", CHECKED)
 def test_ddp_matches_local(six_runs, optimizer):
     tmp, runs = six_runs
     local, result, records, in_caller = runs[optimizer]

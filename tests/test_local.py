@@ -9,8 +9,12 @@ import yaml
 
 from raydist.cli import main
 from raydist.config import RunSpec
-from raydist.engine import Diverged
+from raydist.data import load_data
+from raydist.engine import Diverged, evaluate, global_batches, train_epoch
+from raydist.models import build_model
+from raydist.optim import training
 from raydist.strategies import train
+from raydist.strategies.local import Local
 
 pytestmark = pytest.mark.unit
 
@@ -39,12 +43,29 @@ def test_adam_mlp_digits_reaches_90_percent_and_writes_outputs(tmp_path, capsys)
     assert yaml.safe_load((out / "machine.yaml").read_text())["threads_per_worker"] == 1
 
 
-@pytest.mark.parametrize("name", SEED_SIX)
-def test_each_seed_optimizer_at_its_default_lr_lowers_the_training_loss(name, tmp_path):
+@pytest.mark.parametrize("name", [*SEED_SIX, "muon", "lamb", "adafactor", "lion", "schedule-free-adamw"])
+def test_each_optimizer_at_its_default_lr_lowers_the_training_loss(name, tmp_path):
     spec = RunSpec.from_dict({"optimizer": name, "epochs": 4, "out": str(tmp_path)})
     metrics = train(spec, quiet).metrics
     losses = [m["train_loss"] for m in metrics]
     assert losses[-1] < losses[0] - 0.05, losses  # gd: 4 full-batch steps, the slowest
+
+
+def test_schedule_free_reports_and_saves_the_weights_it_evaluates(tmp_path):
+    """The record's val_loss and model.pt are of x, the average of the steps, not of y, where
+    the gradients were taken."""
+    spec = RunSpec.from_dict({"optimizer": "schedule-free-adamw", "epochs": 1, "out": str(tmp_path)})
+    result = train(spec, quiet)
+    data = load_data(spec)
+    trainer = Local(spec, data)  # the run's first epoch again, by hand
+    with training(spec.optimizer, trainer.optimizer):
+        train_epoch(trainer.model, trainer.optimizer, data, global_batches(spec, data, 1))
+        at_y = evaluate(trainer.model, data)["val_loss"]
+    at_x = evaluate(trainer.model, data)["val_loss"]
+    assert result.metrics[0]["val_loss"] == at_x != at_y
+    saved = build_model(spec, data)
+    saved.load_state_dict(torch.load(tmp_path / "model.pt"))
+    assert evaluate(saved, data)["val_loss"] == at_x
 
 
 def test_equal_seed_gives_bit_identical_model_file(tmp_path):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
+from resmlp import make_model  # examples/resmlp, on sys.path (tests/conftest.py)
 
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
@@ -20,7 +22,7 @@ from raydist.faults import MARKER
 from raydist.models import build_model
 from raydist.strategies import train
 from raydist.strategies.pipeline import StageFailed
-from raydist.strategies.pipeline.cuts import balanced_cuts, boundary_shapes, stage_bounds
+from raydist.strategies.pipeline.cuts import balanced_cuts, blocks_of, boundary_shapes, stage_bounds
 from raydist.strategies.pipeline.schedules import gpipe, one_f_one_b
 
 # digits: 1438 training samples; 50 = 13+13+12+12 leaves micro-batches of unequal size
@@ -103,6 +105,19 @@ def test_schedules_order_each_stages_ops():
     assert one_f_one_b(0, 4, 2) == f[:2] + b[:2]  # fewer micro-batches than stages
 
 
+@pytest.mark.unit
+def test_a_stage_knows_its_parameters_by_the_models_own_names():
+    """What spawn gives each stage for muon's split: a user's pipeline_blocks() number the
+    blocks 0, 1, ..., the model names them inp, blocks.0, ..."""
+    model = make_model(SimpleNamespace(n_features=8, out_dim=3), width=4, depth=2)
+    own = {id(p): n for n, p in model.named_parameters()}
+    blocks = blocks_of(model, "resmlp:make_model")
+    for layers in (blocks.seq[:2], blocks.seq[2:]):
+        assert [blocks.model_key(n) for n, _ in layers.named_parameters()] == \
+            [own[id(p)] for p in layers.parameters()]
+    assert blocks.model_key("3.weight") == "out.weight"
+
+
 # --- bad settings -----------------------------------------------------------------------------------
 
 @pytest.mark.ray
@@ -141,6 +156,18 @@ def test_bad_settings_fail_before_training_with_a_clear_message(raw, message, ra
 def test_ends_equal_to_local(name, runs):
     result, _, reference = runs(name)
     assert_same_as_local(result, reference)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("optimizer", ["muon", "lamb", "adafactor", "lion", "schedule-free-adamw"])
+def test_newer_optimizers_end_equal_to_local(optimizer, ray_local, tmp_path):
+    """Each stage steps its own block (muon: stage 0 the hidden matrix and its bias, stage 1 the
+    head, all AdamW's); schedule-free's stages evaluate and save x, as local does."""
+    raw = {**MLP, "optimizer": optimizer}
+    reference = train(RunSpec.from_dict({**raw, "out": str(tmp_path / "local")}), quiet)
+    spec = RunSpec.from_dict({**raw, **RUNS["mlp-gpipe"], "strategy": "pipeline",
+                              "out": str(tmp_path / "pp")})
+    assert_same_as_local(train(spec, quiet), reference)
 
 
 @pytest.mark.ray

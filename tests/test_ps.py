@@ -13,6 +13,7 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data, shard
 from raydist.engine import Diverged, global_batches, setup
 from raydist.engine.record import documented
+from raydist.optim import training
 from raydist.strategies import local, ps, train
 from raydist.strategies.ps import sharding
 from raydist.strategies.ps.actors import Server
@@ -20,6 +21,7 @@ from raydist.strategies.ps.staleness import AsyncSchedule
 
 SMALL = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_size": 128,
          "seed": 3}
+NEW = ["muon", "lamb", "adafactor", "lion", "schedule-free-adamw"]
 
 
 def spec_of(tmp_path, name: str, **kw) -> RunSpec:
@@ -104,6 +106,50 @@ def test_server_steps_on_the_sum_of_the_gradients(tmp_path):
                        atol=1e-7)
 
 
+def step_servers(servers: list[Server], grads: list[dict[str, torch.Tensor]]) -> None:
+    """One epoch of steps on each server, in training mode as ps's epoch runs them."""
+    for s in servers:
+        s.train_mode()
+    for g in grads:
+        for s in servers:
+            s.apply(np.concatenate([g[n].numpy().reshape(-1) for n in s.part.names]))
+    for s in servers:
+        s.eval_mode()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("optimizer", NEW)
+def test_two_servers_hold_the_state_of_their_shard_only_and_step_as_local(tmp_path, optimizer):
+    """Each server's optimizer state covers its own tensors (muon: hidden matrices and the rest
+    apart, on different servers), and the two together take local's steps; one restarted from
+    its state continues as if never stopped."""
+    spec = spec_of(tmp_path, "x", optimizer=optimizer, hidden=[16, 8])
+    _, model, opt = setup(spec)
+    weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+    parts = sharding.split_model(model, 2)
+    servers = [Server(spec, p, {n: weights[n] for n in p.names}) for p in parts]
+    epochs = [[{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(3)]
+              for _ in range(2)]
+    for grads in epochs:
+        with training(optimizer, opt):
+            for g in grads:
+                for n, p in model.named_parameters():
+                    p.grad = g[n].clone()  # schedule-free divides the gradient in place
+                opt.step()
+        if grads is epochs[0]:
+            step_servers(servers, grads)
+            restarted = [Server(spec, s.part, st["weights"], st["optimizer"])
+                         for s, st in ((s, s.state()) for s in servers)]
+    step_servers(servers, epochs[1])
+    step_servers(restarted, epochs[1])
+    assert [sorted(s.state()["optimizer"]) for s in servers] == [sorted(p.names) for p in parts]
+    ours = dict(model.named_parameters())
+    for s, again in zip(servers, restarted, strict=True):
+        for n, w in s.state()["weights"].items():
+            assert np.abs(w - ours[n].detach().numpy()).max() <= 1e-6, n
+            assert np.array_equal(w, again.state()["weights"][n]), n
+
+
 # --- user errors -------------------------------------------------------------------------------
 
 @pytest.mark.unit
@@ -138,7 +184,8 @@ def test_run_fails_fast_when_the_cluster_is_too_small(ray_local, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("optimizer,servers", [("gd", 1), ("sgd", 2), ("momentum", 1),
-                                               ("adagrad", 2), ("rmsprop", 1), ("adam", 2)])
+                                               ("adagrad", 2), ("rmsprop", 1), ("adam", 2),
+                                               *((name, 2) for name in NEW)])
 def test_sync_equals_local(ray_local, tmp_path, trained, optimizer, servers):
     spec = spec_of(tmp_path, "local", optimizer=optimizer)
     ref = local.run(spec, lambda r: None)

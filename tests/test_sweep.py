@@ -71,7 +71,8 @@ BAD = {
     "bad value in a grid": ("lr: {grid: [0.1, -1]}\n", "F: lr: got -1.0; expected a number > 0"),
     "unknown name in a grid": ("optimizer: {choice: [sgd, adamm]}\n",
                                "F: optimizer: unknown value 'adamm' (did you mean 'adam'?); expected one "
-                               "of gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars"),
+                               "of gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars, muon, lamb, "
+                               "adafactor, lion, schedule-free-adamw"),
     "range of an int field": ("epochs: {uniform: [1, 5]}\n",
                               "F: epochs: uniform draws real numbers, but epochs is not a number field; "
                               "use grid or choice"),

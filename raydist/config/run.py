@@ -91,15 +91,17 @@ class RunSpec:
                              check=at_least(1), expected="an integer >= 1")
     lr_gamma: float = knob(0.1, "lr_schedule step: factor of each decay", check=lambda x: 0 < x <= 1,
                            expected="a number in (0, 1]")
-    beta: float = knob(0.9, "decay of momentum's m and RMSprop's R",
+    beta: float = knob(0.9, "decay of momentum's m, RMSprop's R and Muon's momentum",
                        check=unit_interval, expected="a number in [0, 1)")
-    beta1: float = knob(0.9, "Adam's first-moment decay", check=unit_interval,
-                        expected="a number in [0, 1)")
-    beta2: float = knob(0.999, "Adam's second-moment decay", check=unit_interval,
+    beta1: float = knob(0.9, "Adam's first-moment decay (and lamb's, lion's, schedule-free's)",
+                        check=unit_interval, expected="a number in [0, 1)")
+    beta2: float = knob(0.999, "Adam's second-moment decay (and lamb's, schedule-free's; lion's "
+                        "momentum decay, 0.99 in its paper)", check=unit_interval,
                         expected="a number in [0, 1)")
     eps: float = knob(1e-8, "added outside the square root", check=positive,
                       expected="a number > 0")
-    weight_decay: float = knob(0.0, "L2 penalty (decoupled for adamw)", check=at_least(0),
+    weight_decay: float = knob(0.0, "L2 penalty (decoupled for adamw and the five newer rules: "
+                               "muon, lamb, adafactor, lion, schedule-free-adamw)", check=at_least(0),
                                expected="a number >= 0")
     # --- schedule ----------------------------------------------------------------------------
     epochs: int = knob(5, "passes over the training set", check=at_least(1),

@@ -32,12 +32,13 @@ def setup(spec: RunSpec) -> tuple[Dataset, nn.Sequential, torch.optim.Optimizer]
     """Data, model and optimizer of a run, identical in every process given the same spec."""
     data = load_data(spec)
     model = build_model(spec, data)
-    return data, model, make_optimizer(spec, model.parameters())
+    return data, model, make_optimizer(spec, model.named_parameters())
 
 
 def make_optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
     """The spec's optimizer at the lr scaled for the global batch (engine/lr.py); the run's
-    schedule (make_scheduler) then sets each step's lr from it."""
+    schedule (make_scheduler) then sets each step's lr from it. params: (name, tensor) pairs
+    under the model's own names (muon splits by them), or tensors."""
     return build_optimizer(spec.optimizer, params, effective_lr(spec), **spec.optimizer_hparams())
 
 

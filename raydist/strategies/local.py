@@ -18,6 +18,7 @@ from raydist.engine import (
     train_epoch,
 )
 from raydist.models import build_model
+from raydist.optim import training
 from raydist.progress import steps
 
 RESUMES = False
@@ -36,14 +37,15 @@ class Local:
     """The engine's step over whole global batches, in this process."""
 
     def __init__(self, spec: RunSpec, data: Dataset) -> None:
-        self.data = data
+        self.spec, self.data = spec, data
         self.model = build_model(spec, data)
-        self.optimizer = make_optimizer(spec, self.model.parameters())
+        self.optimizer = make_optimizer(spec, self.model.named_parameters())
         self.scheduler = make_scheduler(spec, self.optimizer, total_steps(spec, data))
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        return train_epoch(self.model, self.optimizer, self.data, steps(batches, epoch),
-                           scheduler=self.scheduler), {}
+        with training(self.spec.optimizer, self.optimizer):
+            return train_epoch(self.model, self.optimizer, self.data, steps(batches, epoch),
+                               scheduler=self.scheduler), {}
 
     def evaluate(self) -> Record:
         return evaluate(self.model, self.data)

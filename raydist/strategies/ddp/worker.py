@@ -34,6 +34,7 @@ from raydist.engine import (
 )
 from raydist.faults import Faults
 from raydist.models import build_model
+from raydist.optim import training
 from raydist.strategies.ddp import STATE, syncbn
 from raydist.strategies.ddp.comm import Comm
 
@@ -57,10 +58,11 @@ class Replica:
         if spec.sync_batchnorm and self.world > 1:
             self.model = syncbn.convert(self.model)
         self.link = Comm(spec, self.model, self.world)
-        inner = make_optimizer(spec, self.model.parameters())
-        self.scheduler = make_scheduler(spec, inner, total_steps(spec, data))
-        # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's step
-        self.optimizer = self.link.wrap(inner)
+        # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's
+        # step; the rule itself is what an epoch switches into training mode
+        self.rule = make_optimizer(spec, self.model.named_parameters())
+        self.scheduler = make_scheduler(spec, self.rule, total_steps(spec, data))
+        self.optimizer = self.link.wrap(self.rule)
         self.model.to(self.device)  # moves the parameters in place: the optimizer still holds them
         self.history = restore(self.model, self.optimizer, self.scheduler)
         self.data = on_device(data.in_worker(ray.train.get_dataset_shard), self.device)
@@ -69,8 +71,9 @@ class Replica:
         self.link.attach(self.replica)
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world,
-                           self.scheduler)
+        with training(self.spec.optimizer, self.rule):
+            loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world,
+                               self.scheduler)
         sent, wait = self.link.take()
         totals = self.sum([loss, wait])  # every rank sends the same payload: rank 0's counts
         return totals[0], {"world_size": self.world, "comm_wait_s": totals[1] / self.world,

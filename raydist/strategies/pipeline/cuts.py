@@ -36,14 +36,14 @@ class Blocks:
 
     def model_state(self, states: list[dict[str, Any]]) -> dict[str, Any]:
         """The stages' state_dicts (slices of seq) as one state_dict with the model's keys."""
-        merged = {k: v for st in states for k, v in st.items()}
+        return {self.model_key(k): v for st in states for k, v in st.items()}
+
+    def model_key(self, key: str) -> str:
+        """A key of seq (or of a slice of it) as the model names it."""
         if self.prefixes is None:
-            return merged
-        out = {}
-        for key, value in merged.items():
-            index, _, rest = key.partition(".")
-            out[f"{self.prefixes[int(index)]}.{rest}"] = value
-        return out
+            return key
+        index, _, rest = key.partition(".")
+        return f"{self.prefixes[int(index)]}.{rest}"
 
 
 def blocks_of(model: nn.Module, name: str) -> Blocks:

@@ -24,7 +24,7 @@ from raydist.progress import steps
 from raydist.strategies.pipeline import StageFailed, events, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
 from raydist.strategies.pipeline.schedules import bubble_bound, chunks_of, micro_count
-from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Place, Stage
+from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Place, Stage, merged
 
 START_TIMEOUT_S = 300.0
 """Stage actors that have not started by then mean the cluster's CPUs are taken by other work."""
@@ -56,10 +56,12 @@ class Pipeline:
             raise
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
+        wait([s.train_mode.remote() for s in self.stages], "the stages' switch to training")
         t = time.perf_counter()
         record_at = self.spec.timeline_step - (epoch - 1) * len(batches) - 1
         run_batches(self.spec, self.stages, epoch, steps(batches, epoch), record_at)  # a bar at a terminal
-        elapsed = time.perf_counter() - t
+        elapsed = time.perf_counter() - t  # the steps alone: what the bubble is a share of
+        wait([s.eval_mode.remote() for s in self.stages], "the stages' switch to evaluation")
         stats = wait([s.epoch_stats.remote() for s in self.stages], "collecting stage statistics")
         if 0 <= record_at < len(batches):
             write_events(self.spec, epoch, self.spec.timeline_step, len(batches[record_at]), stats)
@@ -137,16 +139,18 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
                                "num_gpus": gpus_per_stage(spec, ray.cluster_resources().get("GPU", 0.0))}
     actor = ray.remote(Stage).options(**options)
     faults = Faults.of(spec)
-    blocks = blocks_of(build_model(spec, data), spec.model).seq
-    shapes = boundary_shapes(blocks, data.x_train[:1], bounds)
+    blocks = blocks_of(build_model(spec, data), spec.model)
+    shapes = boundary_shapes(blocks.seq, data.x_train[:1], bounds)
     k, v, steps = spec.stages, (len(bounds) - 1) // spec.stages, total_steps(spec, data)
     x, y = ray.put(data.x_train), ray.put(data.y_train)
     actors = []
     for r in range(spec.replicas):
         for i in range(k):
             place = Place(i, k, r, spec.replicas, v)
-            chunks = [blocks[bounds[place.virtual(c)] : bounds[place.virtual(c) + 1]] for c in range(v)]
-            actors.append(actor.remote(spec, place, chunks, data.task, x if i == 0 else None,
+            chunks = [blocks.seq[bounds[place.virtual(c)] : bounds[place.virtual(c) + 1]] for c in range(v)]
+            # its parameters' names in the whole model, in the stage's order (muon splits by them)
+            names = [blocks.model_key(n) for n, _ in merged(chunks).named_parameters()]
+            actors.append(actor.remote(spec, place, chunks, names, data.task, x if i == 0 else None,
                                        y if i == k - 1 else None,
                                        [shapes[place.virtual(c)] for c in range(v)], faults, steps))
     return actors

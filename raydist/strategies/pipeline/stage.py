@@ -24,6 +24,7 @@ from raydist.cluster import whoami
 from raydist.config import RunSpec
 from raydist.engine import denominator, loss_fn, make_optimizer, make_scheduler, restore_scheduler
 from raydist.faults import Faults
+from raydist.optim import OPTIMIZERS
 from raydist.strategies.pipeline.cuts import Shape
 from raydist.strategies.pipeline.schedules import SCHEDULES
 
@@ -92,8 +93,8 @@ class Stage:
     last one the targets, so that per step only the micro-batches' sample indices travel from
     the driver."""
 
-    def __init__(self, spec: RunSpec, place: Place, chunks: list[nn.Sequential], task: str,
-                 x: torch.Tensor | None, y: torch.Tensor | None, incoming: list[Shape],
+    def __init__(self, spec: RunSpec, place: Place, chunks: list[nn.Sequential], names: list[str],
+                 task: str, x: torch.Tensor | None, y: torch.Tensor | None, incoming: list[Shape],
                  faults: Faults, steps: int) -> None:
         torch.set_num_threads(spec.threads_per_worker)
         self.faults = faults
@@ -104,7 +105,9 @@ class Stage:
         self.chunks, self.incoming = [c.to(self.device) for c in chunks], incoming
         self.layers = merged(self.chunks)
         self.x, self.y = (None if t is None else t.to(self.device) for t in (x, y))
-        self.optimizer = make_optimizer(spec, self.layers.parameters())
+        # names: its parameters' names in the whole model (muon splits by them)
+        self.optimizer = make_optimizer(spec, zip(names, self.layers.parameters(), strict=True))
+        self.entry = OPTIMIZERS[spec.optimizer]
         self.scheduler = make_scheduler(spec, self.optimizer, steps)  # the run's `steps` global batches
         self.replica_group: Any = None
         """the replicas of this stage position, when there are several"""
@@ -265,6 +268,14 @@ class Stage:
             self.sent += 2 * (self.place.replicas - 1) * flat.nbytes / self.place.replicas
         for q, g in zip(params, torch.split(flat, [q.numel() for q in params]), strict=True):
             q.grad = g.view_as(q)
+
+    def train_mode(self) -> None:
+        """Before an epoch's steps: the weights gradients are taken at (schedule-free: y)."""
+        self.entry.train(self.optimizer)
+
+    def eval_mode(self) -> None:
+        """After them: the weights to evaluate and checkpoint (schedule-free: x)."""
+        self.entry.eval(self.optimizer)
 
     def epoch_stats(self) -> dict[str, Any]:
         """Sum of losses (last stage), compute and communication seconds, the most activations

@@ -18,6 +18,7 @@ from raydist.data import load_data, shard
 from raydist.engine import Record
 from raydist.faults import Faults
 from raydist.models import build_model
+from raydist.optim import OPTIMIZERS
 from raydist.strategies.ps import sharding
 from raydist.strategies.ps.sharding import Part
 
@@ -34,7 +35,8 @@ class Server:
         self.flat = torch.from_numpy(np.concatenate(
             [np.asarray(weights[n], dtype=np.float32).reshape(-1) for n in part.names]))
         self.params = [nn.Parameter(v) for v in part.views(self.flat)]
-        self.optimizer = engine.make_optimizer(spec, self.params)
+        self.optimizer = engine.make_optimizer(spec, zip(part.names, self.params, strict=True))
+        self.entry = OPTIMIZERS[spec.optimizer]
         if optimizer_state:
             sharding.load_state(self.optimizer, part.names, optimizer_state)
         self.scheduler = engine.make_scheduler(spec, self.optimizer, steps)
@@ -48,6 +50,16 @@ class Server:
 
     def weights(self) -> np.ndarray:
         return self.codec.encode(self.flat)
+
+    def train_mode(self) -> np.ndarray:
+        """Before an epoch's steps: the weights gradients are taken at (schedule-free: y)."""
+        self.entry.train(self.optimizer)
+        return self.weights()
+
+    def eval_mode(self) -> np.ndarray:
+        """After them: the weights to evaluate and checkpoint (schedule-free: x)."""
+        self.entry.eval(self.optimizer)
+        return self.weights()
 
     def apply(self, *grads: np.ndarray) -> np.ndarray:
         """Sum the replicas' gradients (in replica order), step (the lr schedule too), return the

@@ -106,7 +106,9 @@ class Group:
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         t = time.perf_counter()
+        self.weights = [s.train_mode.remote() for s in self.servers]
         work = EPOCHS[self.spec.mode](self, epoch, batches)
+        self.weights = [s.eval_mode.remote() for s in self.servers]
         elapsed = time.perf_counter() - t
         return sum(s["loss"] for s in work.applied), epoch_metrics(work, len(batches), self.spec.workers,
                                                                     elapsed)

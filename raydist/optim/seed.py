@@ -1,4 +1,4 @@
-"""Optimizer registry: the article's six update rules, plus AdamW and LARS for large batches.
+"""The article's six update rules, plus AdamW and LARS for large batches.
 
 Every rule starts its accumulators at zero, as the article does. torch.optim is used where
 its update is the same formula (tests/test_optim.py proves it against numpy):
@@ -15,30 +15,11 @@ its update is the same formula (tests/test_optim.py proves it against numpy):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 
-from raydist.registry import Registry
-
-
-@dataclass(frozen=True)
-class OptimizerEntry:
-    build: Callable[..., torch.optim.Optimizer]
-    default_lr: float
-    """Documented default: lowers the training loss of the mlp on digits in a few epochs."""
-    full_batch: bool = False
-    """gd: the engine feeds the whole training set as one batch."""
-
-
-OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer")
-Params = Iterable[torch.Tensor]
-
-
-def build_optimizer(name: str, params: Params, lr: float, **hparams: float) -> torch.optim.Optimizer:
-    """The optimizer `name` over `params`; hparams: beta, beta1, beta2, eps, weight_decay."""
-    return OPTIMIZERS[name].build(params, lr=lr, **hparams)
+from raydist.optim import OPTIMIZERS, OptimizerEntry, Params
 
 
 class EMAMomentum(torch.optim.Optimizer):
