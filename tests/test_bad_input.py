@@ -21,7 +21,7 @@ from raydist.cli import main
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
-OPTIMIZERS = "gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars"
+OPTIMIZERS = "gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars, muon, lamb, adafactor, lion, schedule-free-adamw"
 ROOT = os.geteuid() == 0
 AS_USER = pytest.mark.skipif(ROOT, reason="root writes into a read-only folder; the path under a file stands in")
 

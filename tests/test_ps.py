@@ -127,7 +127,7 @@ def test_two_servers_hold_the_state_of_their_shard_only_and_step_as_local(tmp_pa
     _, model, opt = setup(spec)
     weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
     parts = sharding.split_model(model, 2)
-    servers = [Server(spec, p, {n: weights[n] for n in p.names}) for p in parts]
+    servers = [Server(spec, p, {n: weights[n] for n in p.names}, steps=6) for p in parts]
     epochs = [[{n: torch.randn_like(p) for n, p in model.named_parameters()} for _ in range(3)]
               for _ in range(2)]
     for grads in epochs:
@@ -138,7 +138,8 @@ def test_two_servers_hold_the_state_of_their_shard_only_and_step_as_local(tmp_pa
                 opt.step()
         if grads is epochs[0]:
             step_servers(servers, grads)
-            restarted = [Server(spec, s.part, st["weights"], st["optimizer"])
+            restarted = [Server(spec, s.part, st["weights"], st["optimizer"], steps=6,
+                                scheduler_state=st["scheduler"])
                          for s, st in ((s, s.state()) for s in servers)]
     step_servers(servers, epochs[1])
     step_servers(restarted, epochs[1])
