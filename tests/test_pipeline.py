@@ -179,7 +179,8 @@ def test_cli_train_writes_the_outputs_of_local(runs, tmp_path):
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main(argv) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "machine.yaml", "metrics.csv",
-                                                          "model.pt", "spec.yaml", "stage_events.json"]
+                                                          "model.pt", "ray.log", "spec.yaml",
+                                                          "stage_events.json"]
     model = torch.load(tmp_path / "model.pt")
     assert list(model) == list(reference.state_dict)
     assert max((model[k] - v).abs().max().item() for k, v in reference.state_dict.items()) <= 1e-5

@@ -22,7 +22,7 @@ from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine.lr import effective_lr
 from raydist.engine.record import Record, make_record
-from raydist.engine.step import global_batches
+from raydist.engine.step import global_batches, step_samples
 
 Report = Callable[[Record], None]
 StateDict = dict[str, torch.Tensor]
@@ -80,9 +80,9 @@ def fit_epoch(spec: RunSpec, data: Dataset, trainer: Trainer, report: Report, hi
     t = time.perf_counter()
     loss, measured = trainer.train_epoch(epoch, batches)
     elapsed = time.perf_counter() - t
+    batch = {"global_batch": step_samples(spec, data), "effective_lr": effective_lr(spec)}
     rec = make_record(epoch, loss / data.n_train, trainer.evaluate(), data.n_train, elapsed,
-                      time.perf_counter() - start,
-                      {"global_batch": len(batches[0]), "effective_lr": effective_lr(spec), **measured})
+                      time.perf_counter() - start, {**batch, **measured})
     history.append(rec)
     if not math.isfinite(rec["train_loss"]):
         report(rec)

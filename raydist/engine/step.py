@@ -42,10 +42,14 @@ def make_optimizer(spec: RunSpec, params: Any) -> torch.optim.Optimizer:
     return build_optimizer(spec.optimizer, params, effective_lr(spec), **spec.optimizer_hparams())
 
 
+def step_samples(spec: RunSpec, data: Dataset) -> int:
+    """Samples per optimizer step: the global batch; gd's the whole training set."""
+    return data.n_train if OPTIMIZERS[spec.optimizer].full_batch else spec.global_batch
+
+
 def global_batches(spec: RunSpec, data: Dataset, epoch: int) -> list[torch.Tensor]:
-    """Index batches of `epoch`; gd takes the whole training set as one batch."""
-    size = data.n_train if OPTIMIZERS[spec.optimizer].full_batch else spec.global_batch
-    return data.epoch_batches(size, spec.seed, epoch)
+    """Index batches of `epoch` (of a streamed data set: its batches as they come)."""
+    return data.epoch_batches(step_samples(spec, data), spec.seed, epoch)
 
 
 def total_steps(spec: RunSpec, data: Dataset) -> int:
