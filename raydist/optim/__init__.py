@@ -50,6 +50,23 @@ class OptimizerEntry:
 OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer")
 
 
+class PerTensor(torch.optim.Optimizer):
+    """An update rule written per tensor (the ones torch lacks): `update(p, group, state)`
+    steps one parameter that has a gradient, under no_grad."""
+
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.update(p, group, self.state[p])
+        return loss
+
+
 def build_optimizer(name: str, params: Named, lr: float, **hparams: float) -> torch.optim.Optimizer:
     """The optimizer `name` over `params` (tensors, or (name, tensor) pairs as
     `named_parameters()` gives them); hparams: beta, beta1, beta2, eps, weight_decay."""

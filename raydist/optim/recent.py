@@ -20,7 +20,7 @@ from typing import Any
 import schedulefree
 import torch
 
-from raydist.optim import OPTIMIZERS, OptimizerEntry, Params
+from raydist.optim import OPTIMIZERS, OptimizerEntry, Params, PerTensor
 
 # --- muon ----------------------------------------------------------------------------------------
 
@@ -113,7 +113,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 # --- lamb, lion ------------------------------------------------------------------------------------
 
-class LAMB(torch.optim.Optimizer):
+class LAMB(PerTensor):
     """Adam's bias-corrected step plus decoupled decay, scaled per tensor by ||w|| / ||step||
     (You et al. 2019, Algorithm 2, with phi the identity)."""
 
@@ -122,27 +122,19 @@ class LAMB(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": (beta1, beta2), "eps": eps,
                                   "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                t = st["step"] = st.get("step", 0) + 1
-                m = st.setdefault("m", torch.zeros_like(p)).mul_(b1).add_(p.grad, alpha=1 - b1)
-                v = st.setdefault("v", torch.zeros_like(p)).mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                u = (m / (1 - b1**t)).div_((v / (1 - b2**t)).sqrt_().add_(group["eps"]))
-                u.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm().item(), u.norm().item()
-                ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
-                p.sub_(u, alpha=group["lr"] * ratio)
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        b1, b2 = group["betas"]
+        t = state["step"] = state.get("step", 0) + 1
+        m = state.setdefault("m", torch.zeros_like(p)).mul_(b1).add_(p.grad, alpha=1 - b1)
+        v = state.setdefault("v", torch.zeros_like(p)).mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+        u = (m / (1 - b1**t)).div_((v / (1 - b2**t)).sqrt_().add_(group["eps"]))
+        u.add_(p, alpha=group["weight_decay"])
+        w_norm, u_norm = p.norm().item(), u.norm().item()
+        ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+        p.sub_(u, alpha=group["lr"] * ratio)
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(PerTensor):
     """Chen et al. 2023: the sign of an interpolation of momentum and gradient, decoupled decay;
     the momentum is updated after the step, with its own beta2."""
 
@@ -150,19 +142,12 @@ class Lion(torch.optim.Optimizer):
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "betas": (beta1, beta2), "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                m = self.state[p].setdefault("m", torch.zeros_like(p))
-                update = m.mul(b1).add_(p.grad, alpha=1 - b1).sign_()
-                p.mul_(1 - group["lr"] * group["weight_decay"]).sub_(update, alpha=group["lr"])
-                m.mul_(b2).add_(p.grad, alpha=1 - b2)
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        b1, b2 = group["betas"]
+        m = state.setdefault("m", torch.zeros_like(p))
+        update = m.mul(b1).add_(p.grad, alpha=1 - b1).sign_()
+        p.mul_(1 - group["lr"] * group["weight_decay"]).sub_(update, alpha=group["lr"])
+        m.mul_(b2).add_(p.grad, alpha=1 - b2)
 
 
 # --- schedule-free AdamW ---------------------------------------------------------------------------

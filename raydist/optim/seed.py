@@ -15,34 +15,25 @@ its update is the same formula (tests/test_optim.py proves it against numpy):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from raydist.optim import OPTIMIZERS, OptimizerEntry, Params
+from raydist.optim import OPTIMIZERS, OptimizerEntry, Params, PerTensor
 
 
-class EMAMomentum(torch.optim.Optimizer):
+class EMAMomentum(PerTensor):
     """The article's momentum: an exponential moving average of gradients, m starting at 0."""
 
     def __init__(self, params: Params, lr: float, beta: float = 0.9, weight_decay: float = 0.0):
         super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
-                m = self.state[p].setdefault("m", torch.zeros_like(p))
-                m.mul_(group["beta"]).add_(g, alpha=1 - group["beta"])
-                p.add_(m, alpha=-group["lr"])
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        g = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad
+        m = state.setdefault("m", torch.zeros_like(p))
+        m.mul_(group["beta"]).add_(g, alpha=1 - group["beta"])
+        p.add_(m, alpha=-group["lr"])
 
 
-class LARS(torch.optim.Optimizer):
+class LARS(PerTensor):
     """Momentum SGD whose step per tensor is scaled by trust * ||w|| / ||g + wd*w|| (You et al.)."""
 
     def __init__(self, params: Params, lr: float, beta: float = 0.9, weight_decay: float = 0.0,
@@ -50,20 +41,13 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "beta": beta, "weight_decay": weight_decay,
                                   "trust": trust})
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.add(p, alpha=group["weight_decay"])
-                w_norm, g_norm = p.norm(), g.norm()
-                ratio = group["trust"] * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
-                m = self.state[p].setdefault("m", torch.zeros_like(p))
-                m.mul_(group["beta"]).add_(g, alpha=ratio * group["lr"])
-                p.sub_(m)
-        return loss
+    def update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        g = p.grad.add(p, alpha=group["weight_decay"])
+        w_norm, g_norm = p.norm(), g.norm()
+        ratio = group["trust"] * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+        m = state.setdefault("m", torch.zeros_like(p))
+        m.mul_(group["beta"]).add_(g, alpha=ratio * group["lr"])
+        p.sub_(m)
 
 
 def _sgd(params: Params, lr: float, weight_decay: float = 0.0, **_: float) -> torch.optim.Optimizer:
