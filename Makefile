@@ -34,7 +34,7 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
-# The quick tier: the tests that start no Ray (under a minute on a 2-core machine).
+# The quick tier: the tests that start no Ray (about a minute on a 2-core machine).
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m unit tests
 
