@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from pipeline_runs import assert_same_as_local, quiet, run_once
 from resmlp import make_model  # examples/resmlp, on sys.path (tests/conftest.py)
 
 from raydist.cli import main
@@ -42,9 +43,6 @@ RUNS = {
 }
 
 
-def quiet(rec):
-    pass
-
 
 def pipeline_raw(name: str) -> dict:
     return {**BASES[name.split("-")[0]], **RUNS[name], "strategy": "pipeline"}
@@ -54,13 +52,7 @@ def pipeline_raw(name: str) -> dict:
 def runs(ray_local, tmp_path_factory):
     """runs(name) -> (pipeline result, pipeline spec, local result); runs("mlp") -> local's
     result. Each run happens once per module."""
-    done: dict = {}
-
-    def once(key: str, raw: dict):
-        if key not in done:
-            spec = RunSpec.from_dict({**raw, "out": str(tmp_path_factory.mktemp(key))})
-            done[key] = (train(spec, quiet), spec)
-        return done[key]
+    once = run_once(tmp_path_factory)
 
     def get(name: str):
         base = name.split("-")[0]
@@ -70,16 +62,6 @@ def runs(ray_local, tmp_path_factory):
         return (*once(name, pipeline_raw(name)), reference)
 
     return get
-
-
-def assert_same_as_local(result, reference) -> None:
-    assert set(result.state_dict) == set(reference.state_dict)
-    diff = max((result.state_dict[k] - reference.state_dict[k]).abs().max().item()
-               for k in reference.state_dict)
-    assert diff <= 1e-5, diff
-    for mine, theirs in zip(result.metrics, reference.metrics, strict=True):
-        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
-        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
 
 
 # --- the plan: cuts and schedules -----------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from pipeline_runs import assert_same_as_local, max_diff, quiet, run_once
 
 from raydist.config import RunSpec
 from raydist.faults import MARKER
@@ -32,20 +33,11 @@ RUNS = {
 }
 
 
-def quiet(rec):
-    pass
-
 
 @pytest.fixture(scope="module")
 def runs(ray_local, tmp_path_factory):
     """runs("mlp-interleaved") -> (pipeline result, its spec, local's result), each run once."""
-    done: dict = {}
-
-    def once(key: str, raw: dict):
-        if key not in done:
-            spec = RunSpec.from_dict({**raw, "out": str(tmp_path_factory.mktemp(key))})
-            done[key] = (train(spec, quiet), spec)
-        return done[key]
+    once = run_once(tmp_path_factory)
 
     def get(name: str):
         base, run = name.split("-")
@@ -53,18 +45,6 @@ def runs(ray_local, tmp_path_factory):
         return (*once(name, {**BASES[base], **RUNS[run], "strategy": "pipeline"}), reference)
 
     return get
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    return max((a[k] - b[k]).abs().max().item() for k in b)
-
-
-def assert_same_as_local(result, reference) -> None:
-    assert max_diff(result.state_dict, reference.state_dict) <= 1e-5
-    for mine, theirs in zip(result.metrics, reference.metrics, strict=True):
-        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-5)
-        assert mine["val_loss"] == pytest.approx(theirs["val_loss"], rel=1e-5)
 
 
 @pytest.mark.ray
