@@ -20,7 +20,8 @@ from pathlib import Path
 from ray.util.state import list_actors
 from rayprocs import parents
 
-CLASSES = {"ddp": ("RayTrainWorker",), "fsdp": ("RayTrainWorker",), "ps": ("Server", "Replica"), "pipeline": ("Stage",)}
+CLASSES = {"ddp": ("RayTrainWorker",), "fsdp": ("RayTrainWorker",), "ps": ("Server", "Replica"),
+           "pipeline": ("Stage",)}
 
 
 def descends_from(pid: int, root: int) -> bool:

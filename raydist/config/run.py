@@ -181,6 +181,9 @@ class RunSpec:
     sync_batchnorm: bool = knob(False, "ddp: BatchNorm statistics over the global batch (all "
                                 "workers, as local computes them) instead of each worker's shard",
                                 strategies=("ddp",))
+    shard_optimizer: bool = knob(False, "ddp: ZeRO-1, each worker keeps the optimizer state of its "
+                                 "share of the parameters only (torch's ZeroRedundancyOptimizer)",
+                                 strategies=("ddp",))
     # --- fsdp --------------------------------------------------------------------------------
     reshard_after_forward: bool = knob(True, "fsdp: free each block's gathered parameters after "
                                        "its forward and gather them again for the backward (ZeRO-3); "
@@ -381,6 +384,14 @@ COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
     ("local_sgd_steps", lambda s: s.local_sgd_steps > 1 and s.grad_compression != "none",
      lambda s: f"got {s.local_sgd_steps} with grad_compression '{s.grad_compression}'; local SGD "
                "exchanges parameters every k steps, no gradients to compress: set one of the two"),
+    ("shard_optimizer", lambda s: s.shard_optimizer and s.local_sgd_steps > 1,
+     lambda s: f"got true with local_sgd_steps {s.local_sgd_steps}; local SGD's averager wraps the "
+               "whole optimizer, ZeRO-1 shards it: set one of the two"),
+    ("shard_optimizer", lambda s: s.shard_optimizer and lookup("raydist.optim:unshardable")(s.optimizer),
+     lambda s: f"got true with optimizer {s.optimizer}, which "
+               f"{lookup('raydist.optim:unshardable')(s.optimizer)}; ZeRO-1 "
+               "hands each worker's rule only unnamed tensors of its share: use another optimizer "
+               "or shard_optimizer false"),
 )
 
 KNOBS: dict[str, dataclasses.Field] = {f.name: f for f in fields(RunSpec)}

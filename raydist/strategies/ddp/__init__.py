@@ -6,6 +6,9 @@ records; Ray Train's TorchTrainer runs N workers, each of which builds ddp's `wo
 and drives the engine's epoch loop on its shard of every global batch; the driver hands the
 records to `report` as they come; rank 0 returns the final model.
 
+shard_optimizer (ZeRO-1) wraps the rule in torch's ZeroRedundancyOptimizer (worker.py): each
+rank keeps the optimizer state of its share of the parameters only.
+
 The engine divides a worker's loss sum by global_batch / world (engine.denominator), so DDP's
 gradient average is the single-process gradient of the global batch: the run follows `local`
 to float32 round-off. grad_compression and local_sgd_steps change what the workers exchange

@@ -4,7 +4,9 @@ checkpoints via Ray Train, one state.pt that rank 0 writes."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
@@ -24,9 +26,10 @@ from raydist.engine import (
     total_steps,
     train_epoch,
 )
+from raydist.engine.lr import effective_lr
 from raydist.faults import Faults
 from raydist.models import build_model
-from raydist.optim import training
+from raydist.optim import build_optimizer, training
 from raydist.raytrain.worker import latest, new_folder, on_device, report, rng_states, set_rng_states, total
 from raydist.strategies.ddp import STATE, syncbn
 from raydist.strategies.ddp.comm import Comm
@@ -47,7 +50,8 @@ class Replica:
         self.link = Comm(spec, self.model, self.world)
         # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's
         # step; the rule itself is what an epoch switches into training mode
-        self.rule = make_optimizer(spec, self.model.named_parameters())
+        self.rule = (sharded_optimizer(spec, self.model) if spec.shard_optimizer else
+                     make_optimizer(spec, self.model.named_parameters()))
         self.scheduler = make_scheduler(spec, self.rule, total_steps(spec, data))
         self.optimizer = self.link.wrap(self.rule)
         self.model.to(self.device)  # moves the parameters in place: the optimizer still holds them
@@ -77,14 +81,35 @@ class Replica:
         return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
 
 
+def sharded_optimizer(spec: RunSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """ZeRO-1: torch's ZeroRedundancyOptimizer around raydist's rule. Each rank keeps the state
+    of its share of the parameters (whole tensors, the largest first to the emptiest rank), steps
+    that share after DDP's all-reduce and broadcasts it; the same formula as one optimizer over
+    the whole model (the rules act on each tensor on its own)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return ZeroRedundancyOptimizer(list(model.parameters()),
+                                   optimizer_class=functools.partial(build_optimizer, spec.optimizer),
+                                   lr=effective_lr(spec), **spec.optimizer_hparams())
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, rank: int) -> dict[str, Any] | None:
+    """The whole optimizer's state on rank 0 (None elsewhere): ZeRO's shares are first gathered
+    there, a collective every rank joins."""
+    consolidate = getattr(optimizer, "consolidate_state_dict", None)
+    if consolidate is not None:
+        consolidate(to=0)
+    return optimizer.state_dict() if rank == 0 else None
+
+
 def save_checkpoint(history: list[Record], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: LRScheduler, rank: int) -> None:
     """Rank 0 attaches the checkpoint to its report; the others report the record alone."""
-    rec = history[-1]
+    rec, optim = history[-1], optimizer_state(optimizer, rank)
     if rank != 0:
         report(rec, None)
         return
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    state = {"model": model.state_dict(), "optimizer": optim,
              "scheduler": scheduler.state_dict(), "epoch": rec["epoch"], "history": history,
              "rng": rng_states()}
     folder = new_folder()  # Ray deletes it after the upload
