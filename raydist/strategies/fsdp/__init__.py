@@ -52,7 +52,8 @@ def check_saved(spec: RunSpec) -> None:
     from raydist.strategies.fsdp import checkpoints
 
     for folder in sorted((Path(spec.out) / STORAGE / RUN).glob("checkpoint_*")):
-        checkpoints.check(folder)
+        if folder.is_dir():  # beside them: Ray Train's checkpoint_manager_snapshot.json
+            checkpoints.check(folder)
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
