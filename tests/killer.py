@@ -2,7 +2,7 @@
 actors at random moments, found through Ray's State API (`ray.util.state.list_actors`), for
 tests/test_kills.py and bench/soak_kills.py.
 
-Only a process that is an actor of one of the run's classes (ddp: Ray Train's workers; ps:
+Only a process that is an actor of one of the run's classes (ddp, fsdp: Ray Train's workers; ps:
 servers and replicas; pipeline: stages), alive in the Ray this process is connected to, AND
 a descendant of this process (the embedded Ray's raylet is its child, the workers the raylet's)
 is ever killed: never a controller, a channel, or anything of another Ray on the machine."""
@@ -20,7 +20,8 @@ from pathlib import Path
 from ray.util.state import list_actors
 from rayprocs import parents
 
-CLASSES = {"ddp": ("RayTrainWorker",), "ps": ("Server", "Replica"), "pipeline": ("Stage",)}
+CLASSES = {"ddp": ("RayTrainWorker",), "fsdp": ("RayTrainWorker",), "ps": ("Server", "Replica"),
+           "pipeline": ("Stage",)}
 
 
 def descends_from(pid: int, root: int) -> bool:

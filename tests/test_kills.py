@@ -1,5 +1,5 @@
 """Kills from outside: while a run trains, a background thread SIGKILLs a randomly chosen process of
-its actors (ddp's Ray Train workers, ps servers and replicas, pipeline stages) twice, at random
+its actors (ddp's and fsdp's Ray Train workers, ps servers and replicas, pipeline stages) twice, at random
 moments drawn from a seeded RNG (tests/killer.py). A sync run still ends with the very model an
 uninterrupted run ends with (torch.equal on every tensor); async ps completes with finite losses.
 
@@ -24,6 +24,7 @@ BASE = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 6, "seed": 0
 KILLS = 2
 RUNS = {  # name: (fields, actors per attempt)
     "ddp": ({"strategy": "ddp", "workers": 2, "batch_size": 8}, 2),
+    "fsdp": ({"strategy": "fsdp", "workers": 2, "batch_size": 8}, 2),
     "ps-sync": ({"strategy": "ps", "workers": 2, "servers": 1, "batch_size": 16}, 3),
     "ps-async": ({"strategy": "ps", "workers": 2, "servers": 1, "batch_size": 16, "mode": "async"}, 3),
     "pipeline": ({"strategy": "pipeline", "stages": 2, "batch_size": 32, "microbatches": 4}, 2),
@@ -44,7 +45,7 @@ def killed_run(tmp_path, name: str, seed: int) -> tuple[dict[str, torch.Tensor],
     return torch.load(tmp_path / "killed" / name / "model.pt"), records, killer
 
 
-@pytest.mark.parametrize("name", ["ddp", "ps-sync", "pipeline"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ps-sync", "pipeline"])
 def test_a_sync_run_killed_twice_ends_with_the_uninterrupted_model(ray_local, tmp_path, name):
     clean = train(spec(tmp_path / "clean", name), lambda rec: None).state_dict
     model, records, killer = killed_run(tmp_path, name, seed=len(name))

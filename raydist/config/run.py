@@ -17,7 +17,7 @@ import yaml
 from raydist.config.values import coerce, is_import_path, lookup
 from raydist.registry import ConfigError, closest
 
-RAY = ("ddp", "ps", "pipeline")
+RAY = ("ddp", "ps", "pipeline", "fsdp")
 """The strategies that run on Ray (all but local)."""
 DEFAULT_BATCH = 64
 """The global batch of a spec that gives neither batch_size nor batch_per_worker."""
@@ -114,11 +114,11 @@ class RunSpec:
                                         "(ddp, ps) or x 1 (local; pipeline, whose stages split the "
                                         "model, not the batch)", check=at_least(1),
                                         expected="an integer >= 1")
-    workers: int | list[int] = knob(1, "data-parallel replicas (ddp, ps); ddp also takes a range "
-                                    "MIN-MAX ([min, max] in YAML): elastic, grows when nodes join",
-                                    check=worker_count,
+    workers: int | list[int] = knob(1, "data-parallel replicas (ddp, ps, fsdp); ddp also takes a "
+                                    "range MIN-MAX ([min, max] in YAML): elastic, grows when nodes "
+                                    "join", check=worker_count,
                                     expected="an integer >= 1, or [min, max] with 1 <= min <= max",
-                                    strategies=("ddp", "ps"), resumable=("ddp",))
+                                    strategies=("ddp", "ps", "fsdp"), resumable=("ddp", "fsdp"))
     seed: int = knob(0, "seed of weights, data split and batch order", check=lambda x: 0 <= x <= SEED_MAX,
                      expected=f"an integer from 0 to {SEED_MAX}")
     model_args: dict[str, Any] = knob({}, "keyword arguments of your model factory, e.g. {width: 256} "
@@ -165,8 +165,9 @@ class RunSpec:
                                 "or mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns/); in a sweep, "
                                 "Tune's callbacks track each trial", registry="raydist.tracking:TRACKERS")
     # not resumable: a resumed run with other tracking would leave its epochs tracked in part
-    use_gpu: bool | None = knob(None, "ddp, pipeline: train on GPUs (default: when the cluster "
-                                "has some now)", strategies=("ddp", "pipeline"), resumable=True)
+    use_gpu: bool | None = knob(None, "ddp, fsdp, pipeline: train on GPUs (default: when the "
+                                "cluster has some now)", strategies=("ddp", "fsdp", "pipeline"),
+                                resumable=True)
     # --- ddp ---------------------------------------------------------------------------------
     grad_compression: str = knob("none", "ddp: gradient communication hook (none, fp16, bf16, "
                                  "powersgd)", registry="raydist.strategies.ddp.comm:COMPRESSIONS",
@@ -180,6 +181,20 @@ class RunSpec:
     sync_batchnorm: bool = knob(False, "ddp: BatchNorm statistics over the global batch (all "
                                 "workers, as local computes them) instead of each worker's shard",
                                 strategies=("ddp",))
+    shard_optimizer: bool = knob(False, "ddp: ZeRO-1, each worker keeps the optimizer state of its "
+                                 "share of the parameters only (torch's ZeroRedundancyOptimizer)",
+                                 strategies=("ddp",))
+    # --- fsdp --------------------------------------------------------------------------------
+    reshard_after_forward: bool = knob(True, "fsdp: free each block's gathered parameters after "
+                                       "its forward and gather them again for the backward (ZeRO-3); "
+                                       "false keeps them to the backward (ZeRO-2: more memory, "
+                                       "less communication)", strategies=("fsdp",), resumable=True)
+    fsdp_param_dtype: str = knob("float32", "fsdp: dtype of the parameters in the forward and "
+                                 "backward (the gradients are reduced and the weights kept in "
+                                 "float32)", choices=("float32", "bfloat16"), strategies=("fsdp",))
+    cpu_offload: bool = knob(False, "fsdp: keep the sharded parameters, gradients and optimizer "
+                             "state in CPU memory between uses (for a GPU run; on CPU it changes "
+                             "nothing)", strategies=("fsdp",), resumable=True)
     # --- parameter server --------------------------------------------------------------------
     mode: str = knob("sync", "ps: apply averaged gradients (sync) or each as it comes (async)",
                      choices=("sync", "async"), strategies=("ps",))
@@ -369,6 +384,14 @@ COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
     ("local_sgd_steps", lambda s: s.local_sgd_steps > 1 and s.grad_compression != "none",
      lambda s: f"got {s.local_sgd_steps} with grad_compression '{s.grad_compression}'; local SGD "
                "exchanges parameters every k steps, no gradients to compress: set one of the two"),
+    ("shard_optimizer", lambda s: s.shard_optimizer and s.local_sgd_steps > 1,
+     lambda s: f"got true with local_sgd_steps {s.local_sgd_steps}; local SGD's averager wraps the "
+               "whole optimizer, ZeRO-1 shards it: set one of the two"),
+    ("shard_optimizer", lambda s: s.shard_optimizer and lookup("raydist.optim:unshardable")(s.optimizer),
+     lambda s: f"got true with optimizer {s.optimizer}, which "
+               f"{lookup('raydist.optim:unshardable')(s.optimizer)}; ZeRO-1 "
+               "hands each worker's rule only unnamed tensors of its share: use another optimizer "
+               "or shard_optimizer false"),
 )
 
 KNOBS: dict[str, dataclasses.Field] = {f.name: f for f in fields(RunSpec)}

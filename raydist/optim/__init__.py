@@ -75,6 +75,19 @@ def build_optimizer(name: str, params: Named, lr: float, **hparams: float) -> to
     return entry.build(pairs if entry.named else [p for _, p in pairs], lr=lr, **hparams)
 
 
+def unshardable(name: str) -> str:
+    """Why torch's ZeroRedundancyOptimizer cannot hold the rule `name` ('' if it can): it hands
+    each rank's rule unnamed tensors of that rank's share, so neither a rule that tells tensors
+    apart by name (muon) nor one that moves every parameter around an epoch (schedule-free)
+    works there."""
+    entry = OPTIMIZERS[name]
+    if entry.named:
+        return "tells its matrices apart by the parameters' names"
+    if entry.train is not unchanged:
+        return "switches every parameter between two sets of weights around an epoch"
+    return ""
+
+
 @contextmanager
 def training(name: str, optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Around an epoch's steps: the optimizer's training mode (schedule-free moves the
@@ -92,4 +105,5 @@ from raydist.optim import seed  # noqa: E402,F401
 # isort: split
 from raydist.optim import recent  # noqa: E402,F401
 
-__all__ = ["OPTIMIZERS", "OptimizerEntry", "Params", "build_optimizer", "training", "unchanged"]
+__all__ = ["OPTIMIZERS", "OptimizerEntry", "Params", "build_optimizer", "training", "unchanged",
+           "unshardable"]

@@ -1,7 +1,7 @@
 """Strategy registry and `train`, the one path every run takes: pre-flight, claim the output
 folder, run, save.
 
-A strategy is a module (local.py) or a package (ddp/, ps/, pipeline/) holding everything of
+A strategy is a module (local.py) or a package (ddp/, ps/, pipeline/, fsdp/) holding everything of
 it and nothing of another's, with:
 - `check(spec, data)`: what it needs of the spec and data (ConfigError before anything runs);
 - `resources`: `resources(spec, gpus) -> (CPUs, GPUs, what)` it asks of a cluster that has `gpus`
@@ -13,6 +13,7 @@ it and nothing of another's, with:
 - `run(spec, report) -> RunResult`: the recipe, driving the engine's epoch loop.
 Adding one is a new module or package and its name below; strategies never import each other.
 
+The Ray Train machinery ddp and fsdp share lives outside strategies, in raydist/raytrain/.
 Modules are imported on first use: `ddp` pulls in Ray Train, which every ps replica and
 pipeline stage process would otherwise pay for at start-up."""
 
@@ -31,7 +32,7 @@ from raydist.registry import Registry
 from raydist.tracking import open_run
 
 STRATEGIES: Registry[str] = Registry("strategy")
-for _name in ("local", "ddp", "ps", "pipeline"):
+for _name in ("local", "ddp", "ps", "pipeline", "fsdp"):
     STRATEGIES.register(_name)(f"raydist.strategies.{_name}")
 
 
