@@ -56,6 +56,19 @@ class EpochRecord(TypedDict, total=False):
     free communication: the bubble is (K-1)/(V*M) of the compute time (V chunks per actor: 1 but
     interleaved-1f1b), so (K-1)/(V*M+K-1); GPipe's and 1F1B's (K-1)/(M+K-1); ZB-H1's, with F, B
     and W of equal time, (K-1)/(3M+K-1)."""
+    model_state_bytes: int
+    """bytes of parameters, buffers, gradients and optimizer state one training process holds
+    after the epoch, each storage once, a shard by its local part (raydist.memory): the most
+    over the processes."""
+    optimizer_state_bytes: int
+    """the optimizer state's part of model_state_bytes (ZeRO-1: the worker's share): the most
+    over the processes."""
+    peak_rss_bytes: int
+    """a training process's peak resident memory since it started: the most over the processes."""
+    peak_gpu_bytes: int
+    """a training process's peak GPU memory allocated by torch (GPU runs only): the most over them."""
+    per_worker_memory: list
+    """ddp, fsdp: the four fields above for each worker, [{"worker": "rank 0", ...}, ...]."""
 
 
 PER_STAGE = {

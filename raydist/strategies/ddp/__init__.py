@@ -1,10 +1,10 @@
 """`ddp`: N replicas on Ray Train; every step all-reduces the gradients (DistributedDataParallel).
 
-The recipe (`run`): join Ray; make a channel actor for the per-epoch records; Ray Train's
-TorchTrainer runs `worker.loop` on N workers, each of which builds the model, restores the
-latest checkpoint, wraps it in DDP with the chosen communication hook (comm.py) and drives
-the engine's epoch loop on its shard of every global batch; the driver hands the records to
-`report` as they come (driver.py); rank 0 returns the final model.
+The recipe (`run`) is raydist.raytrain's: join Ray; make a channel actor for the per-epoch
+records; Ray Train's TorchTrainer runs N workers, each of which builds ddp's `worker.Replica`
+(the model, the latest checkpoint restored, DDP with the chosen communication hook, comm.py)
+and drives the engine's epoch loop on its shard of every global batch; the driver hands the
+records to `report` as they come; rank 0 returns the final model.
 
 The engine divides a worker's loss sum by global_batch / world (engine.denominator), so DDP's
 gradient average is the single-process gradient of the global batch: the run follows `local`
@@ -22,17 +22,18 @@ from pathlib import Path
 
 from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
-from raydist.data import Dataset, load_data
-from raydist.engine import Diverged, Report, RunResult
+from raydist.data import Dataset
+from raydist.engine import Report, RunResult
 from raydist.optim import OPTIMIZERS
+from raydist.raytrain import STORAGE, Recipe, per_worker
 
 RESUMES = True
-STORAGE, RUN = "ray", "ddp"
+RUN = "ddp"
 """Ray Train keeps a run's checkpoints under out/STORAGE/RUN/checkpoint_<time>/ (RunConfig's
 storage_path and name), the two latest of them."""
 STATE = "state.pt"  # the file inside every Ray Train checkpoint
 STREAMS = True
-"""Each worker reads a streamed data set through Ray Train's get_dataset_shard (driver.py)."""
+"""Each worker reads a streamed data set through Ray Train's get_dataset_shard (raytrain/driver.py)."""
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
@@ -68,13 +69,6 @@ def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
             f"ddp with {spec.workers} workers")
 
 
-def per_worker(spec: RunSpec, gpus: float) -> dict[str, float]:
-    """By default on GPUs when the cluster has some now (not merely could scale to some: an
-    autoscaler's GPU node type must not turn every run into a GPU run)."""
-    gpu = spec.use_gpu if spec.use_gpu is not None else gpus > 0
-    return {"CPU": float(spec.threads_per_worker), **({"GPU": 1.0} if gpu else {})}
-
-
 def num_workers(spec: RunSpec) -> int | tuple[int, int]:
     """A fixed count, or (min, max): Ray Train's elastic policy starts the group with as many
     workers as the cluster holds and restarts it, bigger or smaller, from the latest
@@ -83,20 +77,9 @@ def num_workers(spec: RunSpec) -> int | tuple[int, int]:
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:
-    import ray
-    import torch
+    from raydist.raytrain import driver
 
-    from raydist import cluster
-    from raydist.strategies.ddp import driver
+    return driver.run(spec, report, RECIPE)
 
-    cluster.connect(spec)
-    spec = driver.absolute_paths(spec)  # the workers run in Ray Train's own folder
-    channel = driver.open_channel()  # rank 0's records, to this process as they come
-    trainer = driver.torch_trainer(spec, load_data(spec), channel)  # N x worker.loop
-    try:
-        out = driver.deliver(trainer, channel, report).return_value
-    finally:
-        ray.kill(channel)
-    if out["diverged"]:
-        raise Diverged(out["diverged"])
-    return RunResult(out["history"], {k: torch.tensor(v) for k, v in out["state"].items()})
+
+RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:Replica", per_worker, num_workers)

@@ -1,4 +1,4 @@
-"""The ddp driver: Ray Train's TorchTrainer over `worker.loop`, and the records on their way.
+"""The driver of a run on Ray Train: TorchTrainer over `worker.loop`, and the records on their way.
 
 Rank 0 sends each epoch's record to a small channel actor; the driver runs TorchTrainer.fit()
 in a background thread and hands the records to `report` in the calling thread as they come
@@ -28,11 +28,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raydist import cluster, ray_compat
 from raydist.config import RunSpec
-from raydist.data import Dataset
-from raydist.engine import Record, Report, announce, restart_line
+from raydist.data import Dataset, load_data
+from raydist.engine import Diverged, Record, Report, RunResult, announce, restart_line
 from raydist.faults import Faults
-from raydist.strategies.ddp import RUN, STORAGE, num_workers, per_worker
-from raydist.strategies.ddp.worker import RAY_CALL_S, loop
+from raydist.raytrain import STORAGE, Recipe
+from raydist.raytrain.worker import RAY_CALL_S, loop
 
 POLL_S = 0.2  # how often the driver collects records
 STOP_WAIT_S = 60.0  # how long a driver whose report failed waits for the workers to stop
@@ -45,8 +45,21 @@ START_RETRIES = 2
 ELASTIC_CHECK_S = 20.0
 
 
-def resources_per_worker(spec: RunSpec) -> dict[str, float]:
-    return per_worker(spec, ray.cluster_resources().get("GPU", 0.0))
+def run(spec: RunSpec, report: Report, recipe: Recipe) -> RunResult:
+    """The recipe's workers on Ray Train; rank 0 returns the final model under local's keys."""
+    import torch
+
+    cluster.connect(spec)
+    spec = absolute_paths(spec)  # the workers run in Ray Train's own folder
+    channel = open_channel()  # rank 0's records, to this process as they come
+    trainer = torch_trainer(spec, load_data(spec), channel, recipe)  # N x worker.loop
+    try:
+        out = deliver(trainer, channel, report, recipe.name).return_value
+    finally:
+        ray.kill(channel)
+    if out["diverged"]:
+        raise Diverged(out["diverged"])
+    return RunResult(out["history"], {k: torch.tensor(v) for k, v in out["state"].items()})
 
 
 def absolute_paths(spec: RunSpec) -> RunSpec:
@@ -64,8 +77,8 @@ def open_channel() -> Any:
     return Channel.options(scheduling_strategy=here).remote()
 
 
-def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
-    need = resources_per_worker(spec)
+def torch_trainer(spec: RunSpec, data: Dataset, channel: Any, recipe: Recipe) -> TorchTrainer:
+    need = recipe.per_worker(spec, ray.cluster_resources().get("GPU", 0.0))
     gpu = "GPU" in need
     cluster.start_train_coordinator()  # ready before the controller asks for it
     return TorchTrainer(
@@ -73,16 +86,17 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any) -> TorchTrainer:
         **streams(data),
         # The driver's data travels with the job: workers need neither the data file nor the
         # libraries that load it (importing scikit-learn for digits costs seconds per worker).
-        train_loop_config={"spec": spec, "data": data, "channel": channel, "faults": Faults.of(spec)},
+        train_loop_config={"spec": spec, "data": data, "channel": channel, "faults": Faults.of(spec),
+                           "replica": recipe.replica},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers(spec), use_gpu=gpu,
+        scaling_config=ScalingConfig(num_workers=recipe.num_workers(spec), use_gpu=gpu,
                                      resources_per_worker=need,
                                      elastic_resize_monitor_interval_s=ELASTIC_CHECK_S),
         run_config=RunConfig(
-            name=RUN, storage_path=str(Path(spec.out) / STORAGE),
+            name=recipe.name, storage_path=str(Path(spec.out) / STORAGE),
             failure_config=FailureConfig(max_failures=spec.max_failures,
                                          controller_failure_limit=START_RETRIES),
-            callbacks=[Watch(channel, spec.max_failures)],
+            callbacks=[Watch(channel, spec.max_failures, recipe.name)],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING")))
 
@@ -97,7 +111,7 @@ def streams(data: Dataset) -> dict[str, Any]:
                                          execution_options=ExecutionOptions(preserve_order=True))}
 
 
-def deliver(trainer: TorchTrainer, channel: Any, report: Report) -> Any:
+def deliver(trainer: TorchTrainer, channel: Any, report: Report, name: str = "raytrain") -> Any:
     """Run fit() in a background thread; call `report` here, once per epoch, in order. A record
     seen again after a restart from an earlier checkpoint is not reported twice. The thread says
     it is done through an Event: a Thread.join that Ctrl-C interrupted may later claim the thread
@@ -113,7 +127,7 @@ def deliver(trainer: TorchTrainer, channel: Any, report: Report) -> Any:
         finally:
             done.set()
 
-    threading.Thread(target=fit_in_background, name="ddp-fit", daemon=True).start()
+    threading.Thread(target=fit_in_background, name=f"{name}-fit", daemon=True).start()
     reported = 0
     try:
         while True:
@@ -147,8 +161,8 @@ class Watch(UserCallback):
     becomes one restart line (through the channel, to the driver's console). Ray Train restores
     the latest checkpoint it has registered: the one of the last report seen here."""
 
-    def __init__(self, channel: Any, max_failures: int) -> None:
-        self.channel, self.max_failures = channel, max_failures
+    def __init__(self, channel: Any, max_failures: int, name: str = "ddp") -> None:
+        self.channel, self.max_failures, self.name = channel, max_failures, name
         self.epoch = self.failures = 0
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
@@ -162,7 +176,8 @@ class Watch(UserCallback):
         died = sorted(r for r, e in worker_exceptions.items() if ray_compat.train_worker_died(e))
         rank = (died or sorted(worker_exceptions))[0]
         how = "died" if died else f"failed ({type(worker_exceptions[rank]).__name__})"
-        self.channel.restart.remote(self.failures, self.max_failures, rank, how, self.epoch + 1)
+        self.channel.restart.remote(self.failures, self.max_failures, rank, how, self.epoch + 1,
+                                    self.name)
 
 
 @ray.remote(num_cpus=0)
@@ -182,9 +197,10 @@ class Channel:
         self.events.append(("record", rec))
         return self.stopping
 
-    def restart(self, attempt: int, limit: int, rank: int, how: str, epoch: int) -> None:
+    def restart(self, attempt: int, limit: int, rank: int, how: str, epoch: int,
+                name: str = "ddp") -> None:
         pid = f" (pid {self.pids[rank]})" if rank in self.pids else ""
-        self.events.append(("line", restart_line(attempt, limit, f"ddp worker {rank}{pid}", epoch, how)))
+        self.events.append(("line", restart_line(attempt, limit, f"{name} worker {rank}{pid}", epoch, how)))
 
     def take(self) -> list[tuple[str, Any]]:
         out, self.events = self.events, []

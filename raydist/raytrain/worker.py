@@ -1,0 +1,180 @@
+"""One Ray Train worker of any strategy on Ray Train: the engine's epoch loop around the
+strategy's per-rank `Replica`, the stop broadcast, each worker's memory gathered into rank 0's
+record, checkpoints through Ray Train, and the RNG states a checkpoint holds."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import random
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointUploadMode
+
+from raydist import memory, ray_compat
+from raydist.config import RunSpec
+from raydist.data import Dataset
+from raydist.engine import Diverged, Record, fit
+from raydist.registry import import_object
+
+RAY_CALL_S = 60.0  # bound on any single call to the channel actor
+
+
+class Stopped(Exception):
+    """The driver asked the workers to stop (its `report` raised, or it was interrupted)."""
+
+
+class Replica(Protocol):
+    """A strategy's per-rank side: built as Replica(spec, data, faults) in each worker, it
+    restores the latest checkpoint Ray Train registered (`history`: its records) and is the
+    engine's Trainer (train_epoch, evaluate, save)."""
+
+    rank: int
+    world: int
+    device: torch.device
+    data: Dataset
+    history: list[Record]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]: ...
+
+    def evaluate(self) -> Record: ...
+
+    def save(self, history: list[Record]) -> None: ...
+
+    def final_state(self) -> dict[str, np.ndarray]:
+        """The model under local's keys (every rank calls it: it may gather shards)."""
+
+
+class Measured:
+    """The replica as the epoch loop sees it: each epoch's record also holds every worker's
+    memory (raydist.memory.measure after the epoch, gathered to every rank): the worst of each
+    field, and `per_worker_memory`, one entry per rank."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+
+    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
+        loss, rec = self.replica.train_epoch(epoch, batches)
+        mine = memory.measure(self.replica.model, self.replica.optimizer)
+        every = gather(mine, self.replica.world)
+        per_worker = [{"worker": f"rank {r}", **m} for r, m in enumerate(every)]
+        return loss, {**rec, **memory.worst(every), "per_worker_memory": per_worker}
+
+    def evaluate(self) -> Record:
+        return self.replica.evaluate()
+
+    def save(self, history: list[Record]) -> None:
+        self.replica.save(history)
+
+
+def gather(obj: Any, world: int) -> list[Any]:
+    """`obj` of every rank, in rank order (gloo or nccl: all_gather_object pickles it)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def total(values: list[float], world: int, device: torch.device) -> list[float]:
+    """Each value summed over the ranks (every rank sends the same payload)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def loop(config: dict[str, Any]) -> dict[str, Any] | None:
+    """One replica; rank 0's return value reaches the driver as the result."""
+    spec: RunSpec = config["spec"]
+    ray_compat.quiet_train_reports()  # keep the console for the per-epoch progress lines
+    torch.set_num_threads(spec.threads_per_worker)
+    make: Callable[..., Replica] = import_object(config["replica"], "replica")
+    me = make(spec, config["data"], config["faults"])
+    config["channel"].hello.remote(me.rank, os.getpid())  # named by it if it dies
+    stop = torch.zeros(1, device=me.device)
+
+    def publish(rec: Record) -> None:
+        if me.rank == 0:
+            stop.fill_(float(ray.get(config["channel"].put.remote(rec), timeout=RAY_CALL_S)))
+        if me.world > 1:
+            dist.broadcast(stop, src=0)  # every rank stops after the same epoch
+        if stop.item():
+            raise Stopped
+
+    try:
+        for rec in me.history:  # a resumed run reports its earlier epochs too
+            publish(rec)
+        history = fit(spec, me.data, Measured(me), publish, me.history)
+    except Diverged as e:  # every rank sees the same all-reduced loss, so all stop here
+        return {"diverged": str(e)}
+    except Stopped:
+        return None
+    return {"diverged": None, "history": history, "state": me.final_state()}
+
+
+def on_device(data: Dataset, device: torch.device) -> Dataset:
+    if device.type == "cpu":
+        return data
+    tensors = ("x_train", "y_train", "x_val", "y_val")
+    return dataclasses.replace(data, **{k: getattr(data, k).to(device) for k in tensors})
+
+
+def report(rec: Record, folder: str | None) -> None:
+    """Every rank reports each epoch (Ray Train pairs the reports up); a rank with files to keep
+    gives their `folder` (a fresh temporary one: Ray deletes it after the upload), and Ray Train
+    puts every rank's files in the epoch's one checkpoint folder. Uploads run in the background:
+    Ray Train's report queue holds one entry until the controller polls it, and training should
+    not wait for that."""
+    mode = {"checkpoint_upload_mode": CheckpointUploadMode.ASYNC}
+    if folder is None:
+        ray.train.report(rec, **mode)
+        return
+    ray.train.report(rec, checkpoint=Checkpoint.from_directory(folder),
+                     delete_local_checkpoint_after_upload=True, **mode)
+
+
+def new_folder() -> str:
+    return tempfile.mkdtemp(prefix="raydist_ckpt_")
+
+
+@contextlib.contextmanager
+def latest() -> Iterator[Path | None]:
+    """The folder of the latest checkpoint Ray Train registered, while it is read (None: a fresh
+    run)."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+        return
+    with ckpt.as_directory() as d:
+        yield Path(d)
+
+
+def rng_states() -> dict[str, Any]:
+    """Every generator's state as plain data (checkpoint.PLAIN): numpy's key array as a list."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
+              "numpy": (name, key.tolist(), pos, has_gauss, gauss)}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
