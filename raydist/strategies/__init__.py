@@ -31,7 +31,7 @@ from raydist.registry import Registry
 from raydist.tracking import open_run
 
 STRATEGIES: Registry[str] = Registry("strategy")
-for _name in ("local", "ddp", "ps", "pipeline"):
+for _name in ("local", "ddp", "ps", "pipeline", "tp"):
     STRATEGIES.register(_name)(f"raydist.strategies.{_name}")
 
 
