@@ -166,7 +166,7 @@ class RunSpec:
                                 "or mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns/); in a sweep, "
                                 "Tune's callbacks track each trial", registry="raydist.tracking:TRACKERS")
     # not resumable: a resumed run with other tracking would leave its epochs tracked in part
-    use_gpu: bool | None = knob(None, "ddp, pipeline: train on GPUs (default: when the cluster "
+    use_gpu: bool | None = knob(None, "ddp, pipeline, tp: train on GPUs (default: when the cluster "
                                 "has some now)", strategies=("ddp", "pipeline", "tp"), resumable=True)
     # --- ddp ---------------------------------------------------------------------------------
     grad_compression: str = knob("none", "ddp: gradient communication hook (none, fp16, bf16, "
@@ -181,12 +181,9 @@ class RunSpec:
     sync_batchnorm: bool = knob(False, "ddp: BatchNorm statistics over the global batch (all "
                                 "workers, as local computes them) instead of each worker's shard",
                                 strategies=("ddp",))
-    # --- tensor parallel ---------------------------------------------------------------------
-    tp_size: int | None = knob(None, "tp: workers in each tensor-parallel group, which split the "
-                               "model's layers between them (raydist/strategies/tp/plan.py); "
-                               "workers / tp_size such groups split each global batch (data "
-                               "parallel); default: workers (one group)", check=at_least(1),
-                               expected="an integer >= 1", strategies=("tp",))
+    tp_size: int | None = knob(None, "tp: workers per group splitting the model's layers; workers / "
+                               "tp_size groups split each batch (default: workers, one group)",
+                               check=at_least(1), expected="an integer >= 1", strategies=("tp",))
     # --- parameter server --------------------------------------------------------------------
     mode: str = knob("sync", "ps: apply averaged gradients (sync) or each as it comes (async)",
                      choices=("sync", "async"), strategies=("ps",))
