@@ -72,7 +72,8 @@ def test_strategy_pure_pieces_import_without_ray():
 
     code = ("import sys; import raydist.strategies.ddp.comm, raydist.strategies.pipeline.cuts, "
             "raydist.strategies.pipeline.schedules, raydist.strategies.ps.sharding, "
-            "raydist.strategies.ps.staleness, raydist.plan, raydist.config; "
+            "raydist.strategies.ps.staleness, raydist.strategies.tp.plan, "
+            "raydist.strategies.tp.shards, raydist.plan, raydist.config; "
             "from raydist.config import RunSpec; RunSpec.from_dict({'strategy': 'ddp'}); "
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

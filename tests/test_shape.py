@@ -25,11 +25,11 @@ def run_cli(args, capsys):
     (["--strategy", "ddp", "--servers", "3"], "servers: read only by ps; this run's strategy is ddp"),
     (["--strategy", "ps", "--stages", "3"], "stages: read only by pipeline; this run's strategy is ps"),
     (["--strategy", "pipeline", "--workers", "2"],
-     "workers: read only by ddp, ps, fsdp; this run's strategy is pipeline"),
+     "workers: read only by ddp, ps, fsdp, tp; this run's strategy is pipeline"),
     (["--strategy", "local", "--grad-compression", "fp16"],
      "grad_compression: read only by ddp; this run's strategy is local"),
     (["--strategy", "local", "--max-failures", "1"],
-     "max_failures: read only by ddp, ps, pipeline, fsdp; this run's strategy is local"),
+     "max_failures: read only by ddp, ps, pipeline, fsdp, tp; this run's strategy is local"),
 ])
 def test_a_knob_the_strategy_does_not_read_is_refused_by_name(tmp_path, capsys, args, message):
     out = tmp_path / "never"
@@ -70,6 +70,8 @@ def test_which_knobs_a_resume_may_change():
                                      "use_gpu", "replicas", "timeline_step"]
     assert resumable("ddp") == ["epochs", "workers", "out", "address", "max_failures", "threads_per_worker",
                                 "use_gpu", "bucket_cap_mb"]
+    # tp's checkpoints hold each rank's shards: workers and tp_size stay
+    assert resumable("tp") == ["epochs", "out", "address", "max_failures", "threads_per_worker", "use_gpu"]
 
 
 def test_a_sweep_trial_gets_only_the_knobs_its_strategy_reads():

@@ -17,7 +17,7 @@ import yaml
 from raydist.config.values import coerce, is_import_path, lookup
 from raydist.registry import ConfigError, closest
 
-RAY = ("ddp", "ps", "pipeline", "fsdp")
+RAY = ("ddp", "ps", "pipeline", "fsdp", "tp")
 """The strategies that run on Ray (all but local)."""
 DEFAULT_BATCH = 64
 """The global batch of a spec that gives neither batch_size nor batch_per_worker."""
@@ -114,11 +114,12 @@ class RunSpec:
                                         "(ddp, ps) or x 1 (local; pipeline, whose stages split the "
                                         "model, not the batch)", check=at_least(1),
                                         expected="an integer >= 1")
-    workers: int | list[int] = knob(1, "data-parallel replicas (ddp, ps, fsdp); ddp also takes a "
+    workers: int | list[int] = knob(1, "data-parallel replicas (ddp, ps, fsdp); tp: all its "
+                                    "workers, tp_size x the data-parallel groups; ddp also takes a "
                                     "range MIN-MAX ([min, max] in YAML): elastic, grows when nodes "
                                     "join", check=worker_count,
                                     expected="an integer >= 1, or [min, max] with 1 <= min <= max",
-                                    strategies=("ddp", "ps", "fsdp"), resumable=("ddp", "fsdp"))
+                                    strategies=("ddp", "ps", "fsdp", "tp"), resumable=("ddp", "fsdp"))
     seed: int = knob(0, "seed of weights, data split and batch order", check=lambda x: 0 <= x <= SEED_MAX,
                      expected=f"an integer from 0 to {SEED_MAX}")
     model_args: dict[str, Any] = knob({}, "keyword arguments of your model factory, e.g. {width: 256} "
@@ -165,8 +166,8 @@ class RunSpec:
                                 "or mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns/); in a sweep, "
                                 "Tune's callbacks track each trial", registry="raydist.tracking:TRACKERS")
     # not resumable: a resumed run with other tracking would leave its epochs tracked in part
-    use_gpu: bool | None = knob(None, "ddp, fsdp, pipeline: train on GPUs (default: when the "
-                                "cluster has some now)", strategies=("ddp", "fsdp", "pipeline"),
+    use_gpu: bool | None = knob(None, "ddp, fsdp, pipeline, tp: train on GPUs (default: when "
+                                "the cluster has some now)", strategies=("ddp", "fsdp", "pipeline", "tp"),
                                 resumable=True)
     # --- ddp ---------------------------------------------------------------------------------
     grad_compression: str = knob("none", "ddp: gradient communication hook (none, fp16, bf16, "
@@ -195,6 +196,10 @@ class RunSpec:
     cpu_offload: bool = knob(False, "fsdp: keep the sharded parameters, gradients and optimizer "
                              "state in CPU memory between uses (for a GPU run; on CPU it changes "
                              "nothing)", strategies=("fsdp",), resumable=True)
+    # --- tp ----------------------------------------------------------------------------------
+    tp_size: int | None = knob(None, "tp: workers per group splitting the model's layers; workers / "
+                               "tp_size groups split each batch (default: workers, one group)",
+                               check=at_least(1), expected="an integer >= 1", strategies=("tp",))
     # --- parameter server --------------------------------------------------------------------
     mode: str = knob("sync", "ps: apply averaged gradients (sync) or each as it comes (async)",
                      choices=("sync", "async"), strategies=("ps",))
@@ -297,9 +302,17 @@ class RunSpec:
         return self.workers if isinstance(self.workers, int) else self.workers[1]
 
     @property
+    def tensor_parallel(self) -> int:
+        """Workers of one tensor-parallel group: `tp_size`, by default all `workers`."""
+        return self.tp_size if self.tp_size is not None else self.max_workers
+
+    @property
     def data_parallel(self) -> int:
         """Data-parallel replicas: `workers` where the strategy reads it (ddp, ps), a pipeline's
-        `replicas` (its stages split the model, not the batch), else 1 (local)."""
+        `replicas` (its stages split the model, not the batch), tp's groups (workers /
+        tp_size), else 1 (local)."""
+        if reads(self.strategy, "tp_size"):
+            return self.max_workers // self.tensor_parallel
         if reads(self.strategy, "workers"):
             return self.max_workers
         return self.replicas if reads(self.strategy, "replicas") else 1
@@ -381,6 +394,9 @@ COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
     ("grad_compression", lambda s: s.grad_compression == "powersgd" and s.max_workers == 1,
      lambda s: f"got 'powersgd' with workers {s.workers}; PowerSGD compresses the gradients "
                "workers exchange, so it needs workers >= 2"),
+    ("tp_size", lambda s: reads(s.strategy, "tp_size") and s.max_workers % s.tensor_parallel,
+     lambda s: f"got {s.tp_size} with workers {s.workers}; workers must divide by tp_size "
+               "(workers = tp_size x data-parallel groups)"),
     ("local_sgd_steps", lambda s: s.local_sgd_steps > 1 and s.grad_compression != "none",
      lambda s: f"got {s.local_sgd_steps} with grad_compression '{s.grad_compression}'; local SGD "
                "exchanges parameters every k steps, no gradients to compress: set one of the two"),

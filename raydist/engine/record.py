@@ -33,7 +33,7 @@ class EpochRecord(TypedDict, total=False):
     schedule starts from (engine/lr.py)."""
     world_size: int
     """processes that trained this epoch: ddp workers, ps replicas, pipeline stage actors
-    (replicas x stages)."""
+    (replicas x stages), tp workers (tp_size x data-parallel groups)."""
     comm_wait_s: float
     """seconds of the epoch a training process spent waiting for communication instead of
     computing, mean over the processes: ddp, all-reduce not hidden behind the backward pass
@@ -68,7 +68,7 @@ class EpochRecord(TypedDict, total=False):
     peak_gpu_bytes: int
     """a training process's peak GPU memory allocated by torch (GPU runs only): the most over them."""
     per_worker_memory: list
-    """ddp, fsdp: the four fields above for each worker, [{"worker": "rank 0", ...}, ...]."""
+    """ddp, fsdp, tp: the four fields above for each worker, [{"worker": "rank 0", ...}, ...]."""
 
 
 PER_STAGE = {

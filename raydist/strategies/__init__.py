@@ -32,7 +32,7 @@ from raydist.registry import Registry
 from raydist.tracking import open_run
 
 STRATEGIES: Registry[str] = Registry("strategy")
-for _name in ("local", "ddp", "ps", "pipeline", "fsdp"):
+for _name in ("local", "ddp", "ps", "pipeline", "fsdp", "tp"):
     STRATEGIES.register(_name)(f"raydist.strategies.{_name}")
 
 
