@@ -12,7 +12,7 @@ activations are kept. N workers, global batch B, b = ceil(B / N):
 
 - local     P + G + O + buffers;                              activations B
 - ddp       P + G + O (shard_optimizer, ZeRO-1: O / N);       activations b
-- fsdp      (P + G + O) / N + the largest block's P gathered; activations b
+- fsdp      (P + G + O) / N + the largest block's P gathered (its other (N-1)/N); activations b
 - tp        the sharded layers' P + G + O / N, the rest whole; activations B (every rank sees
             the whole batch). Sharded: the nn.Linear layers of every block between the first and
             the last (a transformer's attention and MLP pairs, as Megatron-LM splits them);
@@ -146,7 +146,8 @@ def ddp(s: Sizes, lay: Layout) -> list[Worker]:
 
 
 def fsdp(s: Sizes, lay: Layout) -> list[Worker]:
-    return [Worker("rank", held(s) / lay.n + max(s.params) + s.buffers,
+    gathered = max(s.params) * (lay.n - 1) / lay.n  # the rest of the largest block, while it computes
+    return [Worker("rank", held(s) / lay.n + gathered + s.buffers,
                    math.ceil(lay.batch / lay.n) * sum(s.out))]
 
 
