@@ -4,10 +4,10 @@ and what the pre-flight checks a run's `memory_per_worker` against (one function
 A worker's bytes are its model state (parameters P, gradients G = P, optimizer state O: the
 optimizer registry's bytes per parameter byte, raydist/optim, e.g. adam 2, momentum 1, sgd 0;
 buffers replicated everywhere) and the activations it keeps for the backward pass: a_j, the
-bytes per sample each block outputs, summed over the worker's blocks and times the samples it
-holds. a_j counts the blocks' outputs only, not what autograd saves inside a block (attention
-scores, the MLP's hidden layer), so it is a lower bound; measured peaks also hold the Python and
-torch runtime and the data set. raydist has no activation checkpointing: all a step's
+bytes per sample block j keeps (what autograd saves in its forward, counted on one sample: the
+attention scores and the MLP's hidden layer included), summed over the worker's blocks and times
+the samples it holds. Measured peaks also hold the Python and torch runtime, the data set and
+the step's transient buffers. raydist has no activation checkpointing: all of a step's
 activations are kept. N workers, global batch B, b = ceil(B / N):
 
 - local     P + G + O + buffers;                              activations B
@@ -50,7 +50,7 @@ class Sizes:
     state: list[float]
     """optimizer-state bytes of each block's parameters"""
     out: list[int]
-    """a_j: bytes per sample each block outputs"""
+    """a_j: bytes per sample each block keeps for the backward pass (what autograd saves)"""
     sharded: list[int]
     """bytes of each block's parameters tensor parallelism splits"""
     buffers: int = 0
@@ -121,13 +121,23 @@ def sizes_of(model: nn.Module, name: str, optimizer: str, x: torch.Tensor) -> Si
     return Sizes(params, state, block_out(seq, x), sharded, buffers, optimizer, tuple(tensors))
 
 
-@torch.no_grad()
 def block_out(seq: nn.Sequential, x: torch.Tensor) -> list[int]:
-    """Bytes per sample of each block's output, from one sample `x` (its batch of 1)."""
-    out = []
+    """Bytes per sample each block keeps for its backward pass: the tensors autograd saves in its
+    forward on one sample `x` (its batch of 1), each once, the parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in seq.parameters()}
+    out, x = [], x.clone()  # a sample of the data set shares its storage: its own
     for block in seq:
-        x = block(x)
-        out.append(x.numel() * x.element_size() // len(x))
+        saved: dict[tuple[int, int], int] = {}
+
+        def pack(t: torch.Tensor, saved: dict[tuple[int, int], int] = saved) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:  # a view of a tensor: counted once
+                saved[t.data_ptr(), t.numel()] = t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = block(x.detach().requires_grad_(x.is_floating_point()))
+        out.append(sum(saved.values()) // len(x))
+        x = y.detach()
     return out
 
 
