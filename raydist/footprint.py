@@ -36,8 +36,17 @@ import torch
 from torch import nn
 
 from raydist.config import ConfigError, RunSpec
+from raydist.config.values import lookup
 from raydist.memory import gib
 from raydist.optim import OPTIMIZERS
+
+# The strategies' own pure pieces (their cuts, schedules and server split), looked up by module
+# path as config looks up registries: the engine's pre-flight, below the strategies, uses this.
+CHUNKS = "raydist.strategies.pipeline.schedules:chunks_of"
+SCHEDULES = "raydist.strategies.pipeline.schedules:SCHEDULES"
+BLOCKS = "raydist.strategies.pipeline.cuts:blocks_of"
+CUTS = "raydist.strategies.pipeline.cuts:balanced_cuts"
+BALANCE = "raydist.strategies.ps.sharding:balance"
 
 
 @dataclass(frozen=True)
@@ -74,8 +83,7 @@ class Layout:
 
     @classmethod
     def of(cls, spec: RunSpec, n: int | None = None) -> Layout:
-        from raydist.strategies.pipeline.schedules import chunks_of
-
+        chunks_of = lookup(CHUNKS)
         count = spec.stages if spec.strategy == "pipeline" else spec.max_workers
         return cls(n or count, spec.global_batch, spec.microbatches, spec.schedule,
                    chunks_of(spec.schedule, spec.virtual_stages), spec.servers,
@@ -99,10 +107,8 @@ class Worker:
 def sizes_of(model: nn.Module, name: str, optimizer: str, x: torch.Tensor) -> Sizes:
     """The Sizes of `model` (named `name`, for its pipeline blocks) under `optimizer`, its
     outputs from one sample `x`; a model without blocks is one block."""
-    from raydist.strategies.pipeline.cuts import blocks_of
-
     try:
-        seq = blocks_of(model, name).seq
+        seq = lookup(BLOCKS)(model, name).seq
     except ConfigError:
         seq = nn.Sequential(model)
     entry, seen = OPTIMIZERS[optimizer], set()
@@ -170,12 +176,10 @@ def tp(s: Sizes, lay: Layout) -> list[Worker]:
 def ps(s: Sizes, lay: Layout) -> list[Worker]:
     """Servers own whole tensors, split as the strategy splits them (largest first onto the
     least-loaded server); without per-tensor sizes, evenly."""
-    from raydist.strategies.ps.sharding import balance
-
     replica = Worker("replica", 2 * sum(s.params) + s.buffers, math.ceil(lay.batch / lay.n) * sum(s.out))
     if not s.tensors:
         return [replica, Worker("server", (sum(s.params) + sum(s.state)) / lay.servers, 0.0)]
-    owned = balance([b for b, _ in s.tensors], lay.servers)
+    owned = lookup(BALANCE)([b for b, _ in s.tensors], lay.servers)
     return [replica, *(Worker(f"server {i}", sum(sum(s.tensors[t]) for t in idx), 0.0)
                        for i, idx in enumerate(owned))]
 
@@ -183,9 +187,7 @@ def ps(s: Sizes, lay: Layout) -> list[Worker]:
 def in_flight(schedule: str, stage: int, stages: int, m: int, chunks: int) -> int:
     """The most micro-batch chunks stage `stage` holds at once under `schedule`: forwards not yet
     through their backward (a split backward: their weight pass), counted along its ops."""
-    from raydist.strategies.pipeline.schedules import SCHEDULES
-
-    entry, most, now = SCHEDULES[schedule], 0, 0
+    entry, most, now = lookup(SCHEDULES)[schedule], 0, 0
     done = "W" if entry.split_backward else "B"
     for kind, _, _ in entry.ops(stage, stages, m, chunks):
         now += (kind == "F") - (kind == done)
@@ -194,12 +196,10 @@ def in_flight(schedule: str, stage: int, stages: int, m: int, chunks: int) -> in
 
 
 def pipeline(s: Sizes, lay: Layout) -> list[Worker]:
-    from raydist.strategies.pipeline.cuts import balanced_cuts
-
     pieces = lay.n * lay.chunks
     if pieces > len(s.params):
         return []
-    cuts = list(lay.cuts) if lay.cuts else balanced_cuts(s.params, pieces)
+    cuts = list(lay.cuts) if lay.cuts else lookup(CUTS)(s.params, pieces)
     bounds = [0, *cuts, len(s.params)]
     m = min(lay.microbatches, lay.batch)
     micro = math.ceil(lay.batch / m)

@@ -19,10 +19,11 @@ import torch
 import yaml
 from torch import nn
 
+from raydist import footprint
 from raydist.config import ConfigError, RunSpec
 from raydist.config.resume import pinned, resumable
 from raydist.config.run import KNOBS, default_of
-from raydist.config.values import parse_size
+from raydist.config.values import lookup, parse_size
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
 from raydist.models import build_model
@@ -89,11 +90,9 @@ def check_memory(spec: RunSpec, model: nn.Module, data: Dataset) -> None:
     state than that (raydist/footprint.py, as `raydist plan` predicts it) is refused."""
     if spec.memory_per_worker is None:
         return
-    from raydist import footprint  # its pipeline cuts import the strategies, which import the engine
-    from raydist.strategies import STRATEGIES
-
     sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])
-    line = footprint.refusal(spec, sizes, parse_size(spec.memory_per_worker), list(STRATEGIES))
+    registered = list(lookup("raydist.strategies:STRATEGIES"))  # the layer above, by name
+    line = footprint.refusal(spec, sizes, parse_size(spec.memory_per_worker), registered)
     if line:
         raise ConfigError(f"memory_per_worker: {line}")
 
