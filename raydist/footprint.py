@@ -97,7 +97,7 @@ class Worker:
     state: float
     """bytes of model state: parameters, gradients, optimizer state, buffers"""
     activations: float
-    """bytes of activations kept for the backward pass (a lower bound: see the module)"""
+    """bytes of activations kept for the backward pass (see the module)"""
 
     @property
     def total(self) -> float:
@@ -106,23 +106,26 @@ class Worker:
 
 def sizes_of(model: nn.Module, name: str, optimizer: str, x: torch.Tensor) -> Sizes:
     """The Sizes of `model` (named `name`, for its pipeline blocks) under `optimizer`, its
-    outputs from one sample `x`; a model without blocks is one block."""
+    activations from one sample `x`; a model without blocks is one block."""
     try:
-        seq = lookup(BLOCKS)(model, name).seq
+        blocks = lookup(BLOCKS)(model, name)
+        seq, key = blocks.seq, blocks.model_key
     except ConfigError:
-        seq = nn.Sequential(model)
+        seq, key = nn.Sequential(model), lambda k: k.partition(".")[2]
     entry, seen = OPTIMIZERS[optimizer], set()
     params, state, sharded, tensors = [], [], [], []
-    for j, block in enumerate(seq):
-        mine = [(n, p) for n, p in block.named_parameters() if id(p) not in seen]
-        seen.update(id(p) for _, p in mine)
+    for j, (child, block) in enumerate(seq.named_children()):
+        # named as in the model (muon tells its hidden matrices by name), each tensor once
+        mine = [(key(f"{child}.{n}"), p) for n, p in block.named_parameters() if id(p) not in seen]
+        ids = {id(p) for _, p in mine}
+        seen |= ids
         tensors += [(p.numel() * p.element_size(), entry.state_bytes(n, p)) for n, p in mine]
-        params.append(sum(p.numel() * p.element_size() for _, p in mine))
-        state.append(sum(entry.state_bytes(n, p) for n, p in mine))
+        params.append(sum(b for b, _ in tensors[len(tensors) - len(mine):]))
+        state.append(sum(o for _, o in tensors[len(tensors) - len(mine):]))
         inner = 0 < j < len(seq) - 1
         sharded.append(sum(p.numel() * p.element_size() for m in block.modules()
                            if inner and isinstance(m, nn.Linear) for p in m.parameters(recurse=False)
-                           if id(p) in {id(q) for _, q in mine}))
+                           if id(p) in ids))
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     return Sizes(params, state, block_out(seq, x), sharded, buffers, optimizer, tuple(tensors))
 

@@ -70,6 +70,10 @@ def test_each_optimizer_s_registered_state_is_what_it_keeps(name: str):
     predicted = sum(OPTIMIZERS[name].state_bytes(n, p) for n, p in model.named_parameters())
     scalars_per_tensor = 8 * len(list(model.parameters()))  # step counts: left out of the factor
     assert predicted <= kept <= predicted + scalars_per_tensor, name
+    # the plan's sizes name each block's tensors as the model does (muon splits by name)
+    sizes = footprint.sizes_of(model, "gpt", name, data.x_train[:1])
+    assert sum(sizes.state) == pytest.approx(predicted) and sum(sizes.params) == 4 * sum(
+        p.numel() for p in model.parameters())
 
 
 def test_the_per_worker_list_goes_to_memory_csv_not_to_metrics_csv(tmp_path):
