@@ -133,7 +133,7 @@ class Replica:
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         denom = engine.denominator(len(batch))  # the servers SUM the replicas' gradients
         loss = engine.backward(self.model, x, y, self.data.task, denom) if len(idx) else 0.0
-        if self.held is None:  # weights + gradients, as at every step (an empty shard has none)
+        if self.held is None and len(idx):  # weights + gradients, as every non-empty shard holds
             self.held = memory.state_bytes(self.model)
         grads = [self.codec.encode(torch.cat([p.grad.reshape(-1) if p.grad is not None
                                               else torch.zeros(p.numel()) for p in params]))
