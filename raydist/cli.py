@@ -211,7 +211,7 @@ COMMANDS: dict[str, Command] = {
     "sweep": (add_sweep_flags, cmd_sweep, "run a Ray Tune sweep over RunSpec fields"),
     "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results, and report.html"),
     "cluster": (add_cluster_flags, cmd_cluster, "check a cluster-launcher YAML (`ray up FILE`)"),
-    "plan": (add_plan_flags, cmd_plan, "predict step time and speedup per strategy at scale"),
+    "plan": (add_plan_flags, cmd_plan, "predict step time, speedup and memory per strategy at scale"),
 }
 
 
