@@ -14,6 +14,7 @@ import yaml
 from raydist import interrupts
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
 from raydist.config.run import MAPPINGS
+from raydist.config.values import parse_size
 from raydist.registry import unknown
 
 
@@ -174,21 +175,31 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    "operations are counted instead of timed (default: calibrate on this machine)")
     p.add_argument("--workers-per-node", type=int, help="workers (stages) that share one node; "
                    "calibration runs up to this many at once (default: CPUs // threads per worker)")
+    # --memory-per-worker is the spec's: here it marks the configurations that do not fit
+    p.add_argument("--recommend", action="store_true", help="name the fastest configuration "
+                   "(strategy, N) that fits --memory-per-worker")
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from raydist import calibration, plan
-    from raydist.engine import check_out
+    from raydist import calibration, footprint, plan
+    from raydist.engine import check_out, setup
 
     spec = spec_from_args(args)
     counts = plan.parse_counts(args.counts)
     net = plan.Network(plan.parse_bandwidth(args.bandwidth), plan.parse_duration(args.latency))
     rate = plan.parse_rate(args.flops) if args.flops else None
+    budget = parse_size(spec.memory_per_worker) if spec.memory_per_worker else None
     check_out(spec.out)  # before the calibration's seconds of work
+    data, model, _ = setup(spec)
+    sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])
     costs = (calibration.from_flops(spec, rate, args.workers_per_node) if rate
              else calibration.calibrate(spec, counts, args.workers_per_node))
-    rows = plan.predict(costs, net, spec.global_batch, counts, spec.microbatches)
+    rows = plan.predict(costs, net, spec.global_batch, counts, spec.microbatches,
+                        memory=(sizes, footprint.Layout.of(spec)))
+    rows = plan.mark(rows, budget) if budget is not None else rows
     print(plan.table(rows))
+    if args.recommend:
+        print(plan.recommendation(plan.recommend(rows), budget))
     plan.write(rows, Path(spec.out))
     print(f"wrote {spec.out}/plan.csv, plan.png")
 
@@ -200,7 +211,7 @@ COMMANDS: dict[str, Command] = {
     "sweep": (add_sweep_flags, cmd_sweep, "run a Ray Tune sweep over RunSpec fields"),
     "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results, and report.html"),
     "cluster": (add_cluster_flags, cmd_cluster, "check a cluster-launcher YAML (`ray up FILE`)"),
-    "plan": (add_plan_flags, cmd_plan, "predict step time and speedup per strategy at scale"),
+    "plan": (add_plan_flags, cmd_plan, "predict step time, speedup and memory per strategy at scale"),
 }
 
 

@@ -92,3 +92,21 @@ def worst(per_worker: list[dict[str, int]]) -> dict[str, int]:
     """The record's fields: each the maximum over the workers that reported it."""
     keys = {k for m in per_worker for k in m}
     return {k: max(m[k] for m in per_worker if k in m) for k in sorted(keys)}
+
+
+PER_WORKER = "per_worker_memory"
+"""The record's key for each worker's own fields (engine/record.py): outputs.py writes them to
+memory.csv beside metrics.csv, and strips them from every flat table and report."""
+def record_fields(named: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """What a strategy puts in its epoch's measurements, given each worker's `measure` by name
+    ('rank 0', 'replica 1', 'server 0', 'stage 1'): the maxima, and the per-worker list."""
+    return {**worst(list(named.values())),
+            PER_WORKER: [{"worker": name, **m} for name, m in named.items()]}
+
+
+def gib(nbytes: float) -> str:
+    """Bytes as the messages and tables write them: '3.1 GiB', '512.0 MiB'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes:.0f} B"

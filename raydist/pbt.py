@@ -40,6 +40,7 @@ from raydist.engine import (
     save_metrics,
     save_outputs,
 )
+from raydist.engine.record import scalars
 
 STATE, EPOCHS, EXPLOITS = "state.pt", "epochs.csv", "exploits.csv"
 
@@ -99,6 +100,7 @@ class Cloned:
         return [{k: v for k, v in row.items() if k not in LINEAGE} for row in self.rows]
 
     def report(self, rec: Record) -> None:
+        rec = scalars(rec)  # the workers' own memory stays out of Tune and epochs.csv
         self.rows.append({**rec, "trained_by": self.me,
                           **{name: getattr(self.spec, name) for name in PERTURBABLE}})
         pd.DataFrame(self.rows).to_csv(self.out / EPOCHS, index=False)

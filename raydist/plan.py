@@ -20,6 +20,15 @@ What a prediction is made from (`Costs`), each measured apart from the runs it p
 Step time for a global batch of B samples, b = ceil(B / N) samples per worker:
 
 - ddp       compute(b) s(N) + 2 (N-1)/N S / bw + 2 (N-1) latency            (ring all-reduce)
+- fsdp      compute(b) s(N) + 3 (N-1)/N S / bw + 3 (N-1) latency x blocks
+            every block's parameters all-gathered for the forward and again for the backward,
+            its gradients reduce-scattered: 3 (N-1)/N S on the wire per worker, per step
+- tp        compute(B) s(N) (h / N + 1 - h) + 4 ring all-reduces of B a_j per block j between
+            the first and the last (Megatron-LM: two in the forward, two in the backward of a
+            transformer block's attention and MLP pairs), each 2 (N-1)/N B a_j / bw
+            + 2 (N-1) latency. h = the sum of those blocks' share_j: assumed split evenly over
+            the N ranks, the first and last block (embedding, head) computed whole by each;
+            every rank sees the whole batch
 - ps sync   (compute(b) - opt) s(N) + opt / P + 2 latency + (N + nodes) S / (P bw)
             the replicas compute gradients only, the P servers sum them and step; the servers'
             link carries N gradients in and one copy of the weights out per node (replicas on
@@ -36,11 +45,18 @@ Step time for a global batch of B samples, b = ceil(B / N) samples per worker:
             the sender posted it, and the sender is then mid-compute (so the p2p transport is
             measured in a pipeline's flow, see bench/plan_check.py); every stage steps at the
             flush. Nan for K > blocks.
+
+Bytes per worker (raydist/footprint.py, the same function the pre-flight's memory_per_worker
+refusal uses): model state (parameters, gradients, optimizer state by the optimizer registry's
+factor) and the activations kept for the backward pass, of the worst worker of each row.
+`--memory-per-worker` marks each row that does not fit (model state + activations > budget);
+`--recommend` names the row with the least step time among those that fit.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 import re
@@ -48,8 +64,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from raydist import footprint
 from raydist.calibration import Costs
 from raydist.config import ConfigError
+from raydist.memory import gib
 from raydist.strategies.pipeline.cuts import balanced_cuts
 
 UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
@@ -123,6 +141,24 @@ def ddp_step(c: Costs, net: Network, batch: int, n: int) -> float:
     return compute(c, math.ceil(batch / n)) * slowdown(c, n) + ring
 
 
+def fsdp_step(c: Costs, net: Network, batch: int, n: int) -> float:
+    gather = 3 * (n - 1) / n * c.grad_bytes / net.bandwidth + 3 * (n - 1) * net.latency * len(c.block_params)
+    return compute(c, math.ceil(batch / n)) * slowdown(c, n) + gather
+
+
+def ring(net: Network, nbytes: float, n: int) -> float:
+    """One ring all-reduce of `nbytes` over n workers."""
+    return 2 * (n - 1) / n * nbytes / net.bandwidth + 2 * (n - 1) * net.latency
+
+
+def tp_step(c: Costs, net: Network, batch: int, n: int) -> float:
+    """The blocks between the first and the last are split N ways, the first and last (the
+    embedding, the head) computed whole on every rank."""
+    split = sum(c.block_share[1:-1])
+    work = compute(c, batch) * slowdown(c, n) * (split / n + 1 - split)
+    return work + sum(4 * ring(net, batch * a, n) for a in c.block_out_bytes[1:-1])
+
+
 def ps_step(c: Costs, net: Network, batch: int, n: int, servers: int = 1) -> float:
     replica = (compute(c, math.ceil(batch / n)) - c.optimizer_s) * slowdown(c, n)
     nodes = math.ceil(n / c.workers_per_node)
@@ -163,23 +199,59 @@ def pipeline_step(c: Costs, net: Network, batch: int, k: int, m: int) -> float:
 
 STEPS: dict[str, Callable[[Costs, Network, int, int, int], float]] = {
     "ddp": lambda c, net, batch, n, m: ddp_step(c, net, batch, n),
+    "fsdp": lambda c, net, batch, n, m: fsdp_step(c, net, batch, n),
+    "tp": lambda c, net, batch, n, m: tp_step(c, net, batch, n),
     "ps": lambda c, net, batch, n, m: ps_step(c, net, batch, n),
     "pipeline": lambda c, net, batch, n, m: pipeline_step(c, net, batch, n, m),
 }
 """Step time of (costs, network, global batch, N workers or stages, micro-batches) per strategy."""
 
 
-def predict(c: Costs, net: Network, batch: int, counts: list[int], microbatches: int = 8
-            ) -> list[dict[str, float]]:
-    """One row per (strategy, N): step time, speedup over N = 1, efficiency."""
+def predict(c: Costs, net: Network, batch: int, counts: list[int], microbatches: int = 8,
+            memory: tuple[footprint.Sizes, footprint.Layout] | None = None) -> list[dict[str, float]]:
+    """One row per (strategy, N): step time, speedup over N = 1, efficiency; with `memory` (the
+    model's sizes and the run's layout), the worst worker's predicted bytes."""
     rows = []
     for strategy, f in STEPS.items():
         base = f(c, net, batch, 1, microbatches)
         for n in counts:
             t = f(c, net, batch, n, microbatches)
-            rows.append({"strategy": strategy, "workers": n, "step_s": t, "speedup": base / t,
-                         "efficiency": base / t / n})
+            row = {"strategy": strategy, "workers": n, "step_s": t, "speedup": base / t,
+                   "efficiency": base / t / n}
+            rows.append({**row, **(bytes_of(strategy, n, batch, *memory) if memory else {})})
     return rows
+
+
+def bytes_of(strategy: str, n: int, batch: int, sizes: footprint.Sizes,
+             layout: footprint.Layout) -> dict[str, float]:
+    """The most model state any worker holds, and the most bytes (state + activations) with
+    that worker's activations (nan where N cannot run)."""
+    workers = footprint.FOOTPRINTS[strategy](sizes, dataclasses.replace(layout, n=n, batch=batch))
+    if not workers:
+        return {"state_bytes": math.nan, "activation_bytes": math.nan, "bytes_per_worker": math.nan}
+    most = max(workers, key=lambda w: w.total)
+    return {"state_bytes": max(w.state for w in workers), "activation_bytes": most.activations,
+            "bytes_per_worker": most.total}
+
+
+def mark(rows: list[dict[str, float]], budget: float) -> list[dict[str, float]]:
+    """Each row with `fits`: its worst worker's bytes within `budget`."""
+    return [{**r, "fits": bool(r["bytes_per_worker"] <= budget)} for r in rows]
+
+
+def recommend(rows: list[dict[str, float]]) -> dict[str, float] | None:
+    """The row with the least step time among those that fit (None: none does)."""
+    fitting = [r for r in rows if r.get("fits", True) and math.isfinite(r["step_s"])]
+    return min(fitting, key=lambda r: (r["step_s"], r["workers"]), default=None)
+
+
+def recommendation(best: dict[str, float] | None, budget: float | None) -> str:
+    within = f" (budget {gib(budget)})" if budget is not None else ""
+    if best is None:
+        return f"recommend: nothing fits{within}; more workers or stages, or a smaller model"
+    return (f"recommend: {best['strategy']} on {best['workers']} "
+            f"{'stages' if best['strategy'] == 'pipeline' else 'workers'}: "
+            f"{best['step_s'] * 1e3:.2f} ms per step, {gib(best['bytes_per_worker'])} per worker{within}")
 
 
 def parse_counts(text: str) -> list[int]:
@@ -193,9 +265,19 @@ def parse_counts(text: str) -> list[int]:
 
 
 def table(rows: list[dict[str, float]]) -> str:
-    lines = [f"{'strategy':<9} {'N':>5} {'step ms':>9} {'speedup':>8} {'efficiency':>10}"]
-    lines += [f"{r['strategy']:<9} {r['workers']:>5} {r['step_s'] * 1e3:>9.2f} {r['speedup']:>8.2f} "
-              f"{r['efficiency']:>10.2f}" for r in rows]
+    """The rows as text; with bytes, a column of them (and whether each fits the budget)."""
+    mem = "bytes_per_worker" in (rows[0] if rows else {})
+    fits = "fits" in (rows[0] if rows else {})
+    lines = [f"{'strategy':<9} {'N':>5} {'step ms':>9} {'speedup':>8} {'efficiency':>10}"
+             + (f" {'per worker':>11}" if mem else "") + (f" {'fits':>4}" if fits else "")]
+    for r in rows:
+        line = (f"{r['strategy']:<9} {r['workers']:>5} {r['step_s'] * 1e3:>9.2f} {r['speedup']:>8.2f} "
+                f"{r['efficiency']:>10.2f}")
+        if mem:
+            line += f" {gib(r['bytes_per_worker']) if math.isfinite(r['bytes_per_worker']) else '-':>11}"
+        if fits:
+            line += f" {'yes' if r['fits'] else 'no':>4}"
+        lines.append(line)
     return "\n".join(lines)
 
 

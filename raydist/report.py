@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from raydist import profiles, report_html, timeline, tracking  # noqa: E402
+from raydist import memory_section, profiles, report_html, timeline, tracking  # noqa: E402
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
 from raydist.tables import fmt, fmt_time, fmt_value, markdown, save  # noqa: E402
 
@@ -260,6 +260,7 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     lines += machine_section(root)
     lines += speedup_section(trials, scale, root, predictions)
     lines += optimizer_sections(results, trials, metric, mode, target, root)
+    lines += memory_section.section(results, trials, root)  # trials that recorded memory only
     lines += profiles.section(results, trials, mode, target, root)  # several workloads only
     lines += timeline.section(root)
     path = root / "report.md"

@@ -32,6 +32,7 @@ from ray import tune
 from raydist import cluster, interrupts, pbt, search, strategies, tracking
 from raydist.config import ConfigError, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record, check_out
+from raydist.engine.record import scalars
 from raydist.progress import SweepLine
 
 # A trial that ends before its first epoch (a refused setting) reports no metric: without this,
@@ -195,9 +196,9 @@ def reporter(out: Path) -> Callable[[Record], None]:
     history: list[Record] = []
 
     def report(rec: Record) -> None:
-        history.append(rec)
+        history.append(scalars(rec))  # the workers' own memory goes to the trial's memory.csv
         pd.DataFrame(history).to_csv(out / EPOCHS, index=False)
-        tune.report(dict(rec))
+        tune.report(scalars(rec))
 
     return report
 

@@ -10,17 +10,23 @@ import pytest
 
 from raydist.calibration import Costs, calibrate, from_flops
 from raydist.config import ConfigError, RunSpec
+from raydist.footprint import Layout, Sizes
 from raydist.plan import (
     Network,
     compute,
     ddp_step,
+    fsdp_step,
+    mark,
     parse_bandwidth,
     parse_duration,
     parse_rate,
     pipeline_step,
     predict,
     ps_step,
+    recommend,
+    recommendation,
     slowdown,
+    tp_step,
 )
 
 pytestmark = pytest.mark.unit
@@ -99,9 +105,65 @@ def test_pipeline_fill_drain_slowest_stage_and_its_messages_flush():
     assert math.isnan(pipeline_step(COSTS, NET, 256, 4, 4))  # 3 blocks cannot make 4 stages
 
 
+def test_fsdp_gathers_and_scatters_the_parameters_tp_splits_the_middle_blocks():
+    # compute(128) * 1.5 + 3 (N-1)/N S / B + 3 (N-1) alpha per block (3 blocks)
+    assert fsdp_step(COSTS, NET, 256, 2) == pytest.approx(0.045 + 0.012 + 9e-5)
+    assert fsdp_step(COSTS, NET, 256, 1) == pytest.approx(0.05)
+    # compute(256) * 1.5 * (0.3 / 4 + 0.7), and 4 all-reduces of 256 x 500 bytes (block 1's output)
+    ring = 2 * 3 / 4 * 256 * 500 / 1e9 + 6e-5
+    assert tp_step(COSTS, NET, 256, 4) == pytest.approx(0.075 * 0.775 + 4 * ring)
+    assert tp_step(COSTS, NET, 256, 1) == pytest.approx(0.05)
+
+
+# COSTS' model in bytes: blocks of 4, 2 and 2 MB of parameters (S = 8 MB), under Adam (2x);
+# outputs 1000, 500 and 4 bytes per sample; block 1 is split by tensor parallelism
+PLANNED = Sizes(params=[4e6, 2e6, 2e6], state=[8e6, 4e6, 4e6], out=[1000, 500, 4],
+                sharded=[0, 2e6, 0], tensors=((4e6, 8e6), (2e6, 4e6), (2e6, 4e6)))
+STEP_4 = {"ddp": 0.03 + 2 * 3 / 4 * 0.008 + 6e-5,  # test_ddp_ring_allreduce_on_slowed_workers
+          "fsdp": 0.03 + 3 * 3 / 4 * 0.008 + 3 * 3 * 1e-5 * 3}  # + 3 gathers: 3 (N-1) alpha x 3 blocks
+
+
+def planned(budget: float) -> list[dict]:
+    rows = predict(COSTS, NET, 256, [1, 2, 4], 4, memory=(PLANNED, Layout(n=1, batch=256, microbatches=4)))
+    return mark(rows, budget)
+
+
+def test_recommend_ddp_when_it_fits_and_wins():
+    """40 MB per worker: ddp holds P + G + O = 32 MB and 64 samples x 1504 bytes of activations
+    at N = 4, and its 42 ms step beats fsdp's 48 ms (its gathers cost 3/2 of ddp's ring)."""
+    rows = planned(40e6)
+    ddp4 = next(r for r in rows if (r["strategy"], r["workers"]) == ("ddp", 4))
+    assert ddp4["state_bytes"] == 32e6 and ddp4["activation_bytes"] == 64 * 1504 and ddp4["fits"]
+    best = recommend(rows)
+    assert (best["strategy"], best["workers"]) == ("ddp", 4)
+    assert best["step_s"] == pytest.approx(STEP_4["ddp"])
+    assert recommendation(best, 40e6) == ("recommend: ddp on 4 workers: 42.06 ms per step, 30.6 MiB "
+                                          "per worker (budget 38.1 MiB)")
+
+
+def test_recommend_fsdp_when_only_fsdp_and_pipeline_fit():
+    """20 MB per worker: ddp (32 MB), tp (24 MB replicated + 8/N MB split), ps (a server holds
+    P + O = 24 MB) never fit; fsdp at N = 4 holds 32/4 + 3/4 x 4 MB gathered = 11 MB, at N = 2
+    18 MB; a pipeline stage of 2 holds at most block 0's 16 MB and its activations (GPipe:
+    4 micro-batches x 64 samples x 1000 bytes). fsdp on 4 is the fastest of those."""
+    rows = planned(20e6)
+    fit = {(r["strategy"], r["workers"]) for r in rows if r["fits"]}
+    assert fit == {("fsdp", 2), ("fsdp", 4), ("pipeline", 2)}  # 3 blocks make no 4 stages
+    fsdp4 = next(r for r in rows if (r["strategy"], r["workers"]) == ("fsdp", 4))
+    assert fsdp4["state_bytes"] == pytest.approx(11e6)
+    stage = next(r for r in rows if (r["strategy"], r["workers"]) == ("pipeline", 2))
+    assert (stage["state_bytes"], stage["activation_bytes"]) == (16e6, 4 * 64 * 1000)
+    best = recommend(rows)
+    assert (best["strategy"], best["workers"]) == ("fsdp", 4)
+    assert best["step_s"] == pytest.approx(STEP_4["fsdp"])
+    assert recommend(planned(5e6)) is None
+    assert recommendation(None, 5e6) == ("recommend: nothing fits (budget 4.8 MiB); more workers or "
+                                         "stages, or a smaller model")
+
+
 def test_predict_speedup_and_efficiency():
     rows = predict(COSTS, NET, 256, [1, 2, 4])
-    assert {r["strategy"] for r in rows} == {"ddp", "ps", "pipeline"}
+    assert {r["strategy"] for r in rows} == {"ddp", "fsdp", "tp", "ps", "pipeline"}
     one = [r for r in rows if r["workers"] == 1]
     assert all(r["speedup"] == 1.0 and r["efficiency"] == 1.0 for r in one)
     ddp4 = next(r for r in rows if r["strategy"] == "ddp" and r["workers"] == 4)
@@ -142,14 +204,29 @@ def test_given_flops_count_the_step_instead_of_timing_it():
         from_flops(spec, 1e6, workers_per_node=0)
 
 
+STRATEGIES = ("ddp", "fsdp", "tp", "ps", "pipeline")
+
+
 def test_plan_command_takes_worker_counts_and_a_given_rate(tmp_path, capsys):
     from raydist.cli import main
 
     out = tmp_path / "plan"
     assert main(["plan", "--hidden", "32", "--batch-size", "64", "--workers", "1,2,4",
                  "--flops", "1GFLOP/s", "--out", str(out)]) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:10]]
-    assert [r[:2] for r in rows] == [[s, n] for s in ("ddp", "ps", "pipeline") for n in ("1", "2", "4")]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:16]]
+    assert [r[:2] for r in rows] == [[s, n] for s in STRATEGIES for n in ("1", "2", "4")]
+    # mlp 64 -> 32 -> 10 under Adam: 2,410 parameters, 4 x 9,640 bytes = 37.7 KiB for ddp
+    assert main(["plan", "--hidden", "32", "--batch-size", "64", "--workers", "1,2,4",
+                 "--flops", "1GFLOP/s", "--memory-per-worker", "30KiB", "--recommend",
+                 "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-3:] == ["per", "worker", "fits"]
+    table = {(r[0], int(r[1])): (float(r[2]), r[-1]) for r in (line.split() for line in lines[1:16])}
+    assert [table["ddp", n][1] for n in (1, 2, 4)] == ["no", "no", "no"]
+    # fsdp on 4: 37.7 / 4 KiB + 3/4 of block 0's 8,320 bytes gathered, and 16 samples' activations
+    assert table["fsdp", 4][1] == "yes"
+    fastest = min((t, key) for key, (t, fits) in table.items() if fits == "yes")[1]
+    assert lines[16].startswith(f"recommend: {fastest[0]} on {fastest[1]} ")
     assert main(["plan", "--flops", "fast", "--out", str(tmp_path / "p")]) == 2
     assert capsys.readouterr().err == "error: flops: got 'fast'; expected a rate like 2TFLOP/s or 2e12\n"
 
@@ -162,11 +239,10 @@ def test_plan_command_calibrates_prints_and_writes(tmp_path, capsys):
                  "--bandwidth", "1Gbit/s", "--latency", "50us", "--workers-per-node", "1",
                  "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["strategy", "N", "step", "ms", "speedup", "efficiency"]
-    assert [line.split()[:2] for line in lines[1:10]] == [
-        [s, n] for s in ("ddp", "ps", "pipeline") for n in ("1", "2", "8")]
+    assert lines[0].split() == ["strategy", "N", "step", "ms", "speedup", "efficiency", "per", "worker"]
+    assert [line.split()[:2] for line in lines[1:16]] == [[s, n] for s in STRATEGIES for n in ("1", "2", "8")]
     assert (out / "plan.png").stat().st_size > 0
-    assert len((out / "plan.csv").read_text().splitlines()) == 10
+    assert len((out / "plan.csv").read_text().splitlines()) == 16
 
 
 def test_plan_rejects_bad_counts(tmp_path, capsys):

@@ -172,3 +172,25 @@ def test_plan_predictions_beside_measured_speedups(tmp_path):
         report.write(folder, plan_dir)
     assert str(e.value) == (f"{plan_dir / 'plan.csv'}: not a raydist plan table "
                             "(needs columns strategy, workers, speedup)")
+
+
+def test_memory_per_worker_against_throughput_for_every_strategy(tmp_path):
+    """Each trial's most model state and peak RSS over its epochs (each the worst worker's),
+    beside its throughput; a sweep that recorded no memory has no such section."""
+    results = results_table({k: SCALING[k] for k in ("a", "c", "g")})
+    # MiB per epoch: local holds 8 MiB, ddp 1 8 MiB, ddp 4 the same model state, more RSS
+    results["model_state_bytes"] = [8 * 2**20] * 6 + [8 * 2**20, 9 * 2**20, 8 * 2**20]
+    results["peak_rss_bytes"] = [2**30] * 6 + [2**30, 3 * 2**30, 2 * 2**30]
+    folder = sweep_folder(tmp_path, results, "{target: 0.9}")
+    assert main(["report", str(folder)]) == 0
+    text = (folder / "report.md").read_text()
+    assert "## Memory per worker" in text
+    # trial | strategy | workers | samples/s (median of epochs 2, 3) | model state | peak RSS
+    assert {"| a | local | 1 | 210 | 8.0 MiB | 1.0 GiB |", "| c | ddp | 1 | 180 | 8.0 MiB | 1.0 GiB |",
+            "| g | ddp | 4 | 610 | 9.0 MiB | 3.0 GiB |"} <= set(text.splitlines())
+    assert (folder / "memory.png").read_bytes()[:8] == PNG and "](memory.png)" in text
+    (tmp_path / "plain").mkdir()
+    plain = sweep_folder(tmp_path / "plain", results_table(SCALING), "{target: 0.9}")
+    assert main(["report", str(plain)]) == 0
+    assert "## Memory per worker" not in (plain / "report.md").read_text()
+    assert not (plain / "memory.png").exists()

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from raydist.config.values import coerce, is_import_path, lookup
+from raydist.config.values import coerce, is_import_path, lookup, parse_size
 from raydist.registry import ConfigError, closest
 
 RAY = ("ddp", "ps", "pipeline", "fsdp", "tp")
@@ -165,6 +165,12 @@ class RunSpec:
     tracking: str | None = knob(None, "log every epoch to tensorboard (event files in OUT/tensorboard/) "
                                 "or mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns/); in a sweep, "
                                 "Tune's callbacks track each trial", registry="raydist.tracking:TRACKERS")
+    memory_per_worker: str | None = knob(None, "bytes of memory each worker may hold, e.g. 2GiB or "
+                                         "16GB: the pre-flight refuses a strategy whose predicted "
+                                         "model state per worker (parameters, gradients, optimizer "
+                                         "state: raydist/footprint.py) is larger", resumable=True,
+                                         check=lambda v: (parse_size(v) or 0) > 0,
+                                         expected="a size > 0 like 2GiB, 512MiB or 16GB")
     # not resumable: a resumed run with other tracking would leave its epochs tracked in part
     use_gpu: bool | None = knob(None, "ddp, fsdp, pipeline, tp: train on GPUs (default: when "
                                 "the cluster has some now)", strategies=("ddp", "fsdp", "pipeline", "tp"),

@@ -118,6 +118,20 @@ def as_mapping(v: Any) -> dict[str, Any]:
     return dict(v)
 
 
+SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*(?:([kKmMgGtT])(i?)[bB]?|[bB]?)\s*")
+SIZE_UNITS = {"k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str) -> float | None:
+    """'16GiB' (binary), '2GB' or '2G' (decimal), '512MiB', '1e9' (bytes) -> bytes; None if not a
+    size. The unit rules of `raydist plan`'s rates (plan.parse_bandwidth), with binary prefixes."""
+    m = SIZE.fullmatch(text) if isinstance(text, str) else None
+    if not m:
+        return None
+    power = SIZE_UNITS[m.group(2).lower()] if m.group(2) else 0
+    return float(m.group(1)) * (1024 if m.group(3) else 1000) ** power
+
+
 IMPORT_PATH = re.compile(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*")
 """module.path:attribute, e.g. mypkg.nets:make_model"""
 

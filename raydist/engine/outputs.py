@@ -1,5 +1,5 @@
 """What every run leaves in its output folder: spec.yaml (written when the run starts),
-metrics.csv, model.pt and machine.yaml (when it ends): the same files for every strategy. Each is
+metrics.csv, memory.csv, model.pt and machine.yaml (when it ends): the same files for every strategy. Each is
 written beside its name and renamed over it (checkpoint.replacing): a kill mid-write leaves the
 file of the run before whole, and a resume can still read it."""
 
@@ -17,7 +17,9 @@ from raydist.checkpoint import replacing, save
 from raydist.config import RunSpec
 from raydist.engine.loop import RunResult
 from raydist.engine.preflight import SPEC_FILE
-from raydist.engine.record import Record
+from raydist.engine.record import Record, scalars, worker_rows
+
+MEMORY_FILE = "memory.csv"
 
 
 def claim(spec: RunSpec) -> Path:
@@ -31,8 +33,14 @@ def claim(spec: RunSpec) -> Path:
 
 
 def save_metrics(out: Path, records: list[Record]) -> None:
+    """metrics.csv, one row per epoch; memory.csv beside it, one row per epoch per worker,
+    when the records carry the workers' own memory (engine/record.py, per_worker_memory)."""
     with replacing(out / "metrics.csv") as tmp:
-        pd.DataFrame(records).to_csv(tmp, index=False)
+        pd.DataFrame([scalars(r) for r in records]).to_csv(tmp, index=False)
+    rows = worker_rows(records)
+    if rows:
+        with replacing(out / MEMORY_FILE) as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def save_outputs(out: Path, spec: RunSpec, result: RunResult) -> None:

@@ -1,6 +1,7 @@
 """The one pre-flight, before any training starts or any folder is made, in this order: the
 spec (validated when it was built), the data and the model, what the strategy needs (knobs it
-does not read are refused by name), the output folder, whether a run already in that folder
+does not read are refused by name), the memory each worker would hold under memory_per_worker,
+the output folder, whether a run already in that folder
 may be resumed by this spec (and its checkpoints hold plain data only), and last the cluster's
 capacity: asking a cluster costs a Ray start (seconds on a laptop), so every check that needs
 none comes first. Every failure is a ConfigError: one line naming the field or file."""
@@ -18,9 +19,11 @@ import torch
 import yaml
 from torch import nn
 
+from raydist import footprint
 from raydist.config import ConfigError, RunSpec
 from raydist.config.resume import pinned, resumable
 from raydist.config.run import KNOBS, default_of
+from raydist.config.values import lookup, parse_size
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
 from raydist.models import build_model
@@ -40,6 +43,7 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     spec.refuse_unread()
     check_stream(spec, data, strategy)
     strategy.check(spec, data)
+    check_memory(spec, model, data)
     check_out(spec.out)
     if strategy.RESUMES:
         check_resumable(spec, Path(spec.out) / SPEC_FILE)
@@ -79,6 +83,18 @@ def check_stream(spec: RunSpec, data: Dataset, strategy: ModuleType) -> None:
     if OPTIMIZERS[spec.optimizer].full_batch:
         raise ConfigError(f"optimizer: {spec.optimizer} takes the whole training set as one batch, "
                           f"which a streamed data set ({spec.data}) never holds; use sgd or another")
+
+
+def check_memory(spec: RunSpec, model: nn.Module, data: Dataset) -> None:
+    """Under `memory_per_worker`, a strategy whose worst worker is predicted to hold more model
+    state than that (raydist/footprint.py, as `raydist plan` predicts it) is refused."""
+    if spec.memory_per_worker is None:
+        return
+    sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])
+    registered = list(lookup("raydist.strategies:STRATEGIES"))  # the layer above, by name
+    line = footprint.refusal(spec, sizes, parse_size(spec.memory_per_worker), registered)
+    if line:
+        raise ConfigError(f"memory_per_worker: {line}")
 
 
 def check_out(out: str) -> None:

@@ -49,6 +49,23 @@ class EpochRecord(TypedDict, total=False):
     """ps: a replica's busy seconds in the epoch (mean over replicas)."""
     discarded: int
     """ps: gradients computed but dropped as too stale (async; their shards were recomputed; sync: 0)."""
+    model_state_bytes: int
+    """bytes of model state a worker holds (parameters, buffers, gradients, optimizer state),
+    counted from the tensors' storages, each once (raydist/memory.py): a shard counts as a shard.
+    The maximum over the workers: ddp, fsdp and tp ranks, ps replicas and servers, pipeline stage
+    actors, local's one process. Every strategy reports it, and the next three."""
+    optimizer_state_bytes: int
+    """the optimizer's share of model_state_bytes (ZeRO-1: the worker's share; the maximum over
+    the workers)."""
+    peak_rss_bytes: int
+    """peak resident memory of a worker's process since it started (ru_maxrss), the maximum over
+    the workers: it holds the runtime and the data too."""
+    peak_gpu_bytes: int
+    """on GPUs: torch.cuda.max_memory_allocated of a worker, the maximum over the workers."""
+    per_worker_memory: list[dict[str, Any]]
+    """each worker's own four fields above, with its name ('rank 0', 'replica 1', 'server 0',
+    'stage 1'): written to memory.csv beside metrics.csv (columns epoch, worker, the fields),
+    never to a flat table (metrics.csv, epochs.csv, results.csv) or to Tune (`scalars`)."""
     bubble_fraction: float
     """pipeline: share of the stage actors' epoch time not spent computing."""
     bubble_bound: float
@@ -56,19 +73,6 @@ class EpochRecord(TypedDict, total=False):
     free communication: the bubble is (K-1)/(V*M) of the compute time (V chunks per actor: 1 but
     interleaved-1f1b), so (K-1)/(V*M+K-1); GPipe's and 1F1B's (K-1)/(M+K-1); ZB-H1's, with F, B
     and W of equal time, (K-1)/(3M+K-1)."""
-    model_state_bytes: int
-    """bytes of parameters, buffers, gradients and optimizer state one training process holds
-    after the epoch, each storage once, a shard by its local part (raydist.memory): the most
-    over the processes."""
-    optimizer_state_bytes: int
-    """the optimizer state's part of model_state_bytes (ZeRO-1: the worker's share): the most
-    over the processes."""
-    peak_rss_bytes: int
-    """a training process's peak resident memory since it started: the most over the processes."""
-    peak_gpu_bytes: int
-    """a training process's peak GPU memory allocated by torch (GPU runs only): the most over them."""
-    per_worker_memory: list
-    """ddp, fsdp, tp: the four fields above for each worker, [{"worker": "rank 0", ...}, ...]."""
 
 
 PER_STAGE = {
@@ -90,6 +94,19 @@ def make_record(epoch: int, train_loss: float, val: Record, samples: int, epoch_
     return {"epoch": epoch, "train_loss": train_loss, **val,
             "samples_per_s": samples / epoch_time, "epoch_time_s": epoch_time,
             "wall_time_s": wall_time, **(measured or {})}
+
+
+PER_WORKER = "per_worker_memory"
+
+
+def scalars(rec: Record) -> Record:
+    """The record without its per-worker list: what a flat table, Tune or a tracker takes."""
+    return {k: v for k, v in rec.items() if k != PER_WORKER}
+
+
+def worker_rows(records: list[Record]) -> list[Record]:
+    """memory.csv's rows: one per epoch per worker (epoch, worker, its fields)."""
+    return [{"epoch": r["epoch"], **w} for r in records for w in r.get(PER_WORKER, [])]
 
 
 def documented(key: str) -> bool:

@@ -45,6 +45,16 @@ class OptimizerEntry:
     """Before an epoch's steps: the parameters become the weights gradients are taken at."""
     eval: Callable[[torch.optim.Optimizer], None] = unchanged
     """After them: the parameters become the weights evaluated, checkpointed and saved."""
+    state: float | Callable[[str, torch.Tensor], float] = 0.0
+    """Bytes of optimizer state it keeps per byte of a parameter (Adam's m and v: 2), or that
+    per (name, tensor) where it depends on the tensor (muon, adafactor): what `raydist plan`
+    and the pre-flight predict a worker holds (raydist/footprint.py); per-tensor scalars (a step
+    count) are left out. tests/test_memory.py checks each against the state after a step."""
+
+    def state_bytes(self, name: str, p: torch.Tensor) -> float:
+        """Predicted optimizer-state bytes of parameter `p` (named as in the model)."""
+        factor = self.state(name, p) if callable(self.state) else self.state
+        return factor * p.numel() * p.element_size()
 
 
 OPTIMIZERS: Registry[OptimizerEntry] = Registry("optimizer")

@@ -218,9 +218,23 @@ def _eval(optimizer: torch.optim.Optimizer) -> None:
     optimizer.eval()
 
 
-OPTIMIZERS.register("muon")(OptimizerEntry(_muon, default_lr=0.03, named=True))
-OPTIMIZERS.register("lamb")(OptimizerEntry(_lamb, default_lr=0.02))
-OPTIMIZERS.register("adafactor")(OptimizerEntry(_adafactor, default_lr=0.05))
-OPTIMIZERS.register("lion")(OptimizerEntry(_lion, default_lr=0.003))
+def _muon_state(name: str, p: torch.Tensor) -> float:
+    """Muon's momentum on a hidden matrix; AdamW's m and v on the rest."""
+    return 1.0 if hidden_matrix(name, p) else 2.0
+
+
+def _adafactor_state(name: str, p: torch.Tensor) -> float:
+    """torch's Adafactor: a tensor of 2+ dims keeps a row and a column second moment (shape[:-1]
+    and shape[:-2] + shape[-1:]), a vector its full second moment."""
+    if p.ndim < 2:
+        return 1.0
+    rows, cols = math.prod(p.shape[:-1]), math.prod(p.shape[:-2]) * p.shape[-1]
+    return (rows + cols) / p.numel()
+
+
+OPTIMIZERS.register("muon")(OptimizerEntry(_muon, default_lr=0.03, named=True, state=_muon_state))
+OPTIMIZERS.register("lamb")(OptimizerEntry(_lamb, default_lr=0.02, state=2.0))  # m, v
+OPTIMIZERS.register("adafactor")(OptimizerEntry(_adafactor, default_lr=0.05, state=_adafactor_state))
+OPTIMIZERS.register("lion")(OptimizerEntry(_lion, default_lr=0.003, state=1.0))  # m
 OPTIMIZERS.register("schedule-free-adamw")(OptimizerEntry(_schedule_free, default_lr=0.02,
-                                                          train=_train, eval=_eval))
+                                                          train=_train, eval=_eval, state=2.0))  # z, v

@@ -88,12 +88,12 @@ def _lars(params: Params, lr: float, beta: float = 0.9, weight_decay: float = 0.
     return LARS(params, lr=lr, beta=beta, weight_decay=weight_decay)
 
 
-OPTIMIZERS.register("gd")(OptimizerEntry(_sgd, default_lr=0.5, full_batch=True))
-OPTIMIZERS.register("sgd")(OptimizerEntry(_sgd, default_lr=0.1))
-OPTIMIZERS.register("momentum")(OptimizerEntry(_momentum, default_lr=0.1))
-OPTIMIZERS.register("adagrad")(OptimizerEntry(_adagrad, default_lr=0.05))
-OPTIMIZERS.register("rmsprop")(OptimizerEntry(_rmsprop, default_lr=0.003))
-OPTIMIZERS.register("adam")(OptimizerEntry(_adam, default_lr=0.01))
-OPTIMIZERS.register("adamw")(OptimizerEntry(_adamw, default_lr=0.01))
-OPTIMIZERS.register("lars")(OptimizerEntry(_lars, default_lr=1.0))
-
+# state: the tensors each keeps per parameter (SGD with momentum 0 keeps none)
+OPTIMIZERS.register("gd")(OptimizerEntry(_sgd, default_lr=0.5, full_batch=True, state=0.0))
+OPTIMIZERS.register("sgd")(OptimizerEntry(_sgd, default_lr=0.1, state=0.0))
+OPTIMIZERS.register("momentum")(OptimizerEntry(_momentum, default_lr=0.1, state=1.0))  # m
+OPTIMIZERS.register("adagrad")(OptimizerEntry(_adagrad, default_lr=0.05, state=1.0))  # G
+OPTIMIZERS.register("rmsprop")(OptimizerEntry(_rmsprop, default_lr=0.003, state=1.0))  # R
+OPTIMIZERS.register("adam")(OptimizerEntry(_adam, default_lr=0.01, state=2.0))  # m, r
+OPTIMIZERS.register("adamw")(OptimizerEntry(_adamw, default_lr=0.01, state=2.0))  # m, r
+OPTIMIZERS.register("lars")(OptimizerEntry(_lars, default_lr=1.0, state=1.0))  # m

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from raydist import memory
 from raydist.config import RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import (
@@ -44,8 +45,10 @@ class Local:
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         with training(self.spec.optimizer, self.optimizer):
-            return train_epoch(self.model, self.optimizer, self.data, steps(batches, epoch),
-                               scheduler=self.scheduler), {}
+            loss = train_epoch(self.model, self.optimizer, self.data, steps(batches, epoch),
+                               scheduler=self.scheduler)
+        # after the steps: the gradients of the last one are still held, as at every step
+        return loss, memory.record_fields({"rank 0": memory.measure(self.model, self.optimizer)})
 
     def evaluate(self) -> Record:
         return evaluate(self.model, self.data)

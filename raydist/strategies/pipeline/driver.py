@@ -13,7 +13,7 @@ import torch
 from ray.exceptions import ObjectLostError, RayActorError
 from torch import nn
 
-from raydist import checkpoint
+from raydist import checkpoint, memory
 from raydist.cluster import Members
 from raydist.config import RunSpec
 from raydist.data import Dataset
@@ -219,4 +219,5 @@ def pipeline_record(spec: RunSpec, stats: list[dict[str, Any]], elapsed: float, 
         rec[f"stage{i}_compute_s"] = sum(s["compute_s"] for s in mine) / len(mine)
         rec[f"stage{i}_comm_s"] = sum(s["comm_s"] for s in mine) / len(mine)
         rec[f"stage{i}_peak_activations"] = max(s["peak"] for s in mine)
-    return rec
+    names = [f"stage {i % k}" + (f" of replica {i // k}" if n > k else "") for i in range(n)]
+    return {**rec, **memory.record_fields({name: s["memory"] for name, s in zip(names, stats, strict=True)})}

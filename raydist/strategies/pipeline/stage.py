@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from raydist import memory
 from raydist.cluster import whoami
 from raydist.config import RunSpec
 from raydist.engine import denominator, loss_fn, make_optimizer, make_scheduler, restore_scheduler
@@ -123,6 +124,8 @@ class Stage:
         self.recorded: list[tuple[str, int, int, float, float]] = []
         self.store: Any = None
         """rank 0: the process group's TCPStore, hosted from `address` on"""
+        self.held: dict[str, int] | None = None
+        """model state after an epoch's first optimizer step, gradients still held"""
         self.reset()
 
     def whoami(self) -> tuple[str, int]:
@@ -249,7 +252,9 @@ class Stage:
         with self.timed("compute_s", ("step", -1, -1)):
             self.optimizer.step()
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.held is None:  # weights, gradients and optimizer state at once: once an epoch
+            self.held = memory.state_bytes(self.layers, self.optimizer)
+        self.optimizer.zero_grad(set_to_none=True)
         if record:
             self.recorded, self.events = self.events or [], None
 
@@ -279,11 +284,12 @@ class Stage:
 
     def epoch_stats(self) -> dict[str, Any]:
         """Sum of losses (last stage), compute and communication seconds, the most activations
-        held at once and the bytes sent, since the last call; the recorded step's ops, if any,
-        and this actor's node."""
+        held at once, the bytes sent and its memory fields (raydist/memory.py), since the last
+        call; the recorded step's ops, if any, and this actor's node."""
         stats = {"loss": self.loss, "peak": self.peak, "sent": self.sent, **self.clock,
-                 "events": self.recorded, "node": ray.get_runtime_context().get_node_id()}
-        self.recorded = []
+                 "events": self.recorded, "node": ray.get_runtime_context().get_node_id(),
+                 "memory": {**memory.measure(self.layers, self.optimizer), **(self.held or {})}}
+        self.recorded, self.held = [], None
         self.reset()
         return stats
 

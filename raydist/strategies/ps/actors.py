@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raydist import engine
+from raydist import engine, memory
 from raydist.config import RunSpec
 from raydist.data import load_data, shard
 from raydist.engine import Record
@@ -71,7 +71,13 @@ class Server:
             p.grad = g
         self.optimizer.step()
         self.scheduler.step()
+        for p in self.params:  # the sum is not needed until the next one: a server holds w + state
+            p.grad = None
         return self.weights()
+
+    def memory(self) -> dict[str, int]:
+        """Its memory fields (raydist/memory.py): the master weights and the optimizer state."""
+        return memory.measure(nn.ParameterList(self.params), self.optimizer)
 
     def state(self) -> dict[str, Any]:
         return {"weights": {n: v.detach().numpy().copy()
@@ -92,6 +98,8 @@ class Replica:
         named = dict(self.model.named_parameters())
         self.params = [[named[n] for n in part.names] for part in parts]
         self._batches: tuple[int, list[torch.Tensor]] = (0, [])
+        self.held: dict[str, int] | None = None
+        """model state while it holds a gradient (measured once per epoch: `memory`)"""
 
     def ready(self) -> tuple[str, int]:
         """Up and running: its actor id and pid (the driver names a dead actor by them)."""
@@ -125,6 +133,8 @@ class Replica:
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         denom = engine.denominator(len(batch))  # the servers SUM the replicas' gradients
         loss = engine.backward(self.model, x, y, self.data.task, denom) if len(idx) else 0.0
+        if self.held is None and len(idx):  # weights + gradients, as every non-empty shard holds
+            self.held = memory.state_bytes(self.model)
         grads = [self.codec.encode(torch.cat([p.grad.reshape(-1) if p.grad is not None
                                               else torch.zeros(p.numel()) for p in params]))
                  for params in self.params]
@@ -132,6 +142,14 @@ class Replica:
         stats = {"loss": loss, "bytes": received + sum(g.nbytes for g in grads),
                  "busy_s": time.perf_counter() - t}
         return (stats, *grads)
+
+    def memory(self) -> dict[str, int]:
+        """Its memory fields (raydist/memory.py) for the epoch just trained: weights and
+        gradients as a step held them, its peak memory now."""
+        measured = memory.measure(self.model)
+        measured.update(self.held or {})
+        self.held = None
+        return measured
 
     def evaluate(self, *weights: np.ndarray) -> Record:
         self.load(weights)

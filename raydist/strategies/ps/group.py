@@ -16,7 +16,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from torch import nn
 
-from raydist import checkpoint
+from raydist import checkpoint, memory
 from raydist.cluster import Members
 from raydist.config import RunSpec
 from raydist.data import shard
@@ -110,8 +110,15 @@ class Group:
         work = EPOCHS[self.spec.mode](self, epoch, batches)
         self.weights = [s.eval_mode.remote() for s in self.servers]
         elapsed = time.perf_counter() - t
-        return sum(s["loss"] for s in work.applied), epoch_metrics(work, len(batches), self.spec.workers,
-                                                                    elapsed)
+        return sum(s["loss"] for s in work.applied), {
+            **epoch_metrics(work, len(batches), self.spec.workers, elapsed), **self.memory()}
+
+    def memory(self) -> Record:
+        """Each replica's and each server's own memory (after the timed steps), and the worst."""
+        named = [f"replica {i}" for i in range(len(self.replicas))]
+        named += [f"server {i}" for i in range(len(self.servers))]
+        got = _get([a.memory.remote() for a in self.replicas + self.servers])
+        return memory.record_fields(dict(zip(named, got, strict=True)))
 
     def evaluate(self) -> Record:
         return _get(self.replicas[0].evaluate.remote(*self.weights))
