@@ -8,12 +8,13 @@ layer never imports the layers above it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from raydist.config.knobs import at_least, default_of, knob, positive, unit_interval, worker_count
 from raydist.config.values import coerce, is_import_path, lookup, parse_size
 from raydist.registry import ConfigError, closest
 
@@ -25,38 +26,6 @@ DEFAULT_BATCH = 64
 SEED_MAX = 2**32 - 1
 """numpy's bound for a seed; torch's generators overflow past 2**63 - 1 (and the batch order's
 seed * 1_000_003 + epoch must stay below that)."""
-
-
-def knob(default: Any, help: str, *, check: Any = None, expected: str = "",
-         registry: str = "", choices: tuple[str, ...] = (), strategies: tuple[str, ...] = (),
-         resumable: bool | tuple[str, ...] = False) -> Any:
-    """A RunSpec field with its documentation and its validation rule. `strategies`: the ones
-    that read it (empty: every strategy); a run of another strategy refuses it unless it keeps
-    its default. `resumable`: a run resumed from its checkpoint may change it (True: under
-    every strategy; a tuple: under those), because it changes where and how fast the run goes,
-    not what it computes."""
-    meta = {"help": help, "check": check, "expected": expected, "registry": registry,
-            "choices": choices, "strategies": strategies, "resumable": resumable}
-    if isinstance(default, list | dict):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def positive(x: Any) -> bool:
-    return x > 0
-
-
-def at_least(n: float) -> Any:
-    return lambda x: x >= n
-
-
-def unit_interval(x: float) -> bool:
-    return 0 <= x < 1
-
-
-def worker_count(x: int | list[int]) -> bool:
-    """A fixed count >= 1, or an elastic range [min, max] with 1 <= min <= max."""
-    return x >= 1 if isinstance(x, int) else 1 <= x[0] <= x[1]
 
 
 @dataclass
@@ -352,10 +321,6 @@ class RunSpec:
 def full_batch(optimizer: str) -> bool:
     """Whether `optimizer` (gd) steps on the whole training set, whatever the batch knobs say."""
     return lookup("raydist.optim:OPTIMIZERS")[optimizer].full_batch
-
-
-def default_of(f: dataclasses.Field) -> Any:
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def reads(strategy: str, name: str) -> bool:
