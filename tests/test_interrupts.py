@@ -7,11 +7,11 @@ finishes with `raydist sweep --resume DIR`. Only processes these tests started a
 signalled.
 
 What only a process of its own shows (its exit code, its embedded Ray gone with it, a driver
-SIGKILLed) runs as a CLI subprocess starting its own Ray (hence the multinode tier): ps stopped by
-SIGTERM, the pipeline and a sweep by Ctrl-C, a sweep's driver SIGKILLed. The rest runs the same
-commands in this process (cli.main) on the session's Ray, a Ray start each fewer: the
-uninterrupted runs, every resume, and ddp's Ctrl-C, a signal this process sends itself (its
-Ray Train workers gone afterwards in place of its processes)."""
+SIGKILLed) runs once as a CLI subprocess starting its own Ray (hence the multinode tier): ps
+stopped by SIGTERM (143), a sweep by Ctrl-C (130), a sweep's driver SIGKILLed. The rest runs the
+same commands in this process (cli.main) on the session's Ray, a Ray start each fewer: the
+uninterrupted runs, every resume, and ddp's and the pipeline's Ctrl-C, a signal this process sends
+itself (cli.main returns 130, and the run's workers are gone in place of its processes)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ BASE = ["--model", "mlp", "--data", "digits", "--hidden", "16", "--epochs", "8",
         "--seed", "0", "--val-fraction", "0.1", "--optimizer", "adam"]
 STRATEGIES = {  # strategy: (its flags, the signal it gets, in a subprocess of its own?)
     "ps": (["--strategy", "ps", "--workers", "2", "--servers", "1"], signal.SIGTERM, True),
-    "pipeline": (["--strategy", "pipeline", "--stages", "2"], signal.SIGINT, True),
+    "pipeline": (["--strategy", "pipeline", "--stages", "2"], signal.SIGINT, False),
     "ddp": (["--strategy", "ddp", "--workers", "2"], signal.SIGINT, False),
 }
 
@@ -183,16 +183,19 @@ def in_process(args: list[str], stop_when: Callable[[str], bool] | None = None,
     return code, console.text(), ended - sent[0] if sent else None
 
 
-def train_workers() -> set[str]:
-    """The ids of the Ray Train workers alive in the session's Ray."""
+ACTORS = {"ddp": "RayTrainWorker", "pipeline": "Stage"}  # the class of a run's workers, in process
+
+
+def workers(strategy: str) -> set[str]:
+    """The ids of the strategy's workers alive in the session's Ray."""
     rows = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
-    return {a.actor_id for a in rows if a.class_name == "RayTrainWorker"}
+    return {a.actor_id for a in rows if a.class_name == ACTORS[strategy]}
 
 
-def workers_left(before: set[str]) -> set[str]:
-    """Ray Train workers started since `before` still alive GONE_S after the command ended."""
+def workers_left(strategy: str, before: set[str]) -> set[str]:
+    """The strategy's workers started since `before` still alive GONE_S after the command ended."""
     deadline = time.monotonic() + GONE_S
-    while (left := train_workers() - before) and time.monotonic() < deadline:
+    while (left := workers(strategy) - before) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
 
@@ -220,14 +223,15 @@ def interrupted_in_a_subprocess(tmp_path: Path, args: list[str], sig: int) -> st
     return first.text()
 
 
-def interrupted_in_process(args: list[str], sig: int, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("RAYDIST_FAULT", "1:2")  # worker 1 dies in epoch 2
-    before = train_workers()
+def interrupted_in_process(strategy: str, args: list[str], sig: int,
+                           monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("RAYDIST_FAULT", "1:2")  # worker/stage 1 dies in epoch 2
+    before = workers(strategy)
     code, console, took = in_process(args, lambda text: re.search(r"^epoch 3 ", text, re.M), sig)
     monkeypatch.delenv("RAYDIST_FAULT")
     assert code == 128 + sig, console
     assert took < STOP_S, f"it took {took:.1f} s to stop"
-    assert workers_left(before) == set(), "Ray Train workers of the interrupted command still alive"
+    assert workers_left(strategy, before) == set(), "workers of the interrupted command still alive"
     return console
 
 
@@ -240,7 +244,7 @@ def test_a_death_prints_one_line_and_an_interrupted_run_resumes_to_the_same_mode
     if own_process:
         console = interrupted_in_a_subprocess(tmp_path, args, sig)
     else:
-        console = interrupted_in_process(args, sig, monkeypatch)
+        console = interrupted_in_process(strategy, args, sig, monkeypatch)
     kind = {"ddp": "ddp worker", "ps": "ps replica", "pipeline": "pipeline stage"}[strategy]
     restarts = re.findall(r"^restart .*$", console, re.M)
     assert len(restarts) == 1 and re.fullmatch(
@@ -262,6 +266,13 @@ def test_a_death_prints_one_line_and_an_interrupted_run_resumes_to_the_same_mode
     assert list(model) == list(clean) and all(torch.equal(model[k], clean[k]) for k in clean)
 
 
+def sweep_file(tmp_path: Path, trials: int) -> Path:
+    """A sweep of `trials` trials one after the other (lr 0.001, 0.002, ...)."""
+    lrs = ", ".join(f"{0.001 * (i + 1):g}" for i in range(trials))
+    (tmp_path / "sweep.yaml").write_text(SWEEP.replace("LRS", lrs))
+    return tmp_path / "sweep.yaml"
+
+
 SWEEP = """
 strategy: local
 model: mlp
@@ -269,7 +280,7 @@ data: digits
 hidden: [16]
 epochs: 3
 batch_size: 16
-lr: {grid: [0.001, 0.002, 0.003, 0.004, 0.005, 0.006]}
+lr: {grid: [LRS]}
 sweep: {max_concurrent: 1}
 """
 
@@ -278,16 +289,16 @@ def statuses(out: Path) -> list[str]:
     return [yaml.safe_load(p.read_text())["status"] for p in sorted(out.glob("trials/*/trial.yaml"))]
 
 
-def resumed_to_the_end(out: Path) -> None:
+def resumed_to_the_end(out: Path, trials: int) -> None:
     code, console = in_process(["sweep", "--resume", str(out)])[:2]
     assert code == 0, console
-    assert statuses(out) == ["completed"] * 6, console
+    assert statuses(out) == ["completed"] * trials, console
 
 
 def test_a_sweep_stopped_by_ctrl_c_continues_with_resume(ray_local, tmp_path):
-    (tmp_path / "sweep.yaml").write_text(SWEEP)
+    """Stopped once the first of its three trials has finished: two are left for the resume."""
     out = tmp_path / "out"
-    first = Command(tmp_path, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out)], "first")
+    first = Command(tmp_path, ["sweep", str(sweep_file(tmp_path, 3)), "--out", str(out)], "first")
     try:
         first.wait_for(lambda: "completed" in statuses(out), "a completed trial")
         took = first.signal(signal.SIGINT)
@@ -298,13 +309,14 @@ def test_a_sweep_stopped_by_ctrl_c_continues_with_resume(ray_local, tmp_path):
         first.close()
     assert f"sweep: interrupted; continue it with `raydist sweep --resume {out}`" in first.text()
     assert "Traceback" not in first.text() and "Tuner.restore" not in first.text(), first.text()
-    resumed_to_the_end(out)
+    resumed_to_the_end(out, 3)
 
 
 def test_a_sweep_whose_driver_was_killed_continues_with_resume(ray_local, tmp_path):
-    (tmp_path / "sweep.yaml").write_text(SWEEP)
+    """Six trials: room for Tune to save its state, which it does every so often, while trials
+    are still left."""
     out = tmp_path / "out"
-    first = Command(tmp_path, ["sweep", str(tmp_path / "sweep.yaml"), "--out", str(out)], "first")
+    first = Command(tmp_path, ["sweep", str(sweep_file(tmp_path, 6)), "--out", str(out)], "first")
     seen: dict[str, float] = {}
 
     def saved_since_last_trial_began() -> bool:
@@ -322,4 +334,4 @@ def test_a_sweep_whose_driver_was_killed_continues_with_resume(ray_local, tmp_pa
         assert first.proc.returncode == -signal.SIGKILL
     finally:
         first.close()  # a SIGKILLed driver shuts nothing down: its Ray is stopped by PID here
-    resumed_to_the_end(out)
+    resumed_to_the_end(out, 6)
