@@ -169,8 +169,8 @@ def test_model_args_reach_the_factory_and_model_pt_has_its_own_keys(tmp_path):
 def test_a_module_outside_the_repository_under_each_strategy_through_the_cli(ray_local, tmp_path):
     """The commands a user types, each in a fresh process with its own embedded Ray, the example
     model (a residual MLP that is not an nn.Sequential, 32 wide, 3 blocks) in a module of its
-    own on PYTHONPATH: ddp on 2 workers, ps sync on 2 servers and a 2-stage pipeline (by
-    pipeline_blocks) end where local does, each model.pt with the user's own keys. One run per
+    own on PYTHONPATH: ddp on 2 workers, ps sync on 2 servers, a 2-stage pipeline and fsdp on 2
+    workers (both by pipeline_blocks) end where local does, each model.pt with the user's own keys. One run per
     strategy serves both facts (an in-process run of each cost a Ray Train fit more)."""
     folder = tmp_path / "elsewhere"
     folder.mkdir()
@@ -183,7 +183,8 @@ def test_a_module_outside_the_repository_under_each_strategy_through_the_cli(ray
             "--batch-size", "64"]
     runs = {"local": [], "ddp": ["--strategy", "ddp", "--workers", "2"],
             "ps": ["--strategy", "ps", "--mode", "sync", "--workers", "2", "--servers", "2"],
-            "pipeline": ["--strategy", "pipeline", "--stages", "2", "--microbatches", "4"]}
+            "pipeline": ["--strategy", "pipeline", "--stages", "2", "--microbatches", "4"],
+            "fsdp": ["--strategy", "fsdp", "--workers", "2"]}
     for name, extra in runs.items():
         done = subprocess.run([sys.executable, "-m", "raydist.cli", *args, *extra, "--out", str(tmp_path / name)],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -192,7 +193,7 @@ def test_a_module_outside_the_repository_under_each_strategy_through_the_cli(ray
     local = torch.load(tmp_path / "local" / "model.pt")
     assert list(local) == ["inp.0.weight", "inp.0.bias", *(f"blocks.{i}.{part}" for i in range(3) for part in (
         "norm.weight", "norm.bias", "fc.weight", "fc.bias")), "out.weight", "out.bias"]  # the user's own keys
-    for name in ("ddp", "ps", "pipeline"):
+    for name in ("ddp", "ps", "pipeline", "fsdp"):
         assert max_diff(local, torch.load(tmp_path / name / "model.pt")) <= 1e-5, name  # keys too
     assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["world_size"].tolist() == [2, 2]
 

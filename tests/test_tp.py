@@ -5,7 +5,10 @@ the model (the record's memory fields). tests/test_tp_plan.py checks the recipes
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -71,6 +74,21 @@ def test_tp_equals_local(runs, name):
         assert mine["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
         assert mine["world_size"] == world and all(documented(k) for k in mine)
     assert list(pd.read_csv(out / "metrics.csv")["epoch"]) == [r["epoch"] for r in local.metrics]
+
+
+@pytest.mark.ray
+def test_the_command_on_the_machines_own_ray(runs, tmp_path):
+    """What a user types, in a fresh process with its own embedded Ray (this machine's CPU
+    count, not the session's): 2 tp workers on the mlp end where local does."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = ["--model", "mlp", "--data", "digits", "--hidden", "32,16,8", "--optimizer", "adam",
+            "--epochs", "2", "--batch-size", "64", "--seed", "0", "--strategy", "tp", "--workers", "2"]
+    done = subprocess.run([sys.executable, "-m", "raydist.cli", "train", *args, "--out",
+                           str(tmp_path / "cli")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    local = runs["mlp"][0].state_dict
+    assert apart(torch.load(tmp_path / "cli" / "model.pt", weights_only=True), local) <= TOL
 
 
 @pytest.mark.ray
