@@ -1,8 +1,8 @@
-"""P12: raydist fsdp (2 workers x 1 thread, Ray Train, gloo) against plain PyTorch FSDP2 under
+"""P13: raydist fsdp (2 workers x 1 thread, Ray Train, gloo) against plain PyTorch FSDP2 under
 `torchrun --nproc_per_node 2` (gloo), same model, data, batch order and units (one per block,
 then the root): steady-state epoch time. P1's protocol, with fsdp for ddp.
 
-    .venv/bin/python bench/p12_fsdp_vs_torchrun.py --reps 5
+    .venv/bin/python bench/p13_fsdp_vs_torchrun.py --reps 5
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def main() -> None:
     ours, peer = common.median(times["raydist fsdp"]), common.median(times["torchrun FSDP2"])
     where = (f"{args.workers} GPUs ({common.gpu_name()}), nccl" if gpu
              else f"{args.workers} workers x 1 thread")
-    print(f"\nP12 on {common.machine()}; {spec.model} {spec.hidden} on {spec.data}, batch "
+    print(f"\nP13 on {common.machine()}; {spec.model} {spec.hidden} on {spec.data}, batch "
           f"{spec.batch_size}, {where}; medians of {len(times['raydist fsdp'])} epochs")
     print(common.markdown(["side", "median epoch s", "raydist / peer"],
                           [["raydist fsdp", ours, ours / peer], ["torchrun FSDP2", peer, 1.0]]))
