@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from raydist import sweep
+from raydist import bound, sweep
 from raydist.cli import main
 from raydist.config import ConfigError, SweepSpec, load_sweep
 from raydist.strategies import STRATEGIES
@@ -140,12 +140,17 @@ def test_shipped_sweep_files_parse(path):
 
 
 @pytest.mark.unit
-def test_quickstart_is_the_six_optimizers_on_local_and_ddp():
+def test_quickstart_is_the_six_optimizers_on_local_and_adam_on_ddp():
+    """The main job: six optimizers on local, adam on 1 and 2 ddp workers, the machine's bound
+    and the plan for 8 workers on 25 Gbit/s beside the speedup."""
     s = load_sweep(CONFIGS / "quickstart.yaml")
-    assert s.space["optimizer"] == ("grid", SIX)
-    assert s.variants == [{"strategy": "local", "workers": 1}, {"strategy": "ddp", "workers": 1},
-                          {"strategy": "ddp", "workers": 2}]
-    assert (s.base["data"], sweep.total_trials(s), s.max_concurrent) == ("digits", 18, 1)
+    assert s.variants == [*({"strategy": "local", "optimizer": o} for o in SIX),
+                          {"strategy": "ddp", "workers": 1, "optimizer": "adam"},
+                          {"strategy": "ddp", "workers": 2, "optimizer": "adam"}]
+    assert (s.base["data"], sweep.total_trials(s), s.max_concurrent) == ("digits", 8, 1)
+    assert s.bound and s.plan == {"workers": 8, "bandwidth": "25Gbit/s", "latency": "10us"}
+    scaled, counts = bound.wanted(sweep.trial_specs(s))
+    assert [spec.optimizer for spec in scaled] == ["adam"] and counts == [1, 2]
 
 
 @pytest.mark.unit
