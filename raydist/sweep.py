@@ -94,8 +94,9 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
 @contextmanager
 def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
     """cluster.connect's rule (the Ray already started, --address, the file's address,
-    RAY_ADDRESS, else an embedded one), plus the trial_driver resource every trial holds.
-    A Ray started here is shut down on the way out."""
+    RAY_ADDRESS, the local Ray `raydist ray start` keeps, else an embedded one), plus the
+    trial_driver resource every trial holds. A Ray started (or joined) here is shut down (left)
+    on the way out."""
     if ray.is_initialized():
         require_trial_drivers()
         yield
@@ -106,6 +107,8 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
             interrupts.reassert()
+        elif cluster.join_local_head():  # `raydist ray start`'s: this user's, on loopback
+            pass
         else:  # ASHA stops trials early: Ray Train must be able to free their workers
             cluster.start_local(num_cpus=cluster.embedded_cpus(*hungriest_trial(sweep)),
                                 resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)

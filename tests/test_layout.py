@@ -13,7 +13,7 @@ pytestmark = pytest.mark.unit
 PKG = Path(__file__).resolve().parents[1] / "raydist"
 LAYER = {"registry": 0, "config": 1, "faults": 1, "interrupts": 1, "checkpoint": 1, "progress": 1,
          "tables": 1, "optim": 2, "data": 2, "tracking": 2, "models": 3, "ray_compat": 3, "cluster": 4,
-         "engine": 5, "strategies": 6, "bound": 7, "calibration": 7, "search": 7,
+         "local_ray": 5, "engine": 5, "strategies": 6, "bound": 7, "calibration": 7, "search": 7,
          "pbt": 7, "plan": 8, "profiles": 8, "timeline": 8, "report_html": 8, "report_bound": 8,
          "sweep": 9, "report": 9, "cli": 10}
 
