@@ -162,11 +162,11 @@ def total_trials(sweep: SweepSpec) -> int:
 
 
 def tune_config(sweep: SweepSpec) -> tune.TuneConfig:
-    # PBT pauses and restarts its trials every perturbation: a process kept for the next start
-    # saves its start-up (imports, data) each time
+    # Every trial holds the same resources, so a trial's process (torch, raydist and the data's
+    # loaders imported) runs the next trial instead of a fresh one starting; PBT's pauses too
     return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples,
                            scheduler=search.scheduler(sweep), search_alg=search.searcher(sweep),
-                           reuse_actors=sweep.scheduler == "pbt")
+                           reuse_actors=True)
 
 
 def run_config(sweep: SweepSpec, root: Path) -> tune.RunConfig:
@@ -182,6 +182,8 @@ def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, An
         if Path(cwd).is_dir():  # Tune moves trials into its own folder; relative paths are the user's
             os.chdir(cwd)
         out = root / "trials" / tune.get_context().get_trial_id()
+        if get_state(out)["status"] in FINAL:  # it ended before an interruption Tune's state missed
+            return
         out.mkdir(parents=True, exist_ok=True)
         set_state(out, "running")
         try:
