@@ -8,7 +8,7 @@ REPS=${1:-5}
 OUT=../results/bench
 mkdir -p "$OUT"
 for b in p1_ddp_vs_torchrun p2_ddp_scaling p3_pipeline_vs_torch p4_pipeline_bubble p5_ps_straggler \
-         p6_startup p7_sweep_overhead plan_check p9_workloads; do
+         p6_startup p7_sweep_overhead p8_main_job plan_check p9_workloads; do
     echo "== $b ($(date +%T))"
     ../.venv/bin/python "$b.py" --reps "$REPS" 2>"$OUT/$b.log" | tee "$OUT/$b.md"
 done

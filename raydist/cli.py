@@ -165,6 +165,35 @@ def cmd_cluster(args: argparse.Namespace) -> None:
         print(f"recorded as the autoscaler's maximum of the cluster at {args.address}")
 
 
+RAY_ACTIONS = ("start", "stop", "status")
+
+
+def add_ray_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", metavar="{start,stop,status}", help="start: keep one local Ray "
+                   "running (loopback, token auth) that every raydist command given no address "
+                   "joins; stop: end it; status: say whether one runs")
+    p.add_argument("--cpus", type=int, help="start: logical CPUs it offers (default: the cores, "
+                   "at least 4, so a 2-worker run beside its driver fits)")
+
+
+def cmd_ray(args: argparse.Namespace) -> None:
+    import os
+
+    from raydist import cluster, local_ray
+
+    if args.action not in RAY_ACTIONS:
+        raise ConfigError(unknown("action", args.action, list(RAY_ACTIONS)))
+    if args.action == "start":
+        head = local_ray.start(args.cpus or max(4, os.cpu_count() or 1))
+        print(f"local Ray at {head['address']} (pid {head['pid']}, {head['cpus']} CPUs); raydist "
+              "train and sweep join it until `raydist ray stop`")
+        return
+    head = local_ray.stop() if args.action == "stop" else cluster.local_head()
+    state = "stopped" if args.action == "stop" else "runs"
+    print(f"local Ray at {head['address']} (pid {head['pid']}) {state}" if head
+          else "no local Ray runs (`raydist ray start` keeps one)")
+
+
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
     add_spec_flags(p, skip=("workers",))  # --workers here is the list of counts to predict
     p.add_argument("--workers", "--counts", dest="counts", default="1,2,4,8,16,64,256,1024",
@@ -212,6 +241,7 @@ COMMANDS: dict[str, Command] = {
     "report": (add_report_flags, cmd_report, "Markdown + PNG report of a sweep's results, and report.html"),
     "cluster": (add_cluster_flags, cmd_cluster, "check a cluster-launcher YAML (`ray up FILE`)"),
     "plan": (add_plan_flags, cmd_plan, "predict step time, speedup and memory per strategy at scale"),
+    "ray": (add_ray_flags, cmd_ray, "keep one local Ray running for later commands to join"),
 }
 
 

@@ -44,7 +44,59 @@ def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
         ray.init(address=address, logging_level=logging.WARNING)
         interrupts.reassert()
         return
-    start_local(num_cpus=embedded_cpus(cpus, what))
+    if not join_local_head():
+        start_local(num_cpus=embedded_cpus(cpus, what))
+
+
+# --- the local Ray `raydist ray start` keeps (raydist/local_ray.py) ----------------------------
+
+LOCAL_RAY = "RAYDIST_LOCAL_RAY"
+
+
+def local_ray_file() -> Path:
+    """Where `raydist ray start` writes where its Ray is: $RAYDIST_LOCAL_RAY, else
+    ~/.cache/raydist/local-ray.yaml."""
+    given = os.environ.get(LOCAL_RAY)
+    return Path(given) if given else Path.home() / ".cache" / "raydist" / "local-ray.yaml"
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs and is this user's."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path(f"/proc/{pid}")  # Linux: whose it is (root may signal anyone's)
+    return not proc.exists() or proc.stat().st_uid == os.getuid()
+
+
+def local_head() -> dict[str, Any] | None:
+    """The head `raydist ray start` keeps, if it runs: named by this user's own file (owned by
+    this user, writable by no one else), at an address of this machine (Ray's GCS listens on the
+    node's address, which Ray resolves 127.0.0.1 to), its keeper this user's live process."""
+    path = local_ray_file()
+    try:
+        st = path.stat()
+        info = load_yaml(path) if st.st_uid == os.getuid() and not st.st_mode & 0o022 else {}
+    except (OSError, ConfigError):
+        return None
+    host = str(info.get("address", "")).rpartition(":")[0]
+    pid = info.get("pid")
+    here = host in ("127.0.0.1", "localhost") or host == ray.util.get_node_ip_address()
+    return info if here and isinstance(pid, int) and alive(pid) else None
+
+
+def join_local_head() -> bool:
+    """Join the local Ray `raydist ray start` keeps, saying so; False if none runs."""
+    head = local_head()
+    if head is None:
+        return False
+    print(f"note: joining the local Ray at {head['address']} that `raydist ray start` keeps "
+          f"(pid {head['pid']}); `raydist ray stop` ends it", file=sys.stderr, flush=True)
+    os.environ[API_SERVER] = head["api_server"]
+    ray.init(address=head["address"], logging_level=logging.WARNING)
+    interrupts.reassert()
+    return True
 
 
 def embedded_cpus(cpus: float, what: str) -> int:

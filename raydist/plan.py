@@ -67,30 +67,13 @@ from pathlib import Path
 from raydist import footprint
 from raydist.calibration import Costs
 from raydist.config import ConfigError
+from raydist.config.values import UNITS, parse_bandwidth, parse_duration  # noqa: F401 (plan's API)
 from raydist.memory import gib
 from raydist.strategies.pipeline.cuts import balanced_cuts
 
-UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
 TRANSPORTS = {"ddp": "allreduce", "ps": "object_store", "pipeline": "p2p"}
 """The transport each strategy's messages take: gloo all-reduce, actor to actor through the
 object store, gloo point to point (bench/plan_check.py measures each on one machine)."""
-
-
-def parse_bandwidth(text: str) -> float:
-    """'25Gbit/s', '10GB/s', '100Mbit/s' -> bytes per second."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]?)(bit|b|B|byte)(/s|ps)?\s*", text)
-    if not m:
-        raise ConfigError(f"bandwidth: got '{text}'; expected a rate like 25Gbit/s or 3GB/s")
-    value = float(m.group(1)) * UNITS[m.group(2).lower()]
-    return value / 8 if m.group(3) in ("bit", "b") else value
-
-
-def parse_duration(text: str) -> float:
-    """'10us', '2ms', '0.5s' -> seconds."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*(ns|us|ms|s)\s*", text)
-    if not m:
-        raise ConfigError(f"latency: got '{text}'; expected a time like 10us or 2ms")
-    return float(m.group(1)) * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
 
 
 def parse_rate(text: str) -> float:

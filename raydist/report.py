@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from raydist import memory_section, profiles, report_html, timeline, tracking  # noqa: E402
+from raydist import memory_section, profiles, report_bound, report_html, timeline, tracking  # noqa: E402
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
 from raydist.tables import fmt, fmt_time, fmt_value, markdown, save  # noqa: E402
 
@@ -181,6 +181,7 @@ def plot_speedup(table: pd.DataFrame, scale: str, path: Path) -> None:
             axes[0].plot(curve.index, curve["predicted"], "x--", color=color, label=f"{name} (plan)")
             axes[1].plot(curve.index, curve["predicted"] / curve.index, "x--", color=color,
                          label=f"{name} (plan)")
+    report_bound.draw(axes, table, scale)
     axes[0].plot(ns, ns, "k--", label="ideal")
     axes[1].plot(ns, [1.0] * len(ns), "k--", label="ideal")
     axes[2].plot(ns, ns, "k--", label="ideal")
@@ -258,7 +259,7 @@ def write(folder: str | Path, plan: str | Path | None = None) -> Path:
     trials = per_trial(results, metric, mode, target)
     lines = [f"# Sweep report: {root.name}", "", summary(trials, metric, mode, target), ""]
     lines += machine_section(root)
-    lines += speedup_section(trials, scale, root, predictions)
+    lines += speedup_section(trials, scale, root, predictions, sweep.plan)
     lines += optimizer_sections(results, trials, metric, mode, target, root)
     lines += memory_section.section(results, trials, root)  # trials that recorded memory only
     lines += profiles.section(results, trials, mode, target, root)  # several workloads only
@@ -303,12 +304,13 @@ def machine_section(root: Path) -> list[str]:
 
 
 def speedup_section(trials: pd.DataFrame, scale: str, root: Path,
-                    plan: pd.DataFrame | None = None) -> list[str]:
+                    plan: pd.DataFrame | None = None, cluster: dict | None = None) -> list[str]:
     table = speedup_table(trials, scale)
     head = ["## Speedup and scaling efficiency", ""]
     if table.empty:
         return [*head, f"The sweep does not vary {scale}: nothing to compare.", ""]
     table["predicted"] = predicted(table, scale, plan)
+    table = report_bound.add(table, [c for c in varying(trials) if c != scale], scale, root)
     plot_speedup(table, scale, root / "speedup.png")
     shown = table.assign(
         samples_per_s=table["samples_per_s"].map(lambda v: fmt(v, "{:.0f}")),
@@ -317,18 +319,21 @@ def speedup_section(trials: pd.DataFrame, scale: str, root: Path,
         vs_local=table["vs_local"].map(lambda v: fmt(v, "{:.2f}")),
         time_to_target=table["time_to_target"].map(fmt_time),
         ttt_speedup=table["ttt_speedup"].map(lambda v: fmt(v, "{:.2f}")),
-        predicted=table["predicted"].map(lambda v: fmt(v, "{:.2f}")))
+        predicted=table["predicted"].map(lambda v: fmt(v, "{:.2f}")), **report_bound.shown(table))
     modes = sorted(table["scaling"].unique())
     extra = ["scaling"] * (len(modes) > 1) + ["global_batch"] * (table["global_batch"].nunique() > 1)
     cols = [*[c for c in varying(trials) if c != scale], scale, *extra, "seeds", "samples_per_s", "speedup",
             *(["predicted"] if plan is not None else []),
-            "efficiency", "vs_local", "time_to_target", "ttt_speedup"]
+            "efficiency", *report_bound.columns(table), "vs_local", "time_to_target", "ttt_speedup"]
     legend = (f"Scaling: {' and '.join(MODES[m] for m in modes)}. "
               "speedup = samples/s(N) / samples/s(1); efficiency = speedup / N; ttt_speedup = "
               "time to target(1) / time to target(N); vs_local = samples/s / samples/s of local.")
     if plan is not None:
         legend += " predicted = the speedup `raydist plan` predicts for the strategy at N (dashed)."
-    return [*head, legend, "", markdown(shown[cols]), "", "![speedup](speedup.png)", ""]
+    if report_bound.columns(table):
+        legend += report_bound.LEGEND
+    return [*head, legend, "", markdown(shown[cols]), "", "![speedup](speedup.png)", "",
+            *report_bound.section(table, scale, root, cluster)]
 
 
 MODES = {"strong": "strong (batch_size: the same global batch at every N)",

@@ -11,11 +11,12 @@ DIR/
   tune/                           Tune's experiment state, continued by Tuner.restore
   trials/<trial-id>/              the trial's RunSpec.out, plus trial.yaml (status) and epochs.csv
   results.csv, results.parquet    one row per trial per epoch, with the trial's full spec
+  bound.csv                       `bound: true`: the machine's compute-only bound (raydist/bound.py)
+  plan/                           `plan:`: `raydist plan` for the scaled setting on a cluster
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -29,8 +30,9 @@ import ray
 import yaml
 from ray import tune
 
-from raydist import cluster, interrupts, pbt, search, strategies, tracking
-from raydist.config import ConfigError, SweepSpec, load_sweep
+from raydist import bound, cluster, interrupts, pbt, search, strategies, tracking
+from raydist.bound import flat
+from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record, check_out
 from raydist.engine.record import scalars
 from raydist.progress import SweepLine
@@ -83,6 +85,8 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
               f"results in {root}", flush=True)
         with interrupts.sigterm_as_sigint():
             tuner.fit()
+            if finished(root, total_trials(sweep)):
+                measure_machine(sweep, root)
     results = collect(root)
     results.attrs["interrupted"] = summarize(results, total_trials(sweep), root)
     return results
@@ -91,8 +95,9 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
 @contextmanager
 def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
     """cluster.connect's rule (the Ray already started, --address, the file's address,
-    RAY_ADDRESS, else an embedded one), plus the trial_driver resource every trial holds.
-    A Ray started here is shut down on the way out."""
+    RAY_ADDRESS, the local Ray `raydist ray start` keeps, else an embedded one), plus the
+    trial_driver resource every trial holds. A Ray started (or joined) here is shut down (left)
+    on the way out."""
     if ray.is_initialized():
         require_trial_drivers()
         yield
@@ -103,6 +108,8 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
             interrupts.reassert()
+        elif cluster.join_local_head():  # `raydist ray start`'s: this user's, on loopback
+            pass
         else:  # ASHA stops trials early: Ray Train must be able to free their workers
             cluster.start_local(num_cpus=cluster.embedded_cpus(*hungriest_trial(sweep)),
                                 resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)
@@ -122,16 +129,24 @@ def hungriest_trial(sweep: SweepSpec) -> tuple[float, str]:
     Grid leaves and variants count; a drawn leaf counts at its base value; a trial whose
     setting is refused is left to fail as its own trial."""
     most: tuple[float, str] = (0.0, "the sweep")
-    for variant in sweep.trial_grid():
-        try:
-            spec = sweep.run_spec({"variant": variant}, "trial")
-        except ConfigError:
-            continue
+    for spec in trial_specs(sweep):
         resources = strategies.get(spec.strategy).resources
         if resources is not None:
             cpus, _, what = resources(spec, 0.0)
             most = max(most, (cpus, f"a trial ({what})"), key=lambda m: m[0])
     return most
+
+
+def trial_specs(sweep: SweepSpec) -> list[RunSpec]:
+    """The spec of every grid leaf and variant (a drawn leaf at its base value); a setting the
+    config refuses is left out (it fails as its own trial)."""
+    specs = []
+    for variant in sweep.trial_grid():
+        try:
+            specs.append(sweep.run_spec({"variant": variant}, "trial"))
+        except ConfigError:
+            continue
+    return specs
 
 
 def require_trial_drivers() -> None:
@@ -148,11 +163,11 @@ def total_trials(sweep: SweepSpec) -> int:
 
 
 def tune_config(sweep: SweepSpec) -> tune.TuneConfig:
-    # PBT pauses and restarts its trials every perturbation: a process kept for the next start
-    # saves its start-up (imports, data) each time
+    # Every trial holds the same resources, so a trial's process (torch, raydist and the data's
+    # loaders imported) runs the next trial instead of a fresh one starting; PBT's pauses too
     return tune.TuneConfig(metric=sweep.metric, mode=sweep.mode, num_samples=sweep.samples,
                            scheduler=search.scheduler(sweep), search_alg=search.searcher(sweep),
-                           reuse_actors=sweep.scheduler == "pbt")
+                           reuse_actors=True)
 
 
 def run_config(sweep: SweepSpec, root: Path) -> tune.RunConfig:
@@ -168,6 +183,8 @@ def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, An
         if Path(cwd).is_dir():  # Tune moves trials into its own folder; relative paths are the user's
             os.chdir(cwd)
         out = root / "trials" / tune.get_context().get_trial_id()
+        if get_state(out)["status"] in FINAL:  # it ended before an interruption Tune's state missed
+            return
         out.mkdir(parents=True, exist_ok=True)
         set_state(out, "running")
         try:
@@ -268,6 +285,45 @@ def describe(config: dict[str, Any]) -> str:
     return "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in flat.items())
 
 
+# --- after the trials: what this machine allows, and what a cluster would ------------------------
+
+def finished(root: Path, total: int) -> bool:
+    """Whether every trial has ended (the fit was not interrupted)."""
+    states = [get_state(d)["status"] for d in (root / "trials").glob("*") if (d / STATE).exists()]
+    return len(states) >= total and "running" not in states
+
+
+def measure_machine(sweep: SweepSpec, root: Path) -> None:
+    """On the sweep's Ray, once (a resumed sweep keeps what it has): the compute-only bound of
+    each setting the sweep scales (sweep.bound, DIR/bound.csv) and `raydist plan`'s prediction
+    for it on a cluster (sweep.plan, DIR/plan/)."""
+    scaled, counts = bound.wanted(trial_specs(sweep))
+    if not scaled:
+        return
+    if sweep.bound and bound.load(root) is None:
+        print(f"sweep: measuring this machine's bound: {len(scaled)} setting(s) on "
+              f"{', '.join(map(str, counts))} bare actors", flush=True)
+        bound.save(bound.measure(scaled, counts), root)
+    if sweep.plan and not (root / PLAN / "plan.csv").exists():
+        print(f"sweep: calibrating `raydist plan` for {sweep.plan['workers']} workers on "
+              f"{sweep.plan['bandwidth']}", flush=True)
+        predict_cluster(sweep.plan, scaled[0], counts, root / PLAN)
+
+
+PLAN = "plan"
+
+
+def predict_cluster(given: dict[str, Any], spec: RunSpec, counts: list[int], out: Path) -> None:
+    """`raydist plan` for `spec` at the sweep's counts and the cluster's: one worker per node,
+    each computing as this machine's core does, on the given links."""
+    from raydist import calibration, plan
+
+    every = sorted({*counts, given["workers"]})
+    net = plan.Network(plan.parse_bandwidth(given["bandwidth"]), plan.parse_duration(given["latency"]))
+    costs = calibration.calibrate(spec, every, workers_per_node=1)
+    plan.write(plan.predict(costs, net, spec.global_batch, every, spec.microbatches), out)
+
+
 # --- results -----------------------------------------------------------------------------------
 
 def collect(root: Path) -> pd.DataFrame:
@@ -301,14 +357,6 @@ def trial_rows(out: Path) -> pd.DataFrame:
     for key, value in pbt.lineage(out).items():
         back[key] = value
     return pd.concat([front, rows, back], axis=1)
-
-
-def flat(value: Any) -> Any:
-    """List fields (hidden, cuts) as '64,32' and mappings (model_args) as JSON, so CSV and
-    Parquet hold the same value."""
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 def summarize(results: pd.DataFrame, total: int, root: Path) -> bool:

@@ -55,7 +55,7 @@ CASES = [
     pytest.param("train --out {out} --epochs", "argument --epochs: expected one argument", id="flag without its value"),
     pytest.param("train --set bach_size=3 --out {out}", "unknown key 'bach_size' (did you mean 'batch_size'?)", id="unknown --set key"),
     pytest.param("train --set lr --out {out}", "--set: got 'lr'; expected key=value", id="--set without ="),
-    pytest.param("trian --epochs 1 --out {out}", "command: unknown value 'trian' (did you mean 'train'?); expected one of train, sweep, report, cluster, plan", id="unknown command"),
+    pytest.param("trian --epochs 1 --out {out}", "command: unknown value 'trian' (did you mean 'train'?); expected one of train, sweep, report, cluster, plan, ray", id="unknown command"),
     # --- train: --out -----------------------------------------------------------------------------
     pytest.param("train --out ''", "out: got ''; expected a non-empty string", id="out empty"),
     pytest.param("train --out {f}/afile", "out: {f}/afile is a file; expected a folder (created if missing)", id="out an existing file"),
@@ -160,6 +160,8 @@ CASES = [
     pytest.param("plan --workers-per-node 0 --flops 1TFLOP/s --out {out}", "workers_per_node: got 0; expected an integer >= 1", id="plan workers per node"),
     pytest.param("plan --flops 1TFLOP/s --out {f}/afile", "out: {f}/afile is a file; expected a folder (created if missing)", id="plan out an existing file"),
     pytest.param("plan --model mlpp --out {out}", "model: unknown value 'mlpp' (did you mean 'mlp'?); expected one of mlp, cnn, transformer, gpt, resnet", id="plan unknown model"),
+    # --- raydist ray start|stop|status ----------------------------------------------------------
+    pytest.param("ray strat", "action: unknown value 'strat' (did you mean 'start'?); expected one of start, stop, status", id="ray unknown action"),
     # --- raydist cluster check (Ray's own schema errors: tests/test_cluster_yaml.py) -------------
     pytest.param("cluster chek {f}/list.yaml", "action: unknown value 'chek' (did you mean 'check'?); expected one of check, publish", id="cluster unknown action"),
     pytest.param("cluster check {f}/list.yaml", "{f}/list.yaml: expected a mapping of field: value at the top level, not a list", id="cluster file a list"),

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.unit
 PKG = Path(__file__).resolve().parents[1] / "raydist"
 LAYER = {"registry": 0, "config": 1, "faults": 1, "interrupts": 1, "checkpoint": 1, "progress": 1,
         "tables": 1, "memory": 1, "optim": 2, "data": 2, "tracking": 2, "models": 3, "footprint": 3,
-        "ray_compat": 3, "cluster": 4, "engine": 5, "raytrain": 6, "strategies": 7, "calibration": 8,
-        "search": 8, "pbt": 8, "plan": 9, "sweep": 9, "profiles": 9, "timeline": 9, "report_html": 9,
-        "memory_section": 9, "report": 10, "cli": 11}
+        "ray_compat": 3, "cluster": 4, "local_ray": 5, "engine": 5, "raytrain": 6, "strategies": 7,
+        "bound": 8, "calibration": 8, "search": 8, "pbt": 8, "plan": 9, "profiles": 9, "timeline": 9,
+        "report_html": 9, "report_bound": 9, "memory_section": 9, "sweep": 10, "report": 10, "cli": 11}
 
 
 def raydist_imports(path: Path) -> set[str]:

@@ -194,3 +194,33 @@ def test_memory_per_worker_against_throughput_for_every_strategy(tmp_path):
     assert main(["report", str(plain)]) == 0
     assert "## Memory per worker" not in (plain / "report.md").read_text()
     assert not (plain / "memory.png").exists()
+def test_bound_beside_every_speedup(tmp_path, monkeypatch):
+    """DIR/bound.csv (N bare actors, nothing exchanged) sets efficiency_vs_bound beside each
+    measured speedup, a paragraph per scaled row, and a dotted line in the speedup plot."""
+    folder = sweep_folder(tmp_path, results_table(SCALING), "{target: 0.9}")
+    pd.DataFrame({"model": "mlp", "optimizer": "adam", "workers": [1, 2, 4],
+                  "samples_per_s": [250.0, 500.0, 700.0]}).to_csv(folder / "bound.csv", index=False)
+    figures = []
+    monkeypatch.setattr(report, "save", lambda fig, path: figures.append((path.name, fig)))
+
+    report.write(folder)
+    lines = (folder / "report.md").read_text().splitlines()
+    # strategy | workers | seeds | samples/s | speedup | efficiency | bound | vs bound | vs_local | ttt..
+    assert "| ddp | 1 | 2 | 190 | 1.00 | 1.00 | 250 | 0.76 | 0.93 | 5.00 s | 1.00 |" in lines
+    assert "| ddp | 2 | 2 | 370 | 1.95 | 0.97 | 500 | 0.74 | 1.80 | not reached | - |" in lines
+    assert "| ddp | 4 | 2 | 630 | 3.32 | 0.83 | 700 | 0.90 | 3.07 | 0.75 s | 6.67 |" in lines
+    assert "| local | 1 | 2 | 205 | 1.00 | 1.00 | 250 | 0.82 | 1.00 | 2.50 s | 1.00 |" in lines
+    assert ("- ddp on 4 workers: 3.32x of 1 worker, and 0.90 of what 4 workers reach on this machine "
+            "with nothing exchanged (bound 2.80x); communication and overhead cost the rest.") in lines
+    [speedup, efficiency, _] = dict(figures)["speedup.png"].axes
+    [line] = [x for x in speedup.lines if x.get_label() == "this machine's bound"]
+    assert list(line.get_xdata()) == [1, 2, 4] and list(line.get_ydata()) == pytest.approx([1, 2, 2.8])
+    [line] = [x for x in efficiency.lines if x.get_label() == "this machine's bound"]
+    assert list(line.get_ydata()) == pytest.approx([1, 1, 0.7])
+
+
+def test_no_bound_no_bound_columns(tmp_path):
+    folder = sweep_folder(tmp_path, results_table(SCALING), "{target: 0.9}")
+    report.write(folder)
+    text = (folder / "report.md").read_text()
+    assert "efficiency_vs_bound" not in text and "What this machine allows" not in text

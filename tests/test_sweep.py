@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from raydist import sweep
+from raydist import bound, sweep
 from raydist.cli import main
 from raydist.config import ConfigError, SweepSpec, load_sweep
 from raydist.strategies import STRATEGIES
@@ -101,7 +101,16 @@ BAD = {
     "unknown sweep key": ("sweep: {max_concurent: 2}\n",
                           "F: sweep: unknown key 'max_concurent' (did you mean 'max_concurrent'?); expected "
                           "one of metric, mode, target, samples, search, search_seed, scheduler, "
-                          "perturbation_interval, max_concurrent, scale, seeds, variants, perturb"),
+                          "perturbation_interval, max_concurrent, scale, bound, seeds, variants, perturb, "
+                          "plan"),
+    "bound not a bool": ("sweep: {bound: maybe}\n", "F: sweep.bound: got 'maybe'; expected true or false"),
+    "plan not a mapping": ("sweep: {plan: 8}\n",
+                           "F: sweep.plan: got 8; expected a mapping of workers, bandwidth, latency, "
+                           "e.g. {workers: 8, bandwidth: 25Gbit/s}"),
+    "plan of one worker": ("sweep: {plan: {workers: 1}}\n",
+                           "F: sweep.plan.workers: got 1; expected an integer >= 2"),
+    "plan bandwidth": ("sweep: {plan: {bandwidth: fast}}\n",
+                       "F: sweep.plan.bandwidth: got 'fast'; expected a rate like 25Gbit/s or 3GB/s"),
     "sweep not a mapping": ("sweep: [1]\n", "F: sweep: expected a mapping of setting: value"),
     "variant sets a searched key": ("workers: {grid: [1, 2]}\nsweep: {variants: [{workers: 4}]}\n",
                                     "F: sweep.variants: workers is searched or set per trial; a variant "
@@ -131,12 +140,17 @@ def test_shipped_sweep_files_parse(path):
 
 
 @pytest.mark.unit
-def test_quickstart_is_the_six_optimizers_on_local_and_ddp():
+def test_quickstart_is_the_six_optimizers_on_local_and_adam_on_ddp():
+    """The main job: six optimizers on local, adam on 1 and 2 ddp workers, the machine's bound
+    and the plan for 8 workers on 25 Gbit/s beside the speedup."""
     s = load_sweep(CONFIGS / "quickstart.yaml")
-    assert s.space["optimizer"] == ("grid", SIX)
-    assert s.variants == [{"strategy": "local", "workers": 1}, {"strategy": "ddp", "workers": 1},
-                          {"strategy": "ddp", "workers": 2}]
-    assert (s.base["data"], sweep.total_trials(s), s.max_concurrent) == ("digits", 18, 1)
+    assert s.variants == [*({"strategy": "local", "optimizer": o} for o in SIX),
+                          {"strategy": "ddp", "workers": 1, "optimizer": "adam"},
+                          {"strategy": "ddp", "workers": 2, "optimizer": "adam"}]
+    assert (s.base["data"], sweep.total_trials(s), s.max_concurrent) == ("digits", 8, 1)
+    assert s.bound and s.plan == {"workers": 8, "bandwidth": "25Gbit/s", "latency": "10us"}
+    scaled, counts = bound.wanted(sweep.trial_specs(s))
+    assert [spec.optimizer for spec in scaled] == ["adam"] and counts == [1, 2]
 
 
 @pytest.mark.unit
@@ -190,11 +204,14 @@ def trial_table(results: pd.DataFrame) -> pd.DataFrame:
 # divergence check (tests/test_ddp.py would need a Ray Train fit of its own for it) shares this
 # sweep's fit. max_failures 2: a diverged run is not a failure for Ray Train to retry. The ps
 # and pipeline trials start their actors outside the trial's placement group (it holds only
-# the trial's driver): started inside it, they could never be placed.
+# the trial's driver): started inside it, they could never be placed. The adam setting runs on
+# 1 and 2 workers: the sweep measures its bound and predicts it on 4 workers of a cluster.
 SWEEP = """
 epochs: 2
 sweep:
   max_concurrent: 2
+  bound: true
+  plan: {workers: 4, bandwidth: 10Gbit/s}
   variants:
     - {strategy: local, optimizer: adam}
     - {strategy: ddp, workers: 2, optimizer: adam}
@@ -248,6 +265,24 @@ def test_sweep_with_two_worker_trials_and_a_diverged_one(swept):
         assert t.out == str(folder)
         assert yaml.safe_load((folder / "spec.yaml").read_text())["strategy"] == t.strategy
         assert (folder / "model.pt").exists() == (t.status == "completed")
+
+
+@pytest.mark.ray
+def test_bound_and_cluster_plan_beside_the_trials(swept):
+    """The one setting run at 1 and 2 workers (adam) gets its bound, 1 and 2 bare actors, and a
+    plan for 4 workers; the report sets them beside the measured speedup."""
+    _, _, out = swept
+    measured = pd.read_csv(out / "bound.csv")
+    assert measured[["optimizer", "workers"]].values.tolist() == [["adam", 1], ["adam", 2]]
+    assert (measured["samples_per_s"] > 0).all()
+    plan = pd.read_csv(out / "plan" / "plan.csv")
+    assert plan[plan["strategy"] == "ddp"]["workers"].tolist() == [1, 2, 4]
+    assert main(["report", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| strategy |"))
+    assert "| efficiency | bound_samples_per_s | efficiency_vs_bound | vs_local |" in header
+    assert "- ddp on 2 workers: " in text and "- pipeline" not in text
+    assert "10Gbit/s links, 10us latency): ddp on 4 workers" in text
 
 
 @pytest.mark.ray

@@ -9,7 +9,15 @@ from typing import Any
 
 from raydist.config.run import MAPPINGS, RunSpec, at_least, read_only
 from raydist.config.search import SCHEDULERS, SEARCHES, check_search
-from raydist.config.values import as_float, as_int, as_str, load_yaml
+from raydist.config.values import (
+    as_bool,
+    as_float,
+    as_int,
+    as_str,
+    load_yaml,
+    parse_bandwidth,
+    parse_duration,
+)
 from raydist.registry import ConfigError, closest
 
 SEARCH_KINDS = ("grid", "choice", "loguniform", "uniform")
@@ -46,6 +54,11 @@ class SweepSpec:
     max_concurrent: int = 1
     scale: str = "workers"
     """the RunSpec field that is N in speedup(N)"""
+    bound: bool = False
+    """measure the machine's compute-only bound beside the trials (raydist/bound.py)"""
+    plan: dict[str, Any] | None = None
+    """predict the scaled setting on a cluster after the trials (`raydist plan`): workers (the
+    largest count), bandwidth and latency of its links, one worker per node"""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "sweep") -> SweepSpec:
@@ -72,6 +85,7 @@ class SweepSpec:
                               "field: value")
         sweep.variants = [parse_variant(v, base, sweep.space, source) for v in variants]
         sweep.perturb = field_names(settings.get("perturb") or [], "sweep.perturb", source)
+        sweep.plan = cluster_plan(settings.get("plan"), source)
         check_search(sweep, settings, source)
         return sweep
 
@@ -177,6 +191,33 @@ def field_names(value: Any, where: str, source: str) -> list[str]:
     return value
 
 
+PLAN = {"workers": 8, "bandwidth": "25Gbit/s", "latency": "10us"}
+
+
+def cluster_plan(value: Any, source: str) -> dict[str, Any] | None:
+    """sweep.plan: {workers, bandwidth, latency} (each defaulted), checked as `raydist plan`
+    checks its flags."""
+    if value is None:
+        return None
+    where = f"{source}: sweep.plan"
+    if not isinstance(value, dict) or set(value) - set(PLAN):
+        raise ConfigError(f"{where}: got {value!r}; expected a mapping of {', '.join(PLAN)}, "
+                          "e.g. {workers: 8, bandwidth: 25Gbit/s}")
+    plan = {**PLAN, **value}
+    try:
+        plan["workers"] = as_int(plan["workers"])
+    except (TypeError, ValueError):
+        plan["workers"] = 0
+    if plan["workers"] < 2:
+        raise ConfigError(f"{where}.workers: got {value.get('workers')!r}; expected an integer >= 2")
+    for key, parse in (("bandwidth", parse_bandwidth), ("latency", parse_duration)):
+        try:
+            parse(str(plan[key]))
+        except ConfigError as e:
+            raise ConfigError(f"{where}.{e}") from None
+    return plan
+
+
 def sweep_seeds(value: Any, source: str) -> list[int]:
     bad = ConfigError(f"{source}: sweep.seeds: got {value!r}; expected an integer >= 1 (seeds "
                       "0..n-1) or a list of integers >= 0")
@@ -202,13 +243,14 @@ SWEEP_SETTINGS: dict[str, tuple[Any, Any, str]] = {
     "max_concurrent": (as_int, at_least(1), "an integer >= 1"),
     "scale": (as_str, lambda v: v in {f.name for f in fields(RunSpec) if f.type.startswith("int")},
               "an integer RunSpec field such as workers or stages"),
+    "bound": (as_bool, None, "true or false"),
 }
 
 
 def sweep_settings(settings: dict[str, Any], source: str) -> dict[str, Any]:
     """The scalar settings of the `sweep:` section; seeds, variants and perturb are parsed by
     the caller."""
-    allowed = [*SWEEP_SETTINGS, "seeds", "variants", "perturb"]
+    allowed = [*SWEEP_SETTINGS, "seeds", "variants", "perturb", "plan"]
     out: dict[str, Any] = {}
     for key, value in settings.items():
         if key not in allowed:

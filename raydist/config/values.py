@@ -124,7 +124,7 @@ SIZE_UNITS = {"k": 1, "m": 2, "g": 3, "t": 4}
 
 def parse_size(text: str) -> float | None:
     """'16GiB' (binary), '2GB' or '2G' (decimal), '512MiB', '1e9' (bytes) -> bytes; None if not a
-    size. The unit rules of `raydist plan`'s rates (plan.parse_bandwidth), with binary prefixes."""
+    size. The unit rules of `raydist plan`'s rates (parse_bandwidth below), with binary prefixes."""
     m = SIZE.fullmatch(text) if isinstance(text, str) else None
     if not m:
         return None
@@ -222,3 +222,25 @@ def parse_sets(items: list[str], flag: str = "--set") -> dict[str, str]:
 def lookup(path: str) -> Any:
     module, attr = path.split(":")
     return getattr(importlib.import_module(module), attr)
+
+
+# --- links: `raydist plan`'s flags and a sweep's `plan:` --------------------------------------
+
+UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_bandwidth(text: str) -> float:
+    """'25Gbit/s', '10GB/s', '100Mbit/s' -> bytes per second."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgtKMGT]?)(bit|b|B|byte)(/s|ps)?\s*", text)
+    if not m:
+        raise ConfigError(f"bandwidth: got '{text}'; expected a rate like 25Gbit/s or 3GB/s")
+    value = float(m.group(1)) * UNITS[m.group(2).lower()]
+    return value / 8 if m.group(3) in ("bit", "b") else value
+
+
+def parse_duration(text: str) -> float:
+    """'10us', '2ms', '0.5s' -> seconds."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(ns|us|ms|s)\s*", text)
+    if not m:
+        raise ConfigError(f"latency: got '{text}'; expected a time like 10us or 2ms")
+    return float(m.group(1)) * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]

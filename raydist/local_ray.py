@@ -1,0 +1,93 @@
+"""`raydist ray start|stop|status`: one local Ray kept running between commands, so that a user
+iterating on a laptop pays Ray's start-up once, not per `raydist train` / `sweep`.
+
+`start` launches a keeper process (`python -m raydist.local_ray`, its own session) that starts a
+head exactly as an embedded run does (cluster.start_local: dashboard on loopback, Ray's token
+authentication on, the trial_driver resource a sweep needs) and writes where it is to a file
+only this user can write (cluster.local_ray_file()); `stop` ends that keeper by its process id,
+and its Ray's processes end with it. Every raydist command given no address joins that Ray
+(cluster.local_head: only a head this user's own file names, at an address of this machine,
+whose keeper is this user's live process) and says so; never a stranger's cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import ray
+import yaml
+
+from raydist import cluster
+from raydist.config import ConfigError
+
+START_S = 120.0
+"""How long `start` waits for the keeper to write its file (Ray's start-up, on a loaded laptop)."""
+
+
+def start(cpus: int | None = None) -> dict:
+    """Launch the keeper and wait for its file; the head it runs. Refused if one runs already."""
+    path = cluster.local_ray_file()
+    running = cluster.local_head()
+    if running:
+        raise ConfigError(f"ray start: a local Ray runs already at {running['address']} (pid "
+                          f"{running['pid']}); stop it with `raydist ray stop`")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "raydist.local_ray", str(cpus or os.cpu_count() or 1)]
+    log = open(path.with_suffix(".log"), "w")  # noqa: SIM115 (the keeper's own stdout/stderr)
+    keeper = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + START_S
+    while time.monotonic() < deadline:
+        head = cluster.local_head()
+        if head:
+            return head
+        if keeper.poll() is not None:
+            raise ConfigError(f"ray start: the local Ray failed to start; see {log.name}")
+        time.sleep(0.2)
+    keeper.terminate()
+    raise ConfigError(f"ray start: the local Ray did not start in {START_S:g} s; see {log.name}")
+
+
+def stop() -> dict | None:
+    """End the keeper (it shuts its Ray down); the head it ran, or None if none ran."""
+    head = cluster.local_head()
+    if head is None:
+        cluster.local_ray_file().unlink(missing_ok=True)
+        return None
+    os.kill(head["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while cluster.alive(head["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    cluster.local_ray_file().unlink(missing_ok=True)
+    return head
+
+
+def keep(cpus: int) -> None:
+    """The keeper: start the head, write the file (mode 0600), wait for SIGTERM, shut down."""
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    cluster.start_local(num_cpus=cpus, resources={"trial_driver": 8})
+    address = ray.get_runtime_context().gcs_address
+    path = cluster.local_ray_file()
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump({"address": address, "pid": os.getpid(), "cpus": cpus,
+                        "api_server": os.environ[cluster.API_SERVER]}, f)
+    tmp.replace(path)
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        path.unlink(missing_ok=True)
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    keep(int(sys.argv[1]))
