@@ -313,10 +313,13 @@ def test_a_sweep_stopped_by_ctrl_c_continues_with_resume(ray_local, tmp_path):
 
 
 def test_a_sweep_whose_driver_was_killed_continues_with_resume(ray_local, tmp_path):
-    """Six trials: room for Tune to save its state, which it does every so often, while trials
-    are still left."""
+    """Six trials: room for Tune to save its state while trials are still left. Tune saves it
+    every so often (TUNE_GLOBAL_CHECKPOINT_S, by default a share of its own loop's time); with
+    warm trial actors these trials take a second or two each, less than that, so this driver
+    saves at every step of its loop, as a sweep of longer trials does between them."""
     out = tmp_path / "out"
-    first = Command(tmp_path, ["sweep", str(sweep_file(tmp_path, 6)), "--out", str(out)], "first")
+    first = Command(tmp_path, ["sweep", str(sweep_file(tmp_path, 6)), "--out", str(out)], "first",
+                    TUNE_GLOBAL_CHECKPOINT_S="0")
     seen: dict[str, float] = {}
 
     def saved_since_last_trial_began() -> bool:
