@@ -160,8 +160,8 @@ def test_cli_train_writes_the_outputs_of_local(runs, tmp_path):
     for key, value in raw.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main(argv) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "machine.yaml", "metrics.csv",
-                                                          "model.pt", "ray.log", "spec.yaml",
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "machine.yaml", "memory.csv",
+                                                          "metrics.csv", "model.pt", "ray.log", "spec.yaml",
                                                           "stage_events.json"]
     model = torch.load(tmp_path / "model.pt")
     assert list(model) == list(reference.state_dict)
