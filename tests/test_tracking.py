@@ -127,4 +127,4 @@ def test_a_sweep_logs_each_trial_and_the_report_to_mlflow(ray_local, tmp_path, m
         assert run.data.params["variant/optimizer"] == spec["optimizer"]
         assert history(client, run.info.run_id, FIELDS) == columns(epochs)
     artifacts = {a.path for a in client.list_artifacts(by_name["report"].info.run_id)}
-    assert artifacts == {"report.md", "report.html", "curves.png"}
+    assert artifacts == {"report.md", "report.html", "curves.png", "memory.png"}  # local trials record memory
