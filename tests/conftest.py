@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# A local Ray the developer keeps with `raydist ray start` (raydist.cluster.LOCAL_RAY names where
+# it is written down) must not catch the suite's runs, in this process or in the CLI processes
+# the tests start: the suite's file names no head (tests/test_local_ray.py sets its own).
+os.environ["RAYDIST_LOCAL_RAY"] = str(Path(__file__).resolve().parent / ".no-local-ray.yaml")
 
 # The example user project (examples/resmlp) is on PYTHONPATH as its README says: for this
 # process, and for every Ray worker, which inherits the environment of the Ray it belongs to.
