@@ -5,8 +5,8 @@
 - state.pt (rank 0): everything else, plain data (raydist.checkpoint): the history, the epoch,
   the lr schedule, the RNG states, the optimizer's param groups and non-tensor state.
 
-Nothing here unpickles code. DCP stores non-tensor values as pickles (read back with
-weights_only=False): none are written, and a load asks DCP only for tensors, so none are read.
+Nothing here unpickles code. DCP stores non-tensor values as pickles (read back by an
+unrestricted torch.load): none are written, and a load asks DCP only for tensors, so none are read.
 The .metadata index is a pickle of DCP's own dataclasses: it is read with an unpickler that
 builds those classes and nothing else (`SafeReader`), both in `check` (the pre-flight, before
 Ray starts) and in the workers."""
