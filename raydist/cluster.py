@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import jsonschema
 import ray
 
-from raydist import interrupts, ray_compat
+from raydist import AUTH_MODE, LOCAL_RAY, interrupts, local_ray_file, ray_compat  # noqa: F401 (LOCAL_RAY: API)
 from raydist.config import ConfigError, RunSpec, load_yaml
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
@@ -49,16 +49,6 @@ def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
 
 
 # --- the local Ray `raydist ray start` keeps (raydist/local_ray.py) ----------------------------
-
-LOCAL_RAY = "RAYDIST_LOCAL_RAY"
-
-
-def local_ray_file() -> Path:
-    """Where `raydist ray start` writes where its Ray is: $RAYDIST_LOCAL_RAY, else
-    ~/.cache/raydist/local-ray.yaml."""
-    given = os.environ.get(LOCAL_RAY)
-    return Path(given) if given else Path.home() / ".cache" / "raydist" / "local-ray.yaml"
-
 
 def alive(pid: int) -> bool:
     """Whether process `pid` runs and is this user's."""
@@ -94,6 +84,7 @@ def join_local_head() -> bool:
     print(f"note: joining the local Ray at {head['address']} that `raydist ray start` keeps "
           f"(pid {head['pid']}); `raydist ray stop` ends it", file=sys.stderr, flush=True)
     os.environ[API_SERVER] = head["api_server"]
+    os.environ[AUTH_MODE] = str(head.get("auth_mode", "token"))  # the head's, not this shell's
     ray.init(address=head["address"], logging_level=logging.WARNING)
     interrupts.reassert()
     return True

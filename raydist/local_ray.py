@@ -78,8 +78,11 @@ def keep(cpus: int) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
+        # Ray turned token authentication on for this new head in this process's environment
+        # (RAY_AUTH_MODE); a command that joins must ask for it too, or the head refuses it
         yaml.safe_dump({"address": address, "pid": os.getpid(), "cpus": cpus,
-                        "api_server": os.environ[cluster.API_SERVER]}, f)
+                        "api_server": os.environ[cluster.API_SERVER],
+                        "auth_mode": os.environ.get(cluster.AUTH_MODE, "disabled")}, f)
     tmp.replace(path)
     try:
         while not done.wait(1.0):

@@ -52,6 +52,7 @@ def test_train_joins_a_running_local_ray_and_leaves_it_running(ray_local):
     home = Path(tempfile.mkdtemp(prefix="rdlr", dir="/tmp"))  # short: Ray's socket paths
     env = {**os.environ, cluster.LOCAL_RAY: str(home / "local-ray.yaml"), "RAY_TMPDIR": str(home)}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_MODE", None)  # a user's fresh shell: this process's Ray set it for its own
     pid = None
     try:
         started = subprocess.run([*RAYDIST, "ray", "start", "--cpus", "4"], env=env, text=True,
