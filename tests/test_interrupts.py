@@ -266,10 +266,10 @@ def test_a_death_prints_one_line_and_an_interrupted_run_resumes_to_the_same_mode
     assert list(model) == list(clean) and all(torch.equal(model[k], clean[k]) for k in clean)
 
 
-def sweep_file(tmp_path: Path, trials: int) -> Path:
+def sweep_file(tmp_path: Path, trials: int, epochs: int = 3) -> Path:
     """A sweep of `trials` trials one after the other (lr 0.001, 0.002, ...)."""
     lrs = ", ".join(f"{0.001 * (i + 1):g}" for i in range(trials))
-    (tmp_path / "sweep.yaml").write_text(SWEEP.replace("LRS", lrs))
+    (tmp_path / "sweep.yaml").write_text(SWEEP.replace("LRS", lrs).replace("EPOCHS", str(epochs)))
     return tmp_path / "sweep.yaml"
 
 
@@ -278,7 +278,7 @@ strategy: local
 model: mlp
 data: digits
 hidden: [16]
-epochs: 3
+epochs: EPOCHS
 batch_size: 16
 lr: {grid: [LRS]}
 sweep: {max_concurrent: 1}
@@ -314,12 +314,13 @@ def test_a_sweep_stopped_by_ctrl_c_continues_with_resume(ray_local, tmp_path):
 
 def test_a_sweep_whose_driver_was_killed_continues_with_resume(ray_local, tmp_path):
     """Six trials: room for Tune to save its state while trials are still left. Tune saves it
-    every so often (TUNE_GLOBAL_CHECKPOINT_S, by default a share of its own loop's time); with
-    warm trial actors these trials take a second or two each, less than that, so this driver
-    saves at every step of its loop, as a sweep of longer trials does between them."""
+    every so often (TUNE_GLOBAL_CHECKPOINT_S, by default a share of its own loop's time); warm
+    trial actors run a 3-epoch trial in a fraction of a second, so the sweep could end before any
+    save came after its newest trial began: 40 epochs a trial (a second or two), and this
+    driver saves at every step of its loop."""
     out = tmp_path / "out"
-    first = Command(tmp_path, ["sweep", str(sweep_file(tmp_path, 6)), "--out", str(out)], "first",
-                    TUNE_GLOBAL_CHECKPOINT_S="0")
+    first = Command(tmp_path, ["sweep", str(sweep_file(tmp_path, 6, epochs=40)), "--out", str(out)],
+                    "first", TUNE_GLOBAL_CHECKPOINT_S="0")
     seen: dict[str, float] = {}
 
     def saved_since_last_trial_began() -> bool:
