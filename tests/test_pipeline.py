@@ -195,19 +195,19 @@ def test_each_epoch_reports_bubble_and_stage_times(name, runs):
         assert rec["bubble_bound"] == (k - 1) / (m + k - 1)
         # the bubble is what the stages' own timers leave idle of the epoch's steps (not
         # clamped): each stage computes within them, and with K >= 2 the later stages must wait
-        # to start. epoch_time_s also holds the collection of the stages' statistics (a few ms),
-        # so measured over it the idle share is a little larger.
+        # to start. The steps last at least as long as the busiest stage's compute and comm,
+        # and at most epoch_time_s (which also holds the collection of the stages' statistics),
+        # so the bubble lies between the idle shares over those two spans.
         compute = [rec[f"stage{i}_compute_s"] for i in range(k)]
-        assert all(c < rec["epoch_time_s"] for c in compute)
+        busy = [rec[f"stage{i}_compute_s"] + rec[f"stage{i}_comm_s"] for i in range(k)]
+        assert all(rec[f"stage{i}_compute_s"] > 0 and rec[f"stage{i}_comm_s"] > 0 for i in range(k))
+        assert max(busy) <= rec["epoch_time_s"]
         idle = 1 - sum(compute) / (k * rec["epoch_time_s"])
-        assert idle - 0.02 <= rec["bubble_fraction"] <= idle
+        assert 1 - sum(compute) / (k * max(busy)) <= rec["bubble_fraction"] <= idle
         assert 0 < rec["bubble_fraction"] < 1
         # one meaning for every strategy: the stages' mean wait on their neighbours
         assert rec["comm_wait_s"] == pytest.approx(sum(rec[f"stage{i}_comm_s"] for i in range(k)) / k)
         assert rec["world_size"] == k and all(documented(key) for key in rec)
-        busy = [rec[f"stage{i}_compute_s"] + rec[f"stage{i}_comm_s"] for i in range(k)]
-        assert all(rec[f"stage{i}_compute_s"] > 0 and rec[f"stage{i}_comm_s"] > 0 for i in range(k))
-        assert max(busy) <= rec["epoch_time_s"]
     # bytes as sent: every sample's activations forward and their gradients back, over each cut
     data = load_data(spec)
     model = build_model(spec, data)

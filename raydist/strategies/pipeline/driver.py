@@ -61,8 +61,7 @@ class Pipeline:
         record_at = self.spec.timeline_step - (epoch - 1) * len(batches) - 1
         run_batches(self.spec, self.stages, epoch, steps(batches, epoch), record_at)  # a bar at a terminal
         elapsed = time.perf_counter() - t  # the steps alone: what the bubble is a share of
-        wait([s.eval_mode.remote() for s in self.stages], "the stages' switch to evaluation")
-        stats = wait([s.epoch_stats.remote() for s in self.stages], "collecting stage statistics")
+        stats = wait([s.end_epoch.remote() for s in self.stages], "collecting stage statistics")
         if 0 <= record_at < len(batches):
             write_events(self.spec, epoch, self.spec.timeline_step, len(batches[record_at]), stats)
         k = self.spec.stages

@@ -278,14 +278,13 @@ class Stage:
         """Before an epoch's steps: the weights gradients are taken at (schedule-free: y)."""
         self.entry.train(self.optimizer)
 
-    def eval_mode(self) -> None:
-        """After them: the weights to evaluate and checkpoint (schedule-free: x)."""
+    def end_epoch(self) -> dict[str, Any]:
+        """After them (one round trip, as it lies in the timed epoch): switch to the weights to
+        evaluate and checkpoint (schedule-free: x), and return the sum of losses (last stage),
+        compute and communication seconds, the most activations held at once, the bytes sent
+        and its memory fields (raydist/memory.py) since the last call; the recorded step's ops,
+        if any, and this actor's node."""
         self.entry.eval(self.optimizer)
-
-    def epoch_stats(self) -> dict[str, Any]:
-        """Sum of losses (last stage), compute and communication seconds, the most activations
-        held at once, the bytes sent and its memory fields (raydist/memory.py), since the last
-        call; the recorded step's ops, if any, and this actor's node."""
         stats = {"loss": self.loss, "peak": self.peak, "sent": self.sent, **self.clock,
                  "events": self.recorded, "node": ray.get_runtime_context().get_node_id(),
                  "memory": {**memory.measure(self.layers, self.optimizer), **(self.held or {})}}
