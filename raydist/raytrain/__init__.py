@@ -1,4 +1,4 @@
-"""The Ray Train machinery every strategy on Ray Train shares (ddp, fsdp): the driver side
+"""The Ray Train machinery every strategy on Ray Train shares (ddp, fsdp, tp): the driver side
 (driver.py: a channel actor for the records, TorchTrainer's set-up, the records and restart
 lines on their way to `report`, interrupts) and the worker side (worker.py: the epoch loop
 around a strategy's `Replica`, the stop broadcast, the memory gathered per worker, checkpoints
@@ -26,6 +26,10 @@ def per_worker(spec: Any, gpus: float) -> dict[str, float]:
     return {"CPU": float(spec.threads_per_worker), **({"GPU": 1.0} if gpu else {})}
 
 
+def fixed_workers(spec: Any) -> int:
+    return spec.max_workers
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -34,5 +38,18 @@ class Recipe:
     """module.path:Class of the per-rank side (raytrain.worker.Replica), imported in each worker"""
     per_worker: Callable[[Any, float], dict[str, float]]
     """(spec, the cluster's GPUs now) -> the resources one worker asks for"""
-    num_workers: Callable[[Any], int | tuple[int, int]]
-    """a fixed count, or (min, max) for Ray Train's elastic policy"""
+    num_workers: Callable[[Any], int | tuple[int, int]] = fixed_workers
+    """a fixed count (by default `workers`), or (min, max) for Ray Train's elastic policy"""
+
+
+def fixed_resources(spec: Any, gpus: float, what: str) -> tuple[float, float, str]:
+    """A strategy's `resources` for a fixed group of `workers` workers: (CPUs, GPUs, what)."""
+    need = per_worker(spec, gpus)
+    return spec.max_workers * need["CPU"], spec.max_workers * need.get("GPU", 0.0), what
+
+
+def run(spec: Any, report: Any, recipe: Recipe) -> Any:
+    """A strategy's `run`: its recipe on Ray Train (driver.py, which imports Ray Train)."""
+    from raydist.raytrain import driver
+
+    return driver.run(spec, report, recipe)

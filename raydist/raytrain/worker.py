@@ -18,6 +18,7 @@ import ray
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointUploadMode
+from ray.train.torch import get_device
 
 from raydist import memory, ray_compat
 from raydist.config import RunSpec
@@ -26,6 +27,12 @@ from raydist.engine import Diverged, Record, fit
 from raydist.registry import import_object
 
 RAY_CALL_S = 60.0  # bound on any single call to the channel actor
+
+
+def place() -> tuple[int, int, torch.device]:
+    """This worker's rank, the group's size and its device, from Ray Train's context."""
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size(), get_device()
 
 
 class Stopped(Exception):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from raydist import checkpoint
+from raydist import checkpoint, raytrain
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult
@@ -80,9 +80,7 @@ def num_workers(spec: RunSpec) -> int | tuple[int, int]:
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:
-    from raydist.raytrain import driver
-
-    return driver.run(spec, report, RECIPE)
+    return raytrain.run(spec, report, RECIPE)
 
 
 RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:Replica", per_worker, num_workers)

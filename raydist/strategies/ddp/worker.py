@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.train.torch import get_device, prepare_model
+from ray.train.torch import prepare_model
 from torch.optim.lr_scheduler import LRScheduler
 
 from raydist import checkpoint
@@ -30,7 +30,16 @@ from raydist.engine.lr import effective_lr
 from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.optim import build_optimizer, training
-from raydist.raytrain.worker import latest, new_folder, on_device, report, rng_states, set_rng_states, total
+from raydist.raytrain.worker import (
+    latest,
+    new_folder,
+    on_device,
+    place,
+    report,
+    rng_states,
+    set_rng_states,
+    total,
+)
 from raydist.strategies.ddp import STATE, syncbn
 from raydist.strategies.ddp.comm import Comm
 
@@ -39,9 +48,8 @@ class Replica:
     """This rank's side of the engine's epoch loop (raydist.raytrain.worker.Replica)."""
 
     def __init__(self, spec: RunSpec, data: Dataset, faults: Faults) -> None:
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.spec, self.faults, self.device = spec, faults, get_device()
+        self.rank, self.world, self.device = place()
+        self.spec, self.faults = spec, faults
         self.model = build_model(spec, data)
         # DDP alone normalises each worker's shard by its own statistics, local the whole batch's;
         # converted before the optimizer is made, so that it holds the converted model's parameters

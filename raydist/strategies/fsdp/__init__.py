@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raydist import raytrain
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult
@@ -57,19 +58,11 @@ def check_saved(spec: RunSpec) -> None:
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
-    need = per_worker(spec, gpus)
-    return (spec.max_workers * need["CPU"], spec.max_workers * need.get("GPU", 0.0),
-            f"fsdp with {spec.workers} workers")
-
-
-def num_workers(spec: RunSpec) -> int:
-    return spec.max_workers
+    return raytrain.fixed_resources(spec, gpus, f"fsdp with {spec.workers} workers")
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:
-    from raydist.raytrain import driver
-
-    return driver.run(spec, report, RECIPE)
+    return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:Replica", per_worker, num_workers)
+RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:Replica", per_worker)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raydist import checkpoint
+from raydist import checkpoint, raytrain
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult
@@ -68,19 +68,12 @@ def check_saved(spec: RunSpec) -> None:
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
-    need = per_worker(spec, gpus)
-    return (spec.max_workers * need["CPU"], spec.max_workers * need.get("GPU", 0.0),
-            f"tp with {spec.workers} workers (tp_size {spec.tensor_parallel})")
-
-
-def num_workers(spec: RunSpec) -> int:
-    return spec.max_workers
+    what = f"tp with {spec.workers} workers (tp_size {spec.tensor_parallel})"
+    return raytrain.fixed_resources(spec, gpus, what)
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:
-    from raydist.raytrain import driver
-
-    return driver.run(spec, report, RECIPE)
+    return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:Replica", per_worker, num_workers)
+RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:Replica", per_worker)

@@ -7,9 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
-from ray.train.torch import get_device
 from torch.distributed.device_mesh import init_device_mesh
 
 from raydist import checkpoint
@@ -27,7 +25,16 @@ from raydist.engine import (
 from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.optim import training
-from raydist.raytrain.worker import latest, new_folder, on_device, report, rng_states, set_rng_states, total
+from raydist.raytrain.worker import (
+    latest,
+    new_folder,
+    on_device,
+    place,
+    report,
+    rng_states,
+    set_rng_states,
+    total,
+)
 from raydist.strategies.tp import plan, shards
 
 DIMS = ("dp", "tp")
@@ -44,9 +51,8 @@ class Replica:
     """This rank's side of the engine's epoch loop (raydist.raytrain.worker.Replica)."""
 
     def __init__(self, spec: RunSpec, data: Dataset, faults: Faults) -> None:
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.spec, self.faults, self.device = spec, faults, get_device()
+        self.rank, self.world, self.device = place()
+        self.spec, self.faults = spec, faults
         self.tp = spec.tensor_parallel
         self.dp = self.world // self.tp
         self.mesh = init_device_mesh(self.device.type, (self.dp, self.tp), mesh_dim_names=DIMS)
