@@ -7,6 +7,7 @@ Every benchmark runs both sides in one process tree, in turn (one warm-up round,
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -122,3 +123,35 @@ def markdown(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def peer_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark against a torchrun peer (P1, P13)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                   help="nccl: every worker and rank on its own GPU")
+    return p
+
+
+def against_torchrun(row: str, ours: str, peer: str, script: str, args: argparse.Namespace) -> None:
+    """Row `row` (P1, P13): raydist's strategy `ours` against torch's `peer` under torchrun
+    (bench/peers/SCRIPT), same model, data and batch order, alternating; the steady epochs'
+    medians and their ratio."""
+    gpu = args.backend == "nccl"
+    run_spec = spec(strategy=ours, workers=args.workers, use_gpu=gpu)
+    extra = [*peer_args(run_spec), "--backend", args.backend]
+    start_ray()
+    times = alternate({
+        f"raydist {ours}": lambda: steady(raydist_records(run_spec)),
+        peer: lambda: torchrun(script, args.workers, extra)["epoch_times"][1:],
+    }, args.reps)
+    ray.shutdown()
+    mine, theirs = median(times[f"raydist {ours}"]), median(times[peer])
+    where = (f"{args.workers} GPUs ({gpu_name()}), nccl" if gpu
+             else f"{args.workers} workers x 1 thread")
+    print(f"\n{row} on {machine()}; {run_spec.model} {run_spec.hidden} on {run_spec.data}, batch "
+          f"{run_spec.batch_size}, {where}; medians of {len(times[peer])} epochs")
+    print(markdown(["side", "median epoch s", "raydist / peer"],
+                   [[f"raydist {ours}", mine, mine / theirs], [peer, theirs, 1.0]]))

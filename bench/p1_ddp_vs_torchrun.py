@@ -11,7 +11,6 @@ efficiency = epoch time(1) / (N x epoch time(N)), and P2b = raydist's / torchrun
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import common
@@ -19,34 +18,14 @@ import ray
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
-                   help="nccl: every worker and rank on its own GPU")
+    p = common.peer_parser(__doc__)
     p.add_argument("--efficiency", action="store_true",
                    help="P2b: also both sides on 1 worker, and each side's scaling efficiency")
     args = p.parse_args()
     if args.efficiency:
         efficiency(args.reps, args.workers)
-        return
-    gpu = args.backend == "nccl"
-    spec = common.spec(strategy="ddp", workers=args.workers, use_gpu=gpu)
-    peer_args = [*common.peer_args(spec), "--backend", args.backend]
-    common.start_ray()
-    times = common.alternate({
-        "raydist ddp": lambda: common.steady(common.raydist_records(spec)),
-        "torchrun DDP": lambda: common.torchrun("torch_ddp.py", args.workers, peer_args)[
-            "epoch_times"][1:],
-    }, args.reps)
-    ray.shutdown()
-    ours, peer = common.median(times["raydist ddp"]), common.median(times["torchrun DDP"])
-    where = (f"{args.workers} GPUs ({common.gpu_name()}), nccl" if gpu
-             else f"{args.workers} workers x 1 thread")
-    print(f"\nP1 on {common.machine()}; {spec.model} {spec.hidden} on {spec.data}, batch "
-          f"{spec.batch_size}, {where}; medians of {len(times['raydist ddp'])} epochs")
-    print(common.markdown(["side", "median epoch s", "raydist / peer"],
-                          [["raydist ddp", ours, ours / peer], ["torchrun DDP", peer, 1.0]]))
+    else:
+        common.against_torchrun("P1", "ddp", "torchrun DDP", "torch_ddp.py", args)
 
 
 def sides(workers: int) -> dict[str, Callable[[], list[float]]]:
