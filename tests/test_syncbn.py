@@ -278,14 +278,10 @@ def test_ddp_worker_converts_with_sync_batchnorm_on_several_workers(monkeypatch,
     """Replica with Ray Train's context, device, DDP wrapping and checkpoint stubbed out: the
     model it trains has the global-batch BatchNorm exactly when sync_batchnorm and world > 1,
     and its optimizer holds that model's parameters."""
-    from types import SimpleNamespace
-
     from raydist.config import RunSpec
     from raydist.strategies.ddp import worker
 
-    ctx = SimpleNamespace(get_world_rank=lambda: 0, get_world_size=lambda: world)
-    monkeypatch.setattr(worker.ray.train, "get_context", lambda: ctx)
-    monkeypatch.setattr(worker, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(worker, "place", lambda: (0, world, torch.device("cpu")))
     monkeypatch.setattr(worker, "build_model", lambda spec, data: conv_net())
     monkeypatch.setattr(worker, "restore", lambda model, optimizer, scheduler: [])
     monkeypatch.setattr(worker, "prepare_model", lambda model, **kwargs: model)
