@@ -37,7 +37,6 @@ def runs(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zero")
     local = {o: quiet(spec(tmp / f"local_{o}", optimizer=o, strategy="local", workers=1)) for o in RULES}
     jobs = {o: spec(tmp / f"zero_{o}", optimizer=o, shard_optimizer=True) for o in RULES}
-    jobs["ddp"] = spec(tmp / "ddp_adam", optimizer="adam")
     with ThreadPoolExecutor(2) as pool:
         done = dict(zip(jobs, pool.map(quiet, jobs.values()), strict=True))
     return tmp, local, done
@@ -57,14 +56,14 @@ def test_zero1_matches_local(runs, optimizer):
 
 @pytest.mark.ray
 def test_each_worker_keeps_about_half_the_optimizer_state(runs):
-    _, _, done = runs
-    for zero, plain in zip(done["adam"].metrics, done["ddp"].metrics, strict=True):
+    """Against the whole model's Adam state, which local's one process holds (as every rank of
+    plain ddp does: tests/test_fsdp.py checks that ddp's ranks each hold it all)."""
+    _, local, done = runs
+    for zero, whole in zip(done["adam"].metrics, local["adam"].metrics, strict=True):
         shares = [w["optimizer_state_bytes"] for w in zero["per_worker_memory"]]
         assert len(shares) == 2 and all(s > 0 for s in shares)  # both ranks hold a share
         assert zero["optimizer_state_bytes"] == max(shares)
-        assert zero["optimizer_state_bytes"] <= 0.55 * plain["optimizer_state_bytes"]
-        whole = [w["optimizer_state_bytes"] for w in plain["per_worker_memory"]]
-        assert whole == [plain["optimizer_state_bytes"]] * 2  # plain ddp: every rank holds it all
+        assert zero["optimizer_state_bytes"] <= 0.55 * whole["optimizer_state_bytes"]
 
 
 @pytest.mark.ray

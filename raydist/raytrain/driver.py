@@ -81,7 +81,7 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any, recipe: Recipe) ->
     need = recipe.per_worker(spec, ray.cluster_resources().get("GPU", 0.0))
     gpu = "GPU" in need
     cluster.start_train_coordinator()  # ready before the controller asks for it
-    return TorchTrainer(
+    return ray_compat.torch_trainer_class()(
         loop,
         **streams(data),
         # The driver's data travels with the job: workers need neither the data file nor the
