@@ -95,13 +95,19 @@ def probe_scenario(rank: int, changes: dict[str, Any]) -> dict[str, Any]:
     optimizer = link.wrap(torch.optim.SGD(model.parameters(), lr=0.05))
     replica = torch.nn.parallel.DistributedDataParallel(model)
     state, hook = comm.make_hook(s)  # what Comm.attach registers, with the state kept here
-    replica.register_comm_hook(state, link.timed(hook))
+    timed, calls = link.timed(hook), []
+
+    def counted(state, bucket):  # DDP's reducer handing a bucket over
+        calls.append(bucket.index())
+        return timed(state, bucket)
+
+    replica.register_comm_hook(state, counted)
     g = torch.Generator().manual_seed(100 + rank)
     out: dict[str, Any] = {"apart": [], "all_reduces": [], "compressed": []}
     for _ in range(PROBE_STEPS):
         x, y = torch.randn(16, 64, generator=g), torch.randint(0, 10, (16,), generator=g)
         before = getattr(state, "total_numel_after_compression", 0)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, link.stepping(replica):
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(replica(x), y).backward()
             optimizer.step()
@@ -111,7 +117,7 @@ def probe_scenario(rank: int, changes: dict[str, Any]) -> dict[str, Any]:
         both = [torch.zeros_like(flat) for _ in range(2)]
         dist.all_gather(both, flat)
         out["apart"].append((both[0] - both[1]).abs().max().item())
-    out["wait_s"] = link.wait_s
+    out["wait_s"], out["hook_calls"] = link.wait_s, len(calls)
     saved = optimizer.state_dict()
     out["saved_step"] = saved.get("step")
     if changes.get("local_sgd_steps", 1) > 1:  # a checkpoint restores the averager's step
@@ -142,14 +148,17 @@ def test_plain_and_compressed_ddp_all_reduce_every_step(probed):
         assert probed[name]["apart"] == [0.0] * PROBE_STEPS, name
         assert all(n >= 1 for n in probed[name]["all_reduces"]), name
         assert probed[name]["wait_s"] > 0, name
+        assert probed[name]["hook_calls"] >= PROBE_STEPS, name
 
 
 @pytest.mark.unit
 def test_local_sgd_steps_alone_between_averages(probed):
     """k = 4: between averages each worker steps alone (its parameters drift from the other's,
-    and the profiler sees no gloo all-reduce); after steps 0, 4 and 8 they are averaged. A
-    checkpoint of the optimizer carries the averager's step."""
+    and the profiler sees no gloo all-reduce); after steps 0, 4 and 8 they are averaged. DDP's
+    reducer hands no bucket over at all (the steps run under no_sync). A checkpoint of the
+    optimizer carries the averager's step."""
     got = probed["local sgd 4"]
+    assert got["hook_calls"] == 0
     averaged = [i % 4 == 0 for i in range(PROBE_STEPS)]
     assert [apart == 0.0 for apart in got["apart"]] == averaged
     assert [n >= 1 for n in got["all_reduces"]] == averaged

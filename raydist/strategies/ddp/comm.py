@@ -5,11 +5,13 @@
 cast to half precision for the all-reduce) or `powersgd` (each gradient matrix all-reduced as
 two rank-r factors P and Q; vectors uncompressed; error feedback keeps what was left out).
 
-`local_sgd_steps` k > 1 is PyTorch's post-local SGD from its first step: the
-post_localSGD_hook with `post_local_gradient_allreduce=False` hands every worker its own
-gradient back untouched (no subgroup is ever made, so nothing is all-reduced), and a
-PeriodicModelAverager inside PostLocalSGDOptimizer all-reduces the parameters after steps
-0, k, 2k, ... (global step numbers, restored from checkpoints with the optimizer state).
+`local_sgd_steps` k > 1 is PyTorch's post-local SGD from its first step: every worker keeps
+its own gradient, and a PeriodicModelAverager inside PostLocalSGDOptimizer all-reduces the
+parameters after steps 0, k, 2k, ... (global step numbers, restored from checkpoints with the
+optimizer state). The steps run under DDP's no_sync (`Comm.stepping`): torch's
+post_localSGD_hook (`post_local_gradient_allreduce=False`, registered all the same) would hand
+each gradient back untouched too, but only after DDP's reducer had copied it into its bucket
+and back, ~10% of a step on 2 workers here (bench/profile_workers.py, BENCHMARKS.md P2).
 
 bytes_per_step has the parameter server's meaning: all bytes the workers put on the wire for
 one global batch. `Comm` counts the payload each step hands to all-reduce as it goes (the
@@ -21,6 +23,7 @@ the same count as a formula, for `raydist plan` and the tests.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,6 +168,13 @@ class Comm:
             return
         state, hook = make_hook(self.spec)
         replica.register_comm_hook(state, self.timed(hook))
+
+    def stepping(self, replica: nn.Module) -> contextlib.AbstractContextManager:
+        """Around an epoch's steps: local SGD's steps under DDP's no_sync (its reducer then does
+        nothing between averages; the averager still averages every k steps)."""
+        if self.spec.local_sgd_steps > 1 and self.world > 1:
+            return replica.no_sync()
+        return contextlib.nullcontext()
 
     def timed(self, hook: Hook) -> Hook:
         # No annotations on `run`: DDP compares them with the real classes, and this module's

@@ -70,7 +70,7 @@ class Replica:
         self.link.attach(self.replica)
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        with training(self.spec.optimizer, self.rule):
+        with training(self.spec.optimizer, self.rule), self.link.stepping(self.replica):
             loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world,
                                self.scheduler)
         sent, wait = self.link.take()
