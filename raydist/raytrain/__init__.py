@@ -5,8 +5,9 @@ around a strategy's `Replica`, the stop broadcast, the memory gathered per worke
 through Ray Train, the RNG states they hold).
 
 A strategy gives a `Recipe`: its name (Ray Train's run name under out/ray/, the restart lines'
-"<name> worker 1"), its per-rank class (worker.Replica's protocol) and the resources one
-worker asks for. Imports without Ray; the modules below import Ray Train."""
+"<name> worker 1"), its per-rank class (worker.Replica's protocol), and where it differs from
+the defaults, the resources one worker asks for and its worker count. Imports without Ray; the
+modules below import Ray Train."""
 
 from __future__ import annotations
 
@@ -36,16 +37,16 @@ class Recipe:
     """the strategy's name: Ray Train's run name, and the workers' in restart lines"""
     replica: str
     """module.path:Class of the per-rank side (raytrain.worker.Replica), imported in each worker"""
-    per_worker: Callable[[Any, float], dict[str, float]]
+    per_worker: Callable[[Any, float], dict[str, float]] = per_worker
     """(spec, the cluster's GPUs now) -> the resources one worker asks for"""
     num_workers: Callable[[Any], int | tuple[int, int]] = fixed_workers
     """a fixed count (by default `workers`), or (min, max) for Ray Train's elastic policy"""
 
 
-def fixed_resources(spec: Any, gpus: float, what: str) -> tuple[float, float, str]:
-    """A strategy's `resources` for a fixed group of `workers` workers: (CPUs, GPUs, what)."""
+def group_resources(spec: Any, gpus: float, workers: int, what: str) -> tuple[float, float, str]:
+    """A strategy's `resources` for a group of `workers` workers: (CPUs, GPUs, what)."""
     need = per_worker(spec, gpus)
-    return spec.max_workers * need["CPU"], spec.max_workers * need.get("GPU", 0.0), what
+    return workers * need["CPU"], workers * need.get("GPU", 0.0), what
 
 
 def run(spec: Any, report: Any, recipe: Recipe) -> Any:

@@ -28,7 +28,7 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult
 from raydist.optim import OPTIMIZERS
-from raydist.raytrain import STORAGE, Recipe, per_worker
+from raydist.raytrain import STORAGE, Recipe
 
 RESUMES = True
 RUN = "ddp"
@@ -67,9 +67,7 @@ def check_saved(spec: RunSpec) -> None:
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
     """What the smallest group asks of a cluster that has `gpus` GPUs now (an elastic one starts
     with as many workers as fit, at least min)."""
-    need = per_worker(spec, gpus)
-    return (spec.min_workers * need["CPU"], spec.min_workers * need.get("GPU", 0.0),
-            f"ddp with {spec.workers} workers")
+    return raytrain.group_resources(spec, gpus, spec.min_workers, f"ddp with {spec.workers} workers")
 
 
 def num_workers(spec: RunSpec) -> int | tuple[int, int]:
@@ -83,4 +81,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:Replica", per_worker, num_workers)
+RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:Replica", num_workers=num_workers)

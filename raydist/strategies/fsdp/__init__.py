@@ -29,7 +29,7 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult
 from raydist.optim import OPTIMIZERS
-from raydist.raytrain import STORAGE, Recipe, per_worker
+from raydist.raytrain import STORAGE, Recipe
 
 RESUMES = True
 RUN = "fsdp"
@@ -58,11 +58,11 @@ def check_saved(spec: RunSpec) -> None:
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
-    return raytrain.fixed_resources(spec, gpus, f"fsdp with {spec.workers} workers")
+    return raytrain.group_resources(spec, gpus, spec.max_workers, f"fsdp with {spec.workers} workers")
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:Replica", per_worker)
+RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:Replica")

@@ -30,7 +30,7 @@ from raydist.data import Dataset
 from raydist.engine import Report, RunResult
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
-from raydist.raytrain import STORAGE, Recipe, per_worker
+from raydist.raytrain import STORAGE, Recipe
 
 RESUMES = True
 RUN = "tp"
@@ -69,11 +69,11 @@ def check_saved(spec: RunSpec) -> None:
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:
     what = f"tp with {spec.workers} workers (tp_size {spec.tensor_parallel})"
-    return raytrain.fixed_resources(spec, gpus, what)
+    return raytrain.group_resources(spec, gpus, spec.max_workers, what)
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:Replica", per_worker)
+RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:Replica")
