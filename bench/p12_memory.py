@@ -2,7 +2,7 @@
 m and v: 4 x its parameters) is larger than a per-worker budget: the pre-flight refuses the
 strategies that hold all of it per worker (local, ddp) with one line; those that shard it run,
 and their throughput, measured memory (memory.csv's worst worker) and predicted memory
-(raydist/footprint.py, as `raydist plan` prints it) are set side by side.
+(raydist/memory/footprint.py, as `raydist plan` prints it) are set side by side.
 
     .venv/bin/python bench/p12_memory.py
 
@@ -21,11 +21,11 @@ from typing import Any
 import common
 import ray
 
-from raydist import footprint, strategies
+from raydist import strategies
 from raydist.config import ConfigError, RunSpec
 from raydist.config.values import parse_size
 from raydist.engine import setup
-from raydist.memory import gib
+from raydist.memory import footprint, gib
 
 MODEL: dict[str, Any] = {"model": "gpt", "data": "text", "text_chars": 12000, "seq_len": 32,
                          "d_model": 256, "layers": 8, "heads": 4, "batch_size": 16,

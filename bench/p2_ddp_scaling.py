@@ -1,5 +1,5 @@
 """P2: raydist ddp against this machine's bound, side by side in one run: N bare Ray actors
-(raydist/bound.py: each trains the same model, optimizer and threads on its 1/N of every batch,
+(raydist/plan/machine_bound.py: each trains the same model, optimizer and threads on its 1/N of every batch,
 nothing exchanged) beside local, ddp on 1 and 2 workers, and ddp with local SGD (k = 16) on 2.
 
     .venv/bin/python bench/p2_ddp_scaling.py --reps 5
@@ -19,8 +19,8 @@ from collections.abc import Callable
 import common
 import ray
 
-from raydist import bound
 from raydist.config import RunSpec
+from raydist.plan import machine_bound as bound
 
 P2 = {"data": "digits", "hidden": "1024,1024,512", "batch_size": 256, "optimizer": "adam",
       "lr": 0.001, "epochs": 6}

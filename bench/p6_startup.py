@@ -31,7 +31,7 @@ from pathlib import Path
 
 import common
 
-from raydist import cluster
+from raydist.runtime import cluster
 
 EPOCH_LINE = re.compile(r"^epoch 1 .* ([0-9.]+) s$")
 

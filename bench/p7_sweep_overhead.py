@@ -30,7 +30,7 @@ import common
 import pandas as pd
 import yaml
 
-from raydist import cluster
+from raydist.runtime import cluster
 
 CONCURRENCY = 2
 RAYDIST = str(Path(sys.executable).parent / "raydist")

@@ -39,8 +39,10 @@ import ray
 import torch
 import torch.distributed as dist
 
-from raydist import calibration, cluster, plan
+from raydist import plan
 from raydist.config import RunSpec
+from raydist.plan import calibration
+from raydist.runtime import cluster
 
 OUT = common.BENCH_DIR / "results" / "plan_check.json"
 MICROBATCHES = 8

@@ -1,5 +1,5 @@
 """Where a worker's timed epoch goes: py-spy on every training process of one run, side by side
-for raydist's ddp and the bound's bare actors (raydist/bound.py), on P2's workload. This is the
+for raydist's ddp and the bound's bare actors (raydist/plan/machine_bound.py), on P2's workload. This is the
 profile behind P2a and P2c in BENCHMARKS.md.
 
     .venv/bin/python bench/profile_workers.py --epochs 40 --rate 100 --rounds 2
@@ -28,10 +28,10 @@ import common
 import ray
 from p2_ddp_scaling import P2, bound_side, raydist_side
 
-TIMED = ("train_epoch (raydist/raytrain/worker.py", "epoch (raydist/bound.py")
+TIMED = ("train_epoch (raydist/raytrain/worker.py", "epoch (raydist/plan/machine_bound.py")
 PROCESSES = ("ray::RayTrainWorker", "ray::Bare")
 BUCKETS = [  # a sample goes to the bucket of its innermost frame that names one
-    ("memory measure and gather", ("raydist/memory.py", "gather (raydist/raytrain")),
+    ("memory measure and gather", ("raydist/memory/", "gather (raydist/raytrain")),
     ("collectives (gloo)", ("distributed_c10d.py",)),
     ("DDP's reducer and hooks", ("torch/nn/parallel/distributed.py", "raydist/strategies/ddp/comm.py",
                                  "Reducer::", "reducer.cpp")),

@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from killer import Killer  # noqa: E402
 
-from raydist import cluster  # noqa: E402
 from raydist.config import RunSpec  # noqa: E402
+from raydist.runtime import cluster  # noqa: E402
 from raydist.strategies import train  # noqa: E402
 
 BASE = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 6, "seed": 0, "val_fraction": 0.1,

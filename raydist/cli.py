@@ -11,11 +11,11 @@ from typing import Any, NoReturn
 
 import yaml
 
-from raydist import interrupts
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
 from raydist.config.run import MAPPINGS
 from raydist.config.values import parse_size
-from raydist.registry import unknown
+from raydist.errors import unknown
+from raydist.runtime import interrupts
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,7 +151,7 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
     import ray
 
-    from raydist import cluster
+    from raydist.runtime import cluster
 
     if args.action not in CLUSTER_ACTIONS:
         raise ConfigError(unknown("action", args.action, list(CLUSTER_ACTIONS)))
@@ -179,7 +179,7 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 def cmd_ray(args: argparse.Namespace) -> None:
     import os
 
-    from raydist import cluster, local_ray
+    from raydist.runtime import cluster, local_ray
 
     if args.action not in RAY_ACTIONS:
         raise ConfigError(unknown("action", args.action, list(RAY_ACTIONS)))
@@ -210,8 +210,10 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from raydist import calibration, footprint, plan
+    from raydist import plan
     from raydist.engine import check_out, setup
+    from raydist.memory import footprint
+    from raydist.plan import calibration
 
     spec = spec_from_args(args)
     counts = plan.parse_counts(args.counts)

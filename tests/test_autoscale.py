@@ -28,8 +28,8 @@ import pytest
 from ray.core.generated import autoscaler_pb2
 from rayprocs import Head, new_head, processes_of
 
-from raydist import cluster, ray_compat
 from raydist.config import ConfigError
+from raydist.runtime import cluster, ray_compat
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,7 +47,7 @@ OBSERVE = textwrap.dedent("""
     import json, os, sys, time
     import ray
     from ray._private.state import state
-    from raydist import cluster
+    from raydist.runtime import cluster
     from raydist.config import ConfigError
     address, config, stop = sys.argv[1:]
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)

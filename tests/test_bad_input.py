@@ -89,7 +89,7 @@ CASES = [
     pytest.param("train --strategy tp --workers 4 --tp-size 3 --out {out}", "tp_size: got 3 with workers 4; workers must divide by tp_size (workers = tp_size x data-parallel groups)", id="tp_size does not divide workers"),
     pytest.param("train --strategy tp --tp-size 0 --out {out}", "tp_size: got 0; expected an integer >= 1", id="tp_size zero"),
     pytest.param("train --tp-size 2 --out {out}", "tp_size: read only by tp; this run's strategy is local", id="tp_size without tp"),
-    pytest.param("train --strategy tp --workers 2 --model cnn --out {out}", "model: tp cannot split 'cnn'; it splits mlp, gpt, transformer (a model needs a recipe in raydist/strategies/tp/plan.py)", id="tp of a model without a recipe"),
+    pytest.param("train --strategy tp --workers 2 --model cnn --out {out}", "model: tp cannot split 'cnn'; it splits mlp, gpt, transformer (a model needs a recipe in raydist/strategies/tp/parallelize.py)", id="tp of a model without a recipe"),
     pytest.param("train --strategy tp --workers 3 --model gpt --data text --text-chars 2000 --out {out}", "tp_size: got 3; the attention heads (4) are split over the tensor-parallel ranks, so heads must divide by tp_size", id="tp heads do not divide"),
     pytest.param("train --strategy tp --workers 2 --optimizer adafactor --out {out}", "optimizer: tp cannot run 'adafactor': its factored second moments reduce a split matrix in place, which DTensor does not support", id="tp with adafactor"),
     pytest.param("train --strategy tp --workers 4 --tp-size 2 --batch-size 63 --out {out}", "batch_size: got 63; the global batch must divide by the data-parallel groups (workers / tp_size = 2), e.g. 62", id="tp groups do not divide the batch"),

@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from raydist import cli, faults
+from raydist import cli
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.engine import Record, RunResult
 from raydist.engine.record import documented
+from raydist.runtime import faults
 from raydist.strategies import ddp, train
 
 # Each Ray Train fit costs ~10 s on an idle 2-core machine, several times that under load.

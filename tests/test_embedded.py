@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from raydist import cluster
+from raydist.runtime import cluster
 
 LISTEN = "0A"  # the TCP state in /proc/net/tcp
 

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from raydist import checkpoint, faults
 from raydist.config import ConfigError, RunSpec
-from raydist.engine import Record, RunResult
+from raydist.engine import Record, RunResult, checkpoint
 from raydist.engine.record import documented
+from raydist.runtime import faults
 from raydist.strategies import fsdp, train
 
 pytestmark = pytest.mark.timeout(1200)

@@ -11,11 +11,9 @@ import pytest
 pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parents[1] / "raydist"
-LAYER = {"registry": 0, "config": 1, "faults": 1, "interrupts": 1, "checkpoint": 1, "progress": 1,
-        "tables": 1, "memory": 1, "optim": 2, "data": 2, "tracking": 2, "models": 3, "footprint": 3,
-        "ray_compat": 3, "cluster": 4, "local_ray": 5, "engine": 5, "raytrain": 6, "strategies": 7,
-        "bound": 8, "calibration": 8, "search": 8, "pbt": 8, "plan": 9, "profiles": 9, "timeline": 9,
-        "report_html": 9, "report_bound": 9, "memory_section": 9, "sweep": 10, "report": 10, "cli": 11}
+LAYER = {"errors": 0, "registry": 1, "config": 2, "optim": 3, "data": 3, "tracking": 3, "models": 4,
+         "memory": 5, "runtime": 5, "engine": 6, "raytrain": 7, "strategies": 8, "plan": 9, "sweep": 10,
+         "report": 11, "cli": 12}
 
 
 def raydist_imports(path: Path) -> set[str]:
@@ -72,7 +70,7 @@ def test_strategy_pure_pieces_import_without_ray():
 
     code = ("import sys; import raydist.strategies.ddp.comm, raydist.strategies.pipeline.cuts, "
             "raydist.strategies.pipeline.schedules, raydist.strategies.ps.sharding, "
-            "raydist.strategies.ps.staleness, raydist.strategies.tp.plan, "
+            "raydist.strategies.ps.staleness, raydist.strategies.tp.parallelize, "
             "raydist.strategies.tp.shards, raydist.plan, raydist.config; "
             "from raydist.config import RunSpec; RunSpec.from_dict({'strategy': 'ddp'}); "
             "print('ray' in sys.modules)")

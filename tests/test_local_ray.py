@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydist import cluster
+from raydist.runtime import cluster
 
 RAYDIST = [sys.executable, "-m", "raydist.cli"]
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raydist import checkpoint, faults, report, sweep
+from raydist import report, sweep
 from raydist.config import RunSpec
 from raydist.data import load_data
-from raydist.engine import global_batches
+from raydist.engine import checkpoint, global_batches
+from raydist.runtime import faults
 from raydist.strategies import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]

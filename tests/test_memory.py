@@ -1,6 +1,6 @@
 """Memory as a measure (issue 17): what a process holds, counted by hand here; each optimizer's
 registered state factor against the state it keeps after a step; the record's per-worker list
-kept out of flat tables and written to memory.csv; the predictions of raydist/footprint.py by
+kept out of flat tables and written to memory.csv; the predictions of raydist/memory/footprint.py by
 hand and against a measured local run; the pre-flight's refusal under memory_per_worker."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from raydist import footprint, memory
+from raydist import memory
 from raydist.cli import main
 from raydist.config import RunSpec
 from raydist.engine import save_metrics, setup, train_epoch
 from raydist.engine.record import documented, scalars, worker_rows
+from raydist.memory import footprint
 from raydist.optim import OPTIMIZERS, build_optimizer
 from raydist.strategies import train
 

@@ -1,6 +1,6 @@
 """Memory in the records of the actor strategies (issue 17): every ps replica and server and every
 pipeline stage reports its own fields (memory.csv), the record holds their maxima, and each
-worker's measured model state is within 10% of what raydist/footprint.py predicts for it (the
+worker's measured model state is within 10% of what raydist/memory/footprint.py predicts for it (the
 prediction `raydist plan` prints and the pre-flight checks memory_per_worker against)."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from raydist import footprint
 from raydist.config import RunSpec
 from raydist.engine import setup
+from raydist.memory import footprint
 from raydist.strategies import train
 
 pytestmark = pytest.mark.ray

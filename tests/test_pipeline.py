@@ -19,8 +19,8 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.engine import Diverged, global_batches
 from raydist.engine.record import documented
-from raydist.faults import MARKER
 from raydist.models import build_model
+from raydist.runtime.faults import MARKER
 from raydist.strategies import train
 from raydist.strategies.pipeline import StageFailed
 from raydist.strategies.pipeline.cuts import balanced_cuts, blocks_of, boundary_shapes, stage_bounds

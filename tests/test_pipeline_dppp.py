@@ -14,7 +14,7 @@ import torch
 from pipeline_runs import assert_same_as_local, max_diff, quiet, run_once
 
 from raydist.config import RunSpec
-from raydist.faults import MARKER
+from raydist.runtime.faults import MARKER
 from raydist.strategies import train
 from raydist.strategies.pipeline import events
 

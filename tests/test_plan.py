@@ -8,9 +8,8 @@ import math
 
 import pytest
 
-from raydist.calibration import Costs, calibrate, from_flops
 from raydist.config import ConfigError, RunSpec
-from raydist.footprint import Layout, Sizes
+from raydist.memory.footprint import Layout, Sizes
 from raydist.plan import (
     Network,
     compute,
@@ -28,6 +27,7 @@ from raydist.plan import (
     slowdown,
     tp_step,
 )
+from raydist.plan.calibration import Costs, calibrate, from_flops
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""AlgoPerf's performance profiles (raydist/profiles.py) on a hand-made table of trials, every
+"""AlgoPerf's performance profiles (raydist/report/profiles.py) on a hand-made table of trials, every
 expected number worked out by hand below, and the report section they make."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from raydist import profiles, report, sweep
+from raydist import report, sweep
+from raydist.report import profiles
 
 INF = math.inf
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from raydist.progress import SweepLine, steps
+from raydist.engine.progress import SweepLine, steps
 
 pytestmark = pytest.mark.unit
 

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import torch
 
-from raydist import checkpoint, cli
+from raydist import cli
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data, shard
-from raydist.engine import Diverged, global_batches, setup
+from raydist.engine import Diverged, checkpoint, global_batches, setup
 from raydist.engine.record import documented
 from raydist.optim import training
 from raydist.strategies import local, ps, train

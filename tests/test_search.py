@@ -13,11 +13,12 @@ import pytest
 import torch
 import yaml
 
-from raydist import search, sweep
+from raydist import sweep
 from raydist.config import ConfigError, RunSpec, load_sweep
 from raydist.data import load_data
 from raydist.engine import evaluate, global_batches, make_optimizer, train_epoch
 from raydist.models import build_model
+from raydist.sweep import search
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -235,8 +236,8 @@ sweep: {scheduler: pbt, perturb: [lr], max_concurrent: 2, metric: val_loss}
 def test_a_pbt_clone_keeps_the_donors_place_in_the_schedule_at_its_own_lr():
     """Donor at lr 0.1, warmup 4 (step s's factor is (s+1)/5), two steps in; the clone's lr is
     0.2 with batch 128 and linear scaling from base 64: 0.4 at full warmup."""
-    from raydist import pbt
     from raydist.engine import make_scheduler
+    from raydist.sweep import pbt
 
     def run(lr: float):
         spec = RunSpec.from_dict({"lr": lr, "warmup_steps": 4, "batch_size": 128, "lr_scaling": "linear",

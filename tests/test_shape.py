@@ -127,7 +127,7 @@ def test_a_diverged_run_on_the_command_line_is_one_line_and_exit_1(tmp_path, cap
 
 
 def test_a_checkpoint_past_the_runs_epochs_is_refused_before_ray_starts(tmp_path, capsys):
-    from raydist import checkpoint
+    from raydist.engine import checkpoint
 
     spec = RunSpec.from_dict({"strategy": "ps", "workers": 2, "epochs": 3, "out": str(tmp_path)})
     spec.save(tmp_path / "spec.yaml")
@@ -145,7 +145,7 @@ def test_a_checkpoint_past_the_runs_epochs_is_refused_before_ray_starts(tmp_path
 def test_only_rays_notice_about_switching_auth_off_is_dropped(caplog):
     import logging
 
-    from raydist import ray_compat
+    from raydist.runtime import ray_compat
 
     ray_compat.quiet_token_auth_notice()
     ray_compat.quiet_token_auth_notice()  # once is enough: no second filter

@@ -15,9 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from raydist import bound, sweep
+from raydist import sweep
 from raydist.cli import main
 from raydist.config import ConfigError, SweepSpec, load_sweep
+from raydist.plan import machine_bound as bound
 from raydist.strategies import STRATEGIES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "tune_configs"

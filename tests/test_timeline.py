@@ -9,7 +9,8 @@ import json
 import pandas as pd
 import pytest
 
-from raydist import report, timeline
+from raydist import report
+from raydist.report import timeline
 from raydist.strategies.pipeline import events
 
 pytestmark = pytest.mark.unit

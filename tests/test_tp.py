@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from raydist import faults
 from raydist.config import ConfigError, RunSpec
 from raydist.engine import RunResult
 from raydist.engine.record import documented
+from raydist.runtime import faults
 from raydist.strategies import tp, train
 
 # Each Ray Train fit costs ~10 s on an idle 2-core machine, several times that under load.

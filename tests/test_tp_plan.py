@@ -1,4 +1,4 @@
-"""tp's recipes (raydist/strategies/tp/plan.py) without Ray: two gloo processes split a model
+"""tp's recipes (raydist/strategies/tp/parallelize.py) without Ray: two gloo processes split a model
 over a 1-D device mesh as tp's workers do, and the split model's loss, gradients (gathered
 whole) and the parameters after a few steps equal one process's plain model (local); and the
 refusals of a model or a size that cannot be split."""
@@ -17,7 +17,7 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.engine import backward, global_batches, make_optimizer, train_epoch
 from raydist.models import build_model
-from raydist.strategies.tp import plan
+from raydist.strategies.tp import parallelize
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(600)]
 
@@ -48,16 +48,16 @@ def trained(case: str, mesh: Any = None) -> dict[str, Any]:
     spec = spec_of(case)
     data = load_data(spec)
     model = build_model(spec, data)
-    recipe = plan.recipe(model, spec, mesh.size()) if mesh is not None else plan.Recipe({})
+    recipe = parallelize.recipe(model, spec, mesh.size()) if mesh is not None else parallelize.TPLayout({})
     if mesh is not None:
-        plan.parallelize(model, recipe, mesh)
+        parallelize.parallelize(model, recipe, mesh)
     batches = global_batches(spec, data, 1)[:STEPS]
     x, y = data.rows(batches[0], 0, 1)
     loss = backward(model, x, y, data.task, len(batches[0]))
-    grads = {n: plan.gather(recipe, n, p.grad) for n, p in model.named_parameters()}
+    grads = {n: parallelize.gather(recipe, n, p.grad) for n, p in model.named_parameters()}
     optimizer = make_optimizer(spec, model.named_parameters())
     train_epoch(model, optimizer, data, batches)
-    return {"loss": loss, "grads": grads, "state": plan.full_state(model, recipe)}
+    return {"loss": loss, "grads": grads, "state": parallelize.full_state(model, recipe)}
 
 
 def probe(rank: int, port: int, results: Any) -> None:
@@ -98,18 +98,18 @@ def test_the_recipes_split_what_the_issue_names():
     """mlp: Linear pairs column- then row-wise, an odd last one left whole; gpt: per block
     qkv and the MLP's first layer column-wise, the attention and MLP projections row-wise."""
     spec = spec_of("mlp, a replicated head, sgd")
-    assert plan.recipe(build_model(spec, load_data(spec)), spec, 2).styles == {
+    assert parallelize.recipe(build_model(spec, load_data(spec)), spec, 2).styles == {
         "fc0.0": "colwise", "fc1.0": "rowwise"}
     spec = spec_of("gpt, tied head")
     gpt = build_model(spec, load_data(spec))
-    got = plan.recipe(gpt, spec, 2)
+    got = parallelize.recipe(gpt, spec, 2)
     assert got.styles == {f"block{i}.{m}": s for i in range(2) for m, s in (
         ("attn.qkv", "colwise"), ("attn.proj", "rowwise"), ("mlp.0", "colwise"), ("mlp.2", "rowwise"))}
 
 
 def test_the_fused_qkv_rows_go_rank_by_rank():
     """d = 4, 2 ranks: rank 0 gets q, k, v rows 0-1, rank 1 rows 2-3 of each."""
-    assert plan.head_order(4, 2).tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
+    assert parallelize.head_order(4, 2).tolist() == [0, 1, 4, 5, 8, 9, 2, 3, 6, 7, 10, 11]
 
 
 @pytest.mark.parametrize("raw,tp,message", [
@@ -118,10 +118,10 @@ def test_the_fused_qkv_rows_go_rank_by_rank():
     ({"model": "mlp", "hidden": [6, 4]}, 4, "tp_size: got 4; mlp's column-split layers have "
      "widths [6], each must divide by tp_size"),
     ({"model": "cnn"}, 2, "model: tp cannot split 'cnn'; it splits mlp, gpt, transformer (a "
-     "model needs a recipe in raydist/strategies/tp/plan.py)"),
+     "model needs a recipe in raydist/strategies/tp/parallelize.py)"),
 ])
 def test_what_cannot_be_split_is_refused(raw, tp, message):
     spec = RunSpec.from_dict(raw)
     with pytest.raises(ConfigError) as e:
-        plan.recipe(build_model(spec, load_data(spec)), spec, tp)
+        parallelize.recipe(build_model(spec, load_data(spec)), spec, tp)
     assert str(e.value) == message

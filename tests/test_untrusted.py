@@ -1,4 +1,4 @@
-"""Results folders are untrusted files (raydist/checkpoint.py): a checkpoint that would run code
+"""Results folders are untrusted files (raydist/engine/checkpoint.py): a checkpoint that would run code
 when unpickled is refused with one error line before any work, nothing raydist writes needs more
 than torch.load(weights_only=True), and a crash mid-write leaves the previous file whole."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydist import checkpoint, cli
+from raydist import cli
 from raydist.config import ConfigError, RunSpec
-from raydist.engine import RunResult, outputs
+from raydist.engine import RunResult, checkpoint, outputs
 from raydist.strategies import ddp, train
 
 SMALL = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_size": 128, "seed": 3}

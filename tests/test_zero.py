@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raydist import faults
 from raydist.config import RunSpec
 from raydist.engine import Record, RunResult
 from raydist.engine.record import documented
+from raydist.runtime import faults
 from raydist.strategies import train
 
 pytestmark = pytest.mark.timeout(1200)

@@ -3,8 +3,8 @@ training run, run.py), `SweepSpec` (a search over RunSpecs, sweep.py), and the v
 share (values.py). Inner code trusts a validated spec."""
 
 from raydist.config.run import RunSpec
-from raydist.config.sweep import SweepSpec, load_sweep
+from raydist.config.sweep_file import SweepSpec, load_sweep
 from raydist.config.values import load_yaml, parse_sets
-from raydist.registry import ConfigError
+from raydist.errors import ConfigError
 
 __all__ = ["ConfigError", "RunSpec", "SweepSpec", "load_sweep", "load_yaml", "parse_sets"]

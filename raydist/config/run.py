@@ -16,7 +16,7 @@ import yaml
 
 from raydist.config.knobs import at_least, default_of, knob, positive, unit_interval, worker_count
 from raydist.config.values import coerce, is_import_path, lookup, parse_size
-from raydist.registry import ConfigError, closest
+from raydist.errors import ConfigError, closest
 
 RAY = ("ddp", "ps", "pipeline", "fsdp", "tp")
 """The strategies that run on Ray (all but local)."""
@@ -137,7 +137,7 @@ class RunSpec:
     memory_per_worker: str | None = knob(None, "bytes of memory each worker may hold, e.g. 2GiB or "
                                          "16GB: the pre-flight refuses a strategy whose predicted "
                                          "model state per worker (parameters, gradients, optimizer "
-                                         "state: raydist/footprint.py) is larger", resumable=True,
+                                         "state: raydist/memory/footprint.py) is larger", resumable=True,
                                          check=lambda v: (parse_size(v) or 0) > 0,
                                          expected="a size > 0 like 2GiB, 512MiB or 16GB")
     # not resumable: a resumed run with other tracking would leave its epochs tracked in part

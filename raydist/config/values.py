@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from raydist.registry import ConfigError
+from raydist.errors import ConfigError
 
 
 def coerce(name: str, value: Any, type_: str, where: str = "") -> Any:

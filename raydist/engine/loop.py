@@ -17,9 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
-from raydist import checkpoint
 from raydist.config import RunSpec
 from raydist.data import Dataset
+from raydist.engine import checkpoint
 from raydist.engine.lr import effective_lr
 from raydist.engine.record import Record, make_record
 from raydist.engine.step import global_batches, step_samples

@@ -39,7 +39,7 @@ SCALINGS.register("sqrt")(math.sqrt)  # Krizhevsky 2014; Hoffer et al. 2017 (ada
 
 
 @dataclass(frozen=True)
-class Schedule:
+class LRSchedule:
     factor: Callable[[RunSpec, int, int], float]
     """(spec, k, K) -> lr multiplier at step k of the K steps after warmup"""
     spans_run: bool = False
@@ -47,11 +47,11 @@ class Schedule:
     cannot change"""
 
 
-LR_SCHEDULES: Registry[Schedule] = Registry("lr_schedule")
-LR_SCHEDULES.register("constant")(Schedule(lambda spec, k, n: 1.0))
-LR_SCHEDULES.register("cosine")(Schedule(lambda spec, k, n: 0.5 * (1.0 + math.cos(math.pi * k / n)),
+LR_SCHEDULES: Registry[LRSchedule] = Registry("lr_schedule")
+LR_SCHEDULES.register("constant")(LRSchedule(lambda spec, k, n: 1.0))
+LR_SCHEDULES.register("cosine")(LRSchedule(lambda spec, k, n: 0.5 * (1.0 + math.cos(math.pi * k / n)),
                                          spans_run=True))
-LR_SCHEDULES.register("step")(Schedule(lambda spec, k, n: spec.lr_gamma ** (k // spec.lr_step_size)))
+LR_SCHEDULES.register("step")(LRSchedule(lambda spec, k, n: spec.lr_gamma ** (k // spec.lr_step_size)))
 
 
 def effective_lr(spec: RunSpec) -> float:

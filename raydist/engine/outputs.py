@@ -13,8 +13,8 @@ import pandas as pd
 import torch
 import yaml
 
-from raydist.checkpoint import replacing, save
 from raydist.config import RunSpec
+from raydist.engine.checkpoint import replacing, save
 from raydist.engine.loop import RunResult
 from raydist.engine.preflight import SPEC_FILE
 from raydist.engine.record import Record, scalars, worker_rows

@@ -19,13 +19,13 @@ import torch
 import yaml
 from torch import nn
 
-from raydist import footprint
 from raydist.config import ConfigError, RunSpec
 from raydist.config.resume import pinned, resumable
 from raydist.config.run import KNOBS, default_of
 from raydist.config.values import lookup, parse_size
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
+from raydist.memory import footprint
 from raydist.models import build_model
 from raydist.models.imported import first_line
 from raydist.optim import OPTIMIZERS
@@ -49,7 +49,7 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
         check_resumable(spec, Path(spec.out) / SPEC_FILE)
         strategy.check_saved(spec)  # its checkpoints hold plain data (and are not past spec.epochs)
     if strategy.resources is not None:  # a Ray strategy: join (or start) Ray, measure it
-        from raydist import cluster  # imports Ray: the engine itself imports without it
+        from raydist.runtime import cluster  # imports Ray: the engine itself imports without it
 
         cpus, _, what = strategy.resources(spec, 0.0)  # an embedded Ray is sized to this
         cluster.connect(spec, cpus, what)
@@ -87,7 +87,7 @@ def check_stream(spec: RunSpec, data: Dataset, strategy: ModuleType) -> None:
 
 def check_memory(spec: RunSpec, model: nn.Module, data: Dataset) -> None:
     """Under `memory_per_worker`, a strategy whose worst worker is predicted to hold more model
-    state than that (raydist/footprint.py, as `raydist plan` predicts it) is refused."""
+    state than that (raydist/memory/footprint.py, as `raydist plan` predicts it) is refused."""
     if spec.memory_per_worker is None:
         return
     sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])

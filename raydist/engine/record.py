@@ -51,7 +51,7 @@ class EpochRecord(TypedDict, total=False):
     """ps: gradients computed but dropped as too stale (async; their shards were recomputed; sync: 0)."""
     model_state_bytes: int
     """bytes of model state a worker holds (parameters, buffers, gradients, optimizer state),
-    counted from the tensors' storages, each once (raydist/memory.py): a shard counts as a shard.
+    counted from the tensors' storages, each once (raydist/memory/): a shard counts as a shard.
     The maximum over the workers: ddp, fsdp and tp ranks, ps replicas and servers, pipeline stage
     actors, local's one process. Every strategy reports it, and the next three."""
     optimizer_state_bytes: int

@@ -48,7 +48,7 @@ class OptimizerEntry:
     state: float | Callable[[str, torch.Tensor], float] = 0.0
     """Bytes of optimizer state it keeps per byte of a parameter (Adam's m and v: 2), or that
     per (name, tensor) where it depends on the tensor (muon, adafactor): what `raydist plan`
-    and the pre-flight predict a worker holds (raydist/footprint.py); per-tensor scalars (a step
+    and the pre-flight predict a worker holds (raydist/memory/footprint.py); per-tensor scalars (a step
     count) are left out. tests/test_memory.py checks each against the state after a step."""
 
     def state_bytes(self, name: str, p: torch.Tensor) -> float:

@@ -26,13 +26,13 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raydist import cluster, ray_compat
 from raydist.config import RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Diverged, Record, Report, RunResult, announce, restart_line
-from raydist.faults import Faults
 from raydist.raytrain import STORAGE, Recipe
 from raydist.raytrain.worker import RAY_CALL_S, loop
+from raydist.runtime import cluster, ray_compat
+from raydist.runtime.faults import Faults
 
 POLL_S = 0.2  # how often the driver collects records
 STOP_WAIT_S = 60.0  # how long a driver whose report failed waits for the workers to stop

@@ -20,11 +20,12 @@ import torch.distributed as dist
 from ray.train import Checkpoint, CheckpointUploadMode
 from ray.train.torch import get_device
 
-from raydist import memory, ray_compat
+from raydist import memory
 from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Diverged, Record, fit
 from raydist.registry import import_object
+from raydist.runtime import ray_compat
 
 RAY_CALL_S = 60.0  # bound on any single call to the channel actor
 

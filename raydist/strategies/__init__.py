@@ -9,7 +9,7 @@ it and nothing of another's, with:
   strategy that runs without Ray;
 - `RESUMES`: whether a run continues from the checkpoint in its output folder, and with it
   `check_saved(spec)`: the pre-flight's refusal (ConfigError) of a checkpoint there that this run
-  cannot resume from (not plain data: raydist/checkpoint.py; past spec.epochs);
+  cannot resume from (not plain data: raydist/engine/checkpoint.py; past spec.epochs);
 - `run(spec, report) -> RunResult`: the recipe, driving the engine's epoch loop.
 Adding one is a new module or package and its name below; strategies never import each other.
 
@@ -52,7 +52,7 @@ def train(spec: RunSpec, report: Report = progress, track: bool = True) -> RunRe
     """Pre-flight, run and save one spec. User errors surface before the output folder
     exists; a ConfigError raised later removes the folder this call created. A diverged run
     leaves its metrics.csv (no model.pt). Ray's console output goes to out/ray.log while it
-    runs. Interrupted (KeyboardInterrupt, Ctrl-C or SIGTERM through raydist.interrupts), the
+    runs. Interrupted (KeyboardInterrupt, Ctrl-C or SIGTERM through raydist.runtime.interrupts), the
     checkpoints stay, and the exception's `epoch` says which epoch was under way. `track`: log the
     epochs to `spec.tracking` (a sweep's trials do not: Tune's callbacks track them)."""
     strategy = get(spec.strategy)
@@ -91,11 +91,11 @@ def train(spec: RunSpec, report: Report = progress, track: bool = True) -> RunRe
 
 @contextlib.contextmanager
 def ray_log(strategy: ModuleType, out: Path) -> Iterator[None]:
-    """A Ray strategy's run sends what Ray prints to out/ray.log (raydist.cluster.ray_log)."""
+    """A Ray strategy's run sends what Ray prints to out/ray.log (raydist.runtime.cluster.ray_log)."""
     if strategy.resources is None:
         yield
         return
-    from raydist import cluster  # imports Ray
+    from raydist.runtime import cluster  # imports Ray
 
     with cluster.ray_log(out / cluster.RAY_LOG):
         yield

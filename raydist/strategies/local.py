@@ -18,9 +18,9 @@ from raydist.engine import (
     total_steps,
     train_epoch,
 )
+from raydist.engine.progress import steps
 from raydist.models import build_model
 from raydist.optim import training
-from raydist.progress import steps
 
 RESUMES = False
 """A local run starts afresh: it keeps no checkpoint."""
@@ -63,7 +63,7 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     if data.streamed:  # read through Ray Data, on an embedded Ray unless one runs here already
         import ray
 
-        from raydist import cluster
+        from raydist.runtime import cluster
 
         if not ray.is_initialized():
             cluster.start_local(log_to_driver=False)

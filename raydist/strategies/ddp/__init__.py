@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from raydist import checkpoint, raytrain
+from raydist import raytrain
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
-from raydist.engine import Report, RunResult
+from raydist.engine import Report, RunResult, checkpoint
 from raydist.optim import OPTIMIZERS
 from raydist.raytrain import STORAGE, Recipe
 

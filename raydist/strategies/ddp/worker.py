@@ -14,11 +14,11 @@ import torch
 from ray.train.torch import prepare_model
 from torch.optim.lr_scheduler import LRScheduler
 
-from raydist import checkpoint
 from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import (
     Record,
+    checkpoint,
     evaluate,
     make_optimizer,
     make_scheduler,
@@ -27,7 +27,6 @@ from raydist.engine import (
     train_epoch,
 )
 from raydist.engine.lr import effective_lr
-from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.optim import build_optimizer, training
 from raydist.raytrain.worker import (
@@ -40,6 +39,7 @@ from raydist.raytrain.worker import (
     set_rng_states,
     total,
 )
+from raydist.runtime.faults import Faults
 from raydist.strategies.ddp import STATE, syncbn
 from raydist.strategies.ddp.comm import Comm
 

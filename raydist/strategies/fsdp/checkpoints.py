@@ -2,7 +2,7 @@
 - the tensors of the model and the optimizer, sharded, through torch.distributed.checkpoint
   (DCP): each worker writes its shards (`__<rank>_0.distcp`), rank 0 the `.metadata` index;
   a resume reads back the pieces of its own shards, whatever the worker count was;
-- state.pt (rank 0): everything else, plain data (raydist.checkpoint): the history, the epoch,
+- state.pt (rank 0): everything else, plain data (raydist.engine.checkpoint): the history, the epoch,
   the lr schedule, the RNG states, the optimizer's param groups and non-tensor state.
 
 Nothing here unpickles code. DCP stores non-tensor values as pickles (read back by an
@@ -23,8 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from raydist import checkpoint
-from raydist.registry import ConfigError
+from raydist.engine import checkpoint
+from raydist.errors import ConfigError
 
 STATE = "state.pt"
 METADATA = ".metadata"

@@ -22,7 +22,6 @@ from raydist.engine import (
     total_steps,
     train_epoch,
 )
-from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.optim import training
 from raydist.raytrain.worker import (
@@ -35,6 +34,7 @@ from raydist.raytrain.worker import (
     set_rng_states,
     total,
 )
+from raydist.runtime.faults import Faults
 from raydist.strategies.fsdp import checkpoints
 from raydist.strategies.fsdp.parallelize import DTYPES, parallelize
 

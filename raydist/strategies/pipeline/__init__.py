@@ -24,10 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
-from raydist.engine import Report, RunResult, fit_restarting, global_batches
+from raydist.engine import Report, RunResult, checkpoint, fit_restarting, global_batches
 from raydist.models import build_model
 from raydist.strategies.pipeline.cuts import HOW, Blocks, blocks_of, pieces, shared_parameters, stage_bounds
 from raydist.strategies.pipeline.schedules import SCHEDULES, chunks_of
@@ -140,7 +139,7 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     (and the checkpoint's state, if any) and connect them; drive the engine's epoch loop, the
     driver reassembling the model after every epoch; restart from the checkpoint when a stage
     dies."""
-    from raydist import cluster
+    from raydist.runtime import cluster
     from raydist.strategies.pipeline.driver import Pipeline, lost
 
     cluster.connect(spec)

@@ -13,14 +13,14 @@ import torch
 from ray.exceptions import ObjectLostError, RayActorError
 from torch import nn
 
-from raydist import checkpoint, memory
-from raydist.cluster import Members
+from raydist import memory
 from raydist.config import RunSpec
 from raydist.data import Dataset
-from raydist.engine import Record, evaluate, total_steps
-from raydist.faults import Faults
+from raydist.engine import Record, checkpoint, evaluate, total_steps
+from raydist.engine.progress import steps
 from raydist.models import build_model
-from raydist.progress import steps
+from raydist.runtime.cluster import Members
+from raydist.runtime.faults import Faults
 from raydist.strategies.pipeline import StageFailed, events, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
 from raydist.strategies.pipeline.schedules import bubble_bound, chunks_of, micro_count

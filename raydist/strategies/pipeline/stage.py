@@ -21,11 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from raydist import memory
-from raydist.cluster import whoami
 from raydist.config import RunSpec
 from raydist.engine import denominator, loss_fn, make_optimizer, make_scheduler, restore_scheduler
-from raydist.faults import Faults
 from raydist.optim import OPTIMIZERS
+from raydist.runtime.cluster import whoami
+from raydist.runtime.faults import Faults
 from raydist.strategies.pipeline.cuts import Shape
 from raydist.strategies.pipeline.schedules import SCHEDULES
 
@@ -282,7 +282,7 @@ class Stage:
         """After them (one round trip, as it lies in the timed epoch): switch to the weights to
         evaluate and checkpoint (schedule-free: x), and return the sum of losses (last stage),
         compute and communication seconds, the most activations held at once, the bytes sent
-        and its memory fields (raydist/memory.py) since the last call; the recorded step's ops,
+        and its memory fields (raydist/memory/) since the last call; the recorded step's ops,
         if any, and this actor's node."""
         self.entry.eval(self.optimizer)
         stats = {"loss": self.loss, "peak": self.peak, "sent": self.sent, **self.clock,

@@ -42,10 +42,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from raydist import checkpoint
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
-from raydist.engine import Report, RunResult, fit_restarting, global_batches
+from raydist.engine import Report, RunResult, checkpoint, fit_restarting, global_batches
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
 from raydist.strategies.ps.sharding import from_file, split_model
@@ -86,8 +85,8 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     """The recipe: split the model's tensors over the servers; start the servers (from the
     checkpoint's weights and optimizer state, or the fresh model's) and the replicas; drive the
     engine's epoch loop, restarting from the checkpoint when an actor dies."""
-    from raydist import cluster
-    from raydist.strategies.ps.group import SERVER_STEPS, Group, lost, state_dict
+    from raydist.runtime import cluster
+    from raydist.strategies.ps.group import SERVER_STEPS, PSGroup, lost, state_dict
 
     cluster.connect(spec)
     data = load_data(spec)
@@ -95,11 +94,11 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     parts = split_model(model, spec.servers)
     steps = spec.epochs * SERVER_STEPS[spec.mode](global_batches(spec, data, 1), spec.workers)
 
-    def start(saved: dict[str, Any] | None) -> Group:
+    def start(saved: dict[str, Any] | None) -> PSGroup:
         saved = from_file(saved) if saved else None
         weights = saved["weights"] if saved else {n: p.detach().numpy() for n, p in model.named_parameters()}
         saved = saved or {}
-        return Group.start(spec, model, parts, weights, saved.get("optimizer", {}),
+        return PSGroup.start(spec, model, parts, weights, saved.get("optimizer", {}),
                            saved.get("scheduler"), steps)
 
     return fit_restarting(spec, data, report, start=start,

@@ -16,9 +16,9 @@ from raydist import engine, memory
 from raydist.config import RunSpec
 from raydist.data import load_data, shard
 from raydist.engine import Record
-from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
+from raydist.runtime.faults import Faults
 from raydist.strategies.ps import sharding
 from raydist.strategies.ps.sharding import Part
 
@@ -44,7 +44,7 @@ class Server:
 
     def ready(self) -> tuple[str, int]:
         """Up and running: its actor id and pid (the driver names a dead actor by them)."""
-        from raydist.cluster import whoami  # only ever called as an actor, in Ray
+        from raydist.runtime.cluster import whoami  # only ever called as an actor, in Ray
 
         return whoami()
 
@@ -76,7 +76,7 @@ class Server:
         return self.weights()
 
     def memory(self) -> dict[str, int]:
-        """Its memory fields (raydist/memory.py): the master weights and the optimizer state."""
+        """Its memory fields (raydist/memory/): the master weights and the optimizer state."""
         return memory.measure(nn.ParameterList(self.params), self.optimizer)
 
     def state(self) -> dict[str, Any]:
@@ -103,7 +103,7 @@ class Replica:
 
     def ready(self) -> tuple[str, int]:
         """Up and running: its actor id and pid (the driver names a dead actor by them)."""
-        from raydist.cluster import whoami  # only ever called as an actor, in Ray
+        from raydist.runtime.cluster import whoami  # only ever called as an actor, in Ray
 
         return whoami()
 
@@ -144,7 +144,7 @@ class Replica:
         return (stats, *grads)
 
     def memory(self) -> dict[str, int]:
-        """Its memory fields (raydist/memory.py) for the epoch just trained: weights and
+        """Its memory fields (raydist/memory/) for the epoch just trained: weights and
         gradients as a step held them, its peak memory now."""
         measured = memory.measure(self.model)
         measured.update(self.held or {})

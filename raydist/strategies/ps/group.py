@@ -1,4 +1,4 @@
-"""The ps driver's side: the actors of one attempt (`Group`, the engine's Trainer for ps) and
+"""The ps driver's side: the actors of one attempt (`PSGroup`, the engine's Trainer for ps) and
 the communication schedule of an epoch, sync or async. The driver only moves object refs:
 every ref goes straight from actor to actor (the replicas' gradient refs are the servers'
 `apply` arguments, the servers' weight refs the replicas' next arguments)."""
@@ -16,12 +16,12 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from torch import nn
 
-from raydist import checkpoint, memory
-from raydist.cluster import Members
+from raydist import memory
 from raydist.config import RunSpec
 from raydist.data import shard
-from raydist.engine import Record
-from raydist.faults import Faults
+from raydist.engine import Record, checkpoint
+from raydist.runtime.cluster import Members
+from raydist.runtime.faults import Faults
 from raydist.strategies.ps import SERVER_CPUS
 from raydist.strategies.ps.actors import Replica, Server
 from raydist.strategies.ps.sharding import Part, to_file
@@ -65,7 +65,7 @@ class EpochWork:
 
 
 @dataclass
-class Group:
+class PSGroup:
     """The actors of one attempt and the refs of the servers' latest weights."""
     spec: RunSpec
     model: nn.Module
@@ -78,7 +78,7 @@ class Group:
     @classmethod
     def start(cls, spec: RunSpec, model: nn.Module, parts: list[Part], weights: dict[str, np.ndarray],
               optimizer_state: dict[str, Any], scheduler_state: dict[str, Any] | None,
-              steps: int) -> Group:
+              steps: int) -> PSGroup:
         """Servers from `weights` and the optimizer and lr-schedule state (every server's
         schedule is the same: all step once per update), for a run of `steps` server updates."""
         faults = Faults.of(spec)
@@ -166,7 +166,7 @@ def state_dict(model: nn.Module, weights: dict[str, np.ndarray]) -> dict[str, to
 
 
 
-def sync_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochWork:
+def sync_epoch(group: PSGroup, epoch: int, batches: list[torch.Tensor]) -> EpochWork:
     """Every step: all gradients -> each server sums and steps once -> new weights to all.
     The driver only waits for the stats of the step before the one it has just queued."""
     stats, pending = [], []
@@ -180,7 +180,7 @@ def sync_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochWo
     return EpochWork(stats)
 
 
-def async_epoch(group: Group, epoch: int, batches: list[torch.Tensor]) -> EpochWork:
+def async_epoch(group: PSGroup, epoch: int, batches: list[torch.Tensor]) -> EpochWork:
     """Each gradient is applied alone as it arrives, unless it is too stale."""
     sched = AsyncSchedule(shards(batches, len(group.replicas)), group.spec.max_staleness)
     flying: dict[ray.ObjectRef, tuple[int, Item, int, list[ray.ObjectRef]]] = {}
@@ -216,7 +216,7 @@ def shards(batches: list[torch.Tensor], world: int) -> list[Item]:
             if len(shard(b, part, world))]
 
 
-EPOCHS: dict[str, Callable[[Group, int, list[torch.Tensor]], EpochWork]] = {
+EPOCHS: dict[str, Callable[[PSGroup, int, list[torch.Tensor]], EpochWork]] = {
     "sync": sync_epoch, "async": async_epoch}
 SERVER_STEPS: dict[str, Callable[[list[torch.Tensor], int], int]] = {
     "sync": lambda batches, world: len(batches),  # one update per global batch

@@ -82,7 +82,7 @@ def numpy_state(optimizer: torch.optim.Optimizer, names: Sequence[str]) -> dict[
 
 
 def to_file(state: dict[str, Any]) -> dict[str, Any]:
-    """ps's state as a checkpoint holds it: its numpy arrays as tensors (raydist/checkpoint.py
+    """ps's state as a checkpoint holds it: its numpy arrays as tensors (raydist/engine/checkpoint.py
     reads nothing but plain data). torch.tensor copies: the arrays may be read-only ones."""
     return _convert(state, np.ndarray, torch.tensor)
 

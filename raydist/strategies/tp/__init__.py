@@ -3,7 +3,7 @@
 The recipe (`run`) is raydist.raytrain's, as ddp's: a channel actor for the records, Ray Train's
 TorchTrainer over `workers` (gloo on CPU, nccl on GPU), each building tp's `worker.Replica`.
 The workers form a 2-D device mesh ("dp", "tp"): `workers / tp_size` data-parallel groups of
-`tp_size` ranks. Within a group every split layer of the model's recipe (plan.py: Megatron's
+`tp_size` ranks. Within a group every split layer of the model's recipe (parallelize.py: Megatron's
 column-then-row pairs; a transformer's heads split over the ranks) holds 1/tp_size of its
 weights, and every rank of the group sees the group's shard of each global batch; across the
 groups the gradients are averaged before each step (shards.average_over), as DDP does.
@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from raydist import checkpoint, raytrain
+from raydist import raytrain
 from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
-from raydist.engine import Report, RunResult
+from raydist.engine import Report, RunResult, checkpoint
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
 from raydist.raytrain import STORAGE, Recipe
@@ -44,11 +44,11 @@ UNSPLIT = {"adafactor": "its factored second moments reduce a split matrix in pl
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
-    from raydist.strategies.tp import plan
+    from raydist.strategies.tp import parallelize
 
     if spec.optimizer in UNSPLIT:
         raise ConfigError(f"optimizer: tp cannot run '{spec.optimizer}': {UNSPLIT[spec.optimizer]}")
-    plan.recipe(build_model(spec, data), spec, spec.tensor_parallel)  # refuses what cannot be split
+    parallelize.recipe(build_model(spec, data), spec, spec.tensor_parallel)  # refuses what cannot be split
     groups = spec.data_parallel
     if groups > data.n_train:
         raise ConfigError(f"workers: got {spec.workers} (tp_size {spec.tensor_parallel}: {groups} "

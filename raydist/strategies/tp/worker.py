@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
-from raydist import checkpoint
 from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import (
     Record,
+    checkpoint,
     evaluate,
     make_optimizer,
     make_scheduler,
@@ -22,7 +22,6 @@ from raydist.engine import (
     total_steps,
     train_epoch,
 )
-from raydist.faults import Faults
 from raydist.models import build_model
 from raydist.optim import training
 from raydist.raytrain.worker import (
@@ -35,7 +34,8 @@ from raydist.raytrain.worker import (
     set_rng_states,
     total,
 )
-from raydist.strategies.tp import plan, shards
+from raydist.runtime.faults import Faults
+from raydist.strategies.tp import parallelize, shards
 
 DIMS = ("dp", "tp")
 """The device mesh: rank r is in data-parallel group r // tp_size, at tensor-parallel place
@@ -58,8 +58,8 @@ class Replica:
         self.mesh = init_device_mesh(self.device.type, (self.dp, self.tp), mesh_dim_names=DIMS)
         self.group, self.place = self.mesh.get_local_rank("dp"), self.mesh.get_local_rank("tp")
         self.model = build_model(spec, data).to(self.device)
-        self.plan = plan.recipe(self.model, spec, self.tp)
-        plan.parallelize(self.model, self.plan, self.mesh["tp"])
+        self.plan = parallelize.recipe(self.model, spec, self.tp)
+        parallelize.parallelize(self.model, self.plan, self.mesh["tp"])
         # made after the split: the optimizer must hold the split parameters (DTensors)
         self.optimizer = make_optimizer(spec, self.model.named_parameters())
         self.scheduler = make_scheduler(spec, self.optimizer, total_steps(spec, data))
@@ -106,4 +106,4 @@ class Replica:
 
     def final_state(self) -> dict[str, np.ndarray]:
         """The whole model under local's keys and layout (every rank gathers its group's)."""
-        return {k: v.cpu().numpy() for k, v in plan.full_state(self.model, self.plan).items()}
+        return {k: v.cpu().numpy() for k, v in parallelize.full_state(self.model, self.plan).items()}

@@ -10,7 +10,7 @@ worker (the cores share caches, memory bandwidth, a turbo budget and other proce
 strategy's efficiency against it says how much of what this machine allows the strategy reaches,
 and so what its communication costs; efficiency against N says how far the machine is from ideal.
 
-A sweep with `bound: true` measures it for each of its settings (raydist/sweep.py) into
+A sweep with `bound: true` measures it for each of its settings (raydist/sweep/) into
 DIR/bound.csv; bench/p2_ddp_scaling.py beside ddp. The report's scaling table reads it.
 """
 

@@ -1,5 +1,5 @@
 """The report's account of what this machine allows and where scaling pays: the compute-only
-bound (raydist/bound.py, DIR/bound.csv) beside every measured speedup, and `raydist plan`'s
+bound (raydist/plan/machine_bound.py, DIR/bound.csv) beside every measured speedup, and `raydist plan`'s
 prediction for a cluster (DIR/plan/plan.csv, written by a sweep with `plan:`).
 
 - efficiency_vs_bound = samples/s(N) / bound samples/s(N) of the same setting: the share of
@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from raydist import bound
-from raydist.tables import fmt, markdown
+from raydist.plan import machine_bound as bound
+from raydist.report.tables import fmt, markdown
 
 PLAN_CSV = Path("plan") / "plan.csv"
 DATA_PARALLEL = ("local", "ddp", "ps")
@@ -62,7 +62,7 @@ def shown(table: pd.DataFrame) -> dict[str, Any]:
 
 LEGEND = (" bound_samples_per_s = N bare Ray actors on this machine, each training the same "
           "model, optimizer and threads on its 1/N of every batch, nothing exchanged (the most "
-          "data parallelism can give here; raydist/bound.py); efficiency_vs_bound = samples/s / "
+          "data parallelism can give here; raydist/plan/machine_bound.py); efficiency_vs_bound = samples/s / "
           "bound_samples_per_s: what communication and overhead leave of it (dotted line in the plot).")
 
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from raydist.memory import gib  # noqa: E402
-from raydist.tables import fmt, markdown, save  # noqa: E402
+from raydist.report.tables import fmt, markdown, save  # noqa: E402
 
 FIELDS = {"model_state_bytes": "model state per worker", "peak_rss_bytes": "peak RSS per worker",
           "peak_gpu_bytes": "peak GPU memory per worker"}

@@ -11,7 +11,7 @@ DIR/
   tune/                           Tune's experiment state, continued by Tuner.restore
   trials/<trial-id>/              the trial's RunSpec.out, plus trial.yaml (status) and epochs.csv
   results.csv, results.parquet    one row per trial per epoch, with the trial's full spec
-  bound.csv                       `bound: true`: the machine's compute-only bound (raydist/bound.py)
+  bound.csv                       `bound: true`: the machine's compute-only bound (plan/machine_bound.py)
   plan/                           `plan:`: `raydist plan` for the scaled setting on a cluster
 """
 
@@ -30,12 +30,15 @@ import ray
 import yaml
 from ray import tune
 
-from raydist import bound, cluster, interrupts, pbt, search, strategies, tracking
-from raydist.bound import flat
+from raydist import strategies, tracking
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record, check_out
+from raydist.engine.progress import SweepLine
 from raydist.engine.record import scalars
-from raydist.progress import SweepLine
+from raydist.plan import machine_bound as bound
+from raydist.plan.machine_bound import flat
+from raydist.runtime import cluster, interrupts
+from raydist.sweep import pbt, search
 
 # A trial that ends before its first epoch (a refused setting) reports no metric: without this,
 # Tune's strict metric check would end the whole sweep over it.
@@ -316,7 +319,8 @@ PLAN = "plan"
 def predict_cluster(given: dict[str, Any], spec: RunSpec, counts: list[int], out: Path) -> None:
     """`raydist plan` for `spec` at the sweep's counts and the cluster's: one worker per node,
     each computing as this machine's core does, on the given links."""
-    from raydist import calibration, plan
+    from raydist import plan
+    from raydist.plan import calibration
 
     every = sorted({*counts, given["workers"]})
     net = plan.Network(plan.parse_bandwidth(given["bandwidth"]), plan.parse_duration(given["latency"]))

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
+from raydist.errors import ConfigError, closest, unknown
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A mistake the user can fix; the message names the field or file and what was expected."""
-
-
-def closest(word: str, options: list[str]) -> str:
-    """' (did you mean 'x'?)' for the nearest option, or '' when nothing is close."""
-    match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
-def unknown(kind: str, name: str, names: list[str]) -> str:
-    """The one message for a name that is not among `names`."""
-    return f"{kind}: unknown value '{name}'{closest(name, names)}; expected one of {', '.join(names)}"
 
 
 class Registry(Generic[T]):

@@ -20,8 +20,9 @@ from typing import Any, TextIO
 import jsonschema
 import ray
 
-from raydist import AUTH_MODE, LOCAL_RAY, interrupts, local_ray_file, ray_compat  # noqa: F401 (LOCAL_RAY: API)
+from raydist import AUTH_MODE, LOCAL_RAY, local_ray_file  # noqa: F401 (LOCAL_RAY: API)
 from raydist.config import ConfigError, RunSpec, load_yaml
+from raydist.runtime import interrupts, ray_compat
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -48,7 +49,7 @@ def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
         start_local(num_cpus=embedded_cpus(cpus, what))
 
 
-# --- the local Ray `raydist ray start` keeps (raydist/local_ray.py) ----------------------------
+# --- the local Ray `raydist ray start` keeps (raydist/runtime/local_ray.py) ----------------------------
 
 def alive(pid: int) -> bool:
     """Whether process `pid` runs and is this user's."""

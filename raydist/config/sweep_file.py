@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from raydist.config.run import MAPPINGS, RunSpec, at_least, read_only
-from raydist.config.search import SCHEDULERS, SEARCHES, check_search
+from raydist.config.search_rules import SCHEDULERS, SEARCHES, check_search
 from raydist.config.values import (
     as_bool,
     as_float,
@@ -18,7 +18,7 @@ from raydist.config.values import (
     parse_bandwidth,
     parse_duration,
 )
-from raydist.registry import ConfigError, closest
+from raydist.errors import ConfigError, closest
 
 SEARCH_KINDS = ("grid", "choice", "loguniform", "uniform")
 SWEEP_METRICS = ("val_accuracy", "val_loss", "train_loss")
@@ -55,7 +55,7 @@ class SweepSpec:
     scale: str = "workers"
     """the RunSpec field that is N in speedup(N)"""
     bound: bool = False
-    """measure the machine's compute-only bound beside the trials (raydist/bound.py)"""
+    """measure the machine's compute-only bound beside the trials (raydist/plan/machine_bound.py)"""
     plan: dict[str, Any] | None = None
     """predict the scaled setting on a cluster after the trials (`raydist plan`): workers (the
     largest count), bandwidth and latency of its links, one worker per node"""

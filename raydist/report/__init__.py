@@ -28,9 +28,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from raydist import memory_section, profiles, report_bound, report_html, timeline, tracking  # noqa: E402
+from raydist import tracking
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
-from raydist.tables import fmt, fmt_time, fmt_value, markdown, save  # noqa: E402
+from raydist.report import bound as report_bound
+from raydist.report import html as report_html
+from raydist.report import memory as memory_section
+from raydist.report import (
+    profiles,
+    timeline,  # noqa: E402
+)
+from raydist.report.tables import fmt, fmt_time, fmt_value, markdown, save  # noqa: E402
 
 SPEC = [f.name for f in fields(RunSpec)]
 NOT_A_SETTING = ("seed", "out", "address")  # differ between trials without changing what is run
@@ -292,7 +299,7 @@ def summary(trials: pd.DataFrame, metric: str, mode: str, target: float | None) 
     goal = f"target {metric} {'>=' if mode == 'max' else '<='} {target:g}" if target is not None \
         else "no target set"
     return (f"{len(trials)} trials ({counts}); metric {metric} ({mode}), {goal}. "
-            "Every number below is computed from results.csv; see raydist/report.py for the rules.")
+            "Every number below is computed from results.csv; see raydist/report/ for the rules.")
 
 
 def machine_section(root: Path) -> list[str]:

@@ -25,14 +25,15 @@ import torch
 from ray import tune
 from torch.optim.lr_scheduler import LambdaLR
 
-from raydist import checkpoint, strategies
+from raydist import strategies
 from raydist.config import RunSpec
-from raydist.config.search import PERTURBABLE
+from raydist.config.search_rules import PERTURBABLE
 from raydist.data import load_data
 from raydist.engine import (
     Diverged,
     Record,
     RunResult,
+    checkpoint,
     claim,
     effective_lr,
     fit,

@@ -16,10 +16,10 @@ The fused qkv's rows are [q | k | v], each heads x head_dim. A plain column spli
 rank 0 all of q and half of k; so before splitting, its rows are reordered rank by rank
 ([q_r | k_r | v_r] for r = 0..tp-1, `head_order`), and rank r's contiguous shard holds its own
 heads' q, k and v. The attention infers its head count from the width it gets
-(models/classic.py), so the same model code runs whole or split. `Recipe.inverse` undoes the
+(models/classic.py), so the same model code runs whole or split. `TPLayout.inverse` undoes the
 reorder when the full state is gathered (`full_state`): model.pt holds local's layout.
 
-Adding a model is one `RECIPES.register` entry: a function (model, tp_size) -> Recipe, which
+Adding a model is one `RECIPES.register` entry: a function (model, tp_size) -> TPLayout, which
 raises ConfigError (naming the knob and the numbers) when the model cannot be split so.
 """
 
@@ -38,7 +38,7 @@ COLWISE, ROWWISE = "colwise", "rowwise"
 
 
 @dataclass
-class Recipe:
+class TPLayout:
     styles: dict[str, str]
     """module name -> COLWISE or ROWWISE"""
     orders: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -50,7 +50,7 @@ class Recipe:
         return None if order is None else torch.argsort(order)
 
 
-Build = Callable[[nn.Module, RunSpec, int], Recipe]
+Build = Callable[[nn.Module, RunSpec, int], TPLayout]
 RECIPES: Registry[Build] = Registry("model (tensor parallel)")
 
 
@@ -59,7 +59,7 @@ def linears(module: nn.Module) -> list[str]:
 
 
 @RECIPES.register("mlp")
-def mlp(model: nn.Module, spec: RunSpec, tp: int) -> Recipe:
+def mlp(model: nn.Module, spec: RunSpec, tp: int) -> TPLayout:
     names = linears(model)
     widths = [model.get_submodule(n).out_features for n in names[: len(names) // 2 * 2 : 2]]
     if any(w % tp for w in widths):
@@ -68,7 +68,7 @@ def mlp(model: nn.Module, spec: RunSpec, tp: int) -> Recipe:
     styles = {}
     for first, second in zip(names[0::2], names[1::2], strict=False):
         styles[first], styles[second] = COLWISE, ROWWISE
-    return Recipe(styles)
+    return TPLayout(styles)
 
 
 def head_order(d: int, tp: int) -> torch.Tensor:
@@ -79,7 +79,7 @@ def head_order(d: int, tp: int) -> torch.Tensor:
                       for r in range(tp) for j in range(3)])
 
 
-def blocks(model: nn.Module, spec: RunSpec, tp: int) -> Recipe:
+def blocks(model: nn.Module, spec: RunSpec, tp: int) -> TPLayout:
     """The transformer blocks of classic.py (gpt's and transformer's)."""
     if spec.heads % tp:
         raise ConfigError(f"tp_size: got {tp}; the attention heads ({spec.heads}) are split over "
@@ -92,23 +92,23 @@ def blocks(model: nn.Module, spec: RunSpec, tp: int) -> Recipe:
                        f"{name}.mlp.0": COLWISE, f"{name}.mlp.2": ROWWISE}
             order = head_order(m.attn.qkv.in_features, tp)
             orders |= {f"{name}.attn.qkv.weight": order, f"{name}.attn.qkv.bias": order}
-    return Recipe(styles, orders)
+    return TPLayout(styles, orders)
 
 
 RECIPES.register("gpt")(blocks)
 RECIPES.register("transformer")(blocks)
 
 
-def recipe(model: nn.Module, spec: RunSpec, tp: int) -> Recipe:
+def recipe(model: nn.Module, spec: RunSpec, tp: int) -> TPLayout:
     """The model's recipe, or ConfigError naming the models tp can split."""
     if spec.model not in RECIPES:
         raise ConfigError(f"model: tp cannot split '{spec.model}'; it splits "
                           f"{', '.join(RECIPES.names())} (a model needs a recipe in "
-                          "raydist/strategies/tp/plan.py)")
+                          "raydist/strategies/tp/parallelize.py)")
     return RECIPES[spec.model](model, spec, tp)
 
 
-def parallelize(model: nn.Module, plan: Recipe, mesh: object) -> nn.Module:
+def parallelize(model: nn.Module, plan: TPLayout, mesh: object) -> nn.Module:
     """Split `model` in place over the 1-D device mesh `mesh` as `plan` says."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -120,13 +120,13 @@ def parallelize(model: nn.Module, plan: Recipe, mesh: object) -> nn.Module:
     return parallelize_module(model, mesh, {n: styles[s]() for n, s in plan.styles.items()})
 
 
-def full_state(model: nn.Module, plan: Recipe) -> dict[str, torch.Tensor]:
+def full_state(model: nn.Module, plan: TPLayout) -> dict[str, torch.Tensor]:
     """The whole model's state_dict under local's keys and layout (a collective: every rank
     of the mesh calls it)."""
     return {name: gather(plan, name, t) for name, t in model.state_dict().items()}
 
 
-def gather(plan: Recipe, name: str, t: torch.Tensor) -> torch.Tensor:
+def gather(plan: TPLayout, name: str, t: torch.Tensor) -> torch.Tensor:
     """The full tensor behind the (maybe split) tensor `t` of parameter `name`, in the model's
     own layout: a parameter, or its gradient."""
     full = t.full_tensor() if hasattr(t, "full_tensor") else t

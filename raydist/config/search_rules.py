@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from raydist.config.run import RunSpec
-from raydist.registry import ConfigError
+from raydist.errors import ConfigError
 
 if TYPE_CHECKING:
-    from raydist.config.sweep import SweepSpec
+    from raydist.config.sweep_file import SweepSpec
 
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha", "pbt")

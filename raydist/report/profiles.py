@@ -26,7 +26,7 @@ import matplotlib.ticker  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from raydist.config import RunSpec  # noqa: E402
-from raydist.tables import fmt, fmt_time, markdown, save  # noqa: E402
+from raydist.report.tables import fmt, fmt_time, markdown, save  # noqa: E402
 
 WORKLOAD = ("model", "data")
 TAUS = (1.0, 1.5, 2.0, 4.0)
@@ -157,7 +157,7 @@ def section(results: pd.DataFrame, trials: pd.DataFrame, mode: str, target: floa
     return [*head, "Per optimizer and workload, the best lr by median time to target over seeds "
             "(a seed that never reaches the target counts as infinite); ratio = time / the "
             "workload's best time; rho(tau) = share of workloads with ratio <= tau. See "
-            "raydist/profiles.py.", "", markdown(result_table(scores, ratio)), "",
+            "raydist/report/profiles.py.", "", markdown(result_table(scores, ratio)), "",
             markdown(shares.T.rename_axis("optimizer").reset_index()), "",
             "![performance profiles](profiles.png)", "", "![lr sensitivity per optimizer](lr_profiles.png)",
             ""]

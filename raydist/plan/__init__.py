@@ -46,7 +46,7 @@ Step time for a global batch of B samples, b = ceil(B / N) samples per worker:
             measured in a pipeline's flow, see bench/plan_check.py); every stage steps at the
             flush. Nan for K > blocks.
 
-Bytes per worker (raydist/footprint.py, the same function the pre-flight's memory_per_worker
+Bytes per worker (raydist/memory/footprint.py, the same function the pre-flight's memory_per_worker
 refusal uses): model state (parameters, gradients, optimizer state by the optimizer registry's
 factor) and the activations kept for the backward pass, of the worst worker of each row.
 `--memory-per-worker` marks each row that does not fit (model state + activations > budget);
@@ -64,11 +64,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from raydist import footprint
-from raydist.calibration import Costs
 from raydist.config import ConfigError
 from raydist.config.values import UNITS, parse_bandwidth, parse_duration  # noqa: F401 (plan's API)
-from raydist.memory import gib
+from raydist.memory import footprint, gib
+from raydist.plan.calibration import Costs
 from raydist.strategies.pipeline.cuts import balanced_cuts
 
 TRANSPORTS = {"ddp": "allreduce", "ps": "object_store", "pipeline": "p2p"}

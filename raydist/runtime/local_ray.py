@@ -1,7 +1,7 @@
 """`raydist ray start|stop|status`: one local Ray kept running between commands, so that a user
 iterating on a laptop pays Ray's start-up once, not per `raydist train` / `sweep`.
 
-`start` launches a keeper process (`python -m raydist.local_ray`, its own session) that starts a
+`start` launches a keeper process (`python -m raydist.runtime.local_ray`, its own session) that starts a
 head exactly as an embedded run does (cluster.start_local: dashboard on loopback, Ray's token
 authentication on, the trial_driver resource a sweep needs) and writes where it is to a file
 only this user can write (cluster.local_ray_file()); `stop` ends that keeper by its process id,
@@ -22,8 +22,8 @@ import time
 import ray
 import yaml
 
-from raydist import cluster
 from raydist.config import ConfigError
+from raydist.runtime import cluster
 
 START_S = 120.0
 """How long `start` waits for the keeper to write its file (Ray's start-up, on a loaded laptop)."""
@@ -38,7 +38,7 @@ def start(cpus: int | None = None) -> dict:
                           f"{running['pid']}); stop it with `raydist ray stop`")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "raydist.local_ray", str(cpus or os.cpu_count() or 1)]
+    cmd = [sys.executable, "-m", "raydist.runtime.local_ray", str(cpus or os.cpu_count() or 1)]
     log = open(path.with_suffix(".log"), "w")  # noqa: SIM115 (the keeper's own stdout/stderr)
     keeper = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_S

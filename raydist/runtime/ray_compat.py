@@ -16,7 +16,7 @@ from ray._private.state import state as gcs_state
 WRITTEN_FOR = "2.60.0"
 
 if ray.__version__ != WRITTEN_FOR:
-    warnings.warn(f"raydist's private Ray calls (raydist/ray_compat.py) were written for Ray "
+    warnings.warn(f"raydist's private Ray calls (raydist/runtime/ray_compat.py) were written for Ray "
                   f"{WRITTEN_FOR}, this is Ray {ray.__version__}", stacklevel=2)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from raydist.registry import ConfigError
+from raydist.errors import ConfigError
 
 NAME = "checkpoint.pt"
 START_RETRIES = 3
@@ -65,7 +65,7 @@ def check_plain(value: Any, where: str) -> None:
         for key, item in items:
             if type(key) not in PLAIN:
                 raise TypeError(f"{where}: a key of type {type(key).__name__} cannot be saved; "
-                                "a checkpoint holds plain data only (raydist/checkpoint.py)")
+                                "a checkpoint holds plain data only (raydist/engine/checkpoint.py)")
             check_plain(item, f"{where}[{key!r}]")
     elif type(value) not in PLAIN and not isinstance(value, torch.Tensor):  # a Parameter too
         raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__name__}; a checkpoint "
