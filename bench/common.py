@@ -28,7 +28,7 @@ from raydist.config import RunSpec
 from raydist.data import load_data
 from raydist.engine import Record
 from raydist.models import build_model as _build_model
-from raydist.runtime import cluster
+from raydist.runtime import connect
 
 BENCH_DIR = Path(__file__).resolve().parent
 # Compute-bound: ~75 ms per step of 512 samples on one thread of this machine's EPYC core,
@@ -63,7 +63,7 @@ def gpu_name() -> str:
 
 
 def start_ray() -> None:
-    cluster.start_local(num_cpus=max(4, os.cpu_count() or 1), resources={"trial_driver": 8})
+    connect.start_local(num_cpus=max(4, os.cpu_count() or 1), resources={"trial_driver": 8})
 
 
 def raydist_records(run_spec: RunSpec) -> list[Record]:
@@ -83,7 +83,7 @@ def torchrun(script: str, nproc: int, args: list[str], timeout: float = 600) -> 
     """Run bench/peers/SCRIPT under torchrun on loopback; its rank 0 prints one JSON line.
     `launched` is when torchrun was started (time.time()), for start-up measurements."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(cluster.free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(connect.free_port()),
            str(BENCH_DIR / "peers" / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launched = time.time()

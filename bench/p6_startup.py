@@ -31,7 +31,7 @@ from pathlib import Path
 
 import common
 
-from raydist.runtime import cluster
+from raydist.runtime import connect
 
 EPOCH_LINE = re.compile(r"^epoch 1 .* ([0-9.]+) s$")
 
@@ -101,8 +101,8 @@ def main() -> None:
         return [r["first_step"] - r["launched"]]
 
     with tempfile.TemporaryDirectory(prefix="p6ray_", dir="/tmp") as home:
-        fresh = {**os.environ, cluster.LOCAL_RAY: f"{home}/none.yaml"}
-        kept = {**os.environ, cluster.LOCAL_RAY: f"{home}/local-ray.yaml"}
+        fresh = {**os.environ, connect.LOCAL_RAY: f"{home}/none.yaml"}
+        kept = {**os.environ, connect.LOCAL_RAY: f"{home}/local-ray.yaml"}
         subprocess.run([RAYDIST, "ray", "start"], env=kept, check=True, timeout=300)
         try:
             if args.phases:

@@ -30,7 +30,7 @@ import common
 import pandas as pd
 import yaml
 
-from raydist.runtime import cluster
+from raydist.runtime import connect
 
 CONCURRENCY = 2
 RAYDIST = str(Path(sys.executable).parent / "raydist")
@@ -88,8 +88,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="p7ray_", dir="/tmp") as home:
         # fresh: the sweep starts its own embedded Ray; joined: it joins one `raydist ray start`
         # keeps, as a user iterating on a laptop would (P6's two rows)
-        envs = {"fresh": {**os.environ, cluster.LOCAL_RAY: f"{home}/none.yaml"},
-                "joined": {**os.environ, cluster.LOCAL_RAY: f"{home}/local-ray.yaml"}}
+        envs = {"fresh": {**os.environ, connect.LOCAL_RAY: f"{home}/none.yaml"},
+                "joined": {**os.environ, connect.LOCAL_RAY: f"{home}/local-ray.yaml"}}
         subprocess.run([RAYDIST, "ray", "start"], env=envs["joined"], check=True, timeout=300)
         try:
             runs: dict[str, list[tuple[float, float]]] = {name: [] for name in envs}

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from raydist import plan
 from raydist.config import RunSpec
 from raydist.plan import calibration
-from raydist.runtime import cluster
+from raydist.runtime import connect
 
 OUT = common.BENCH_DIR / "results" / "plan_check.json"
 MICROBATCHES = 8
@@ -67,7 +67,7 @@ class GlooPeer:
     """One of two Ray actors (as workers and stages are) in a gloo group of their own."""
 
     def port(self) -> int:
-        return cluster.free_port("127.0.0.1")
+        return connect.free_port("127.0.0.1")
 
     def measure(self, script: str, rank: int, port: int, sizes: list[int], **kwargs: Any
                 ) -> dict[int, float]:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from killer import Killer  # noqa: E402
 
 from raydist.config import RunSpec  # noqa: E402
-from raydist.runtime import cluster  # noqa: E402
+from raydist.runtime import connect  # noqa: E402
 from raydist.strategies import train  # noqa: E402
 
 BASE = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 6, "seed": 0, "val_fraction": 0.1,
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=2, help="kills per run")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    cluster.start_local(num_cpus=4, object_store_memory=100 * 2**20)
+    connect.start_local(num_cpus=4, object_store_memory=100 * 2**20)
     tmp = Path(tempfile.mkdtemp(prefix="soak_kills_"))
     t0 = time.monotonic()
     clean = {n: quietly(spec(n, tmp / f"clean-{n}")).state_dict for n in RUNS if n != "ps-async"}

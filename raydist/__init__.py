@@ -24,7 +24,7 @@ def local_ray_file() -> Path:
 
 def _kept_head_auth() -> str | None:
     """The auth mode of a kept local Ray whose keeper still runs; None if there is none (the
-    full checks, owner, mode bits, address, are raydist.runtime.cluster.local_head's, at join time)."""
+    full checks, owner, mode bits, address, are raydist.runtime.connect.local_head's, at join time)."""
     try:
         text = local_ray_file().read_text()
         pid = int(re.search(r"^pid: (\d+)$", text, re.M).group(1))  # type: ignore[union-attr]

@@ -15,7 +15,7 @@ from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
 from raydist.config.run import MAPPINGS
 from raydist.config.values import parse_size
 from raydist.errors import unknown
-from raydist.runtime import interrupts
+from raydist.runtime import capacity, connect, interrupts
 
 
 class Parser(argparse.ArgumentParser):
@@ -151,17 +151,16 @@ def cmd_cluster(args: argparse.Namespace) -> None:
 
     import ray
 
-    from raydist.runtime import cluster
 
     if args.action not in CLUSTER_ACTIONS:
         raise ConfigError(unknown("action", args.action, list(CLUSTER_ACTIONS)))
-    most = cluster.check_cluster_file(args.file)
+    most = capacity.check_cluster_file(args.file)
     print(f"{args.file}: valid; at most (each on its own, head + workers up to max_workers):")
     for name, amount in most.items():
         print(f"  {name}: {amount:g}")
     if args.action == "publish":
         ray.init(address=args.address, logging_level=logging.WARNING)
-        cluster.publish_max(cluster.load_cluster_config(args.file))
+        capacity.publish_max(capacity.load_cluster_config(args.file))
         print(f"recorded as the autoscaler's maximum of the cluster at {args.address}")
 
 
@@ -179,7 +178,7 @@ def add_ray_flags(p: argparse.ArgumentParser) -> None:
 def cmd_ray(args: argparse.Namespace) -> None:
     import os
 
-    from raydist.runtime import cluster, local_ray
+    from raydist.runtime import local_ray
 
     if args.action not in RAY_ACTIONS:
         raise ConfigError(unknown("action", args.action, list(RAY_ACTIONS)))
@@ -188,7 +187,7 @@ def cmd_ray(args: argparse.Namespace) -> None:
         print(f"local Ray at {head['address']} (pid {head['pid']}, {head['cpus']} CPUs); raydist "
               "train and sweep join it until `raydist ray stop`")
         return
-    head = local_ray.stop() if args.action == "stop" else cluster.local_head()
+    head = local_ray.stop() if args.action == "stop" else connect.local_head()
     state = "stopped" if args.action == "stop" else "runs"
     print(f"local Ray at {head['address']} (pid {head['pid']}) {state}" if head
           else "no local Ray runs (`raydist ray start` keeps one)")

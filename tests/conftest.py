@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# A local Ray the developer keeps with `raydist ray start` (raydist.runtime.cluster.LOCAL_RAY names where
+# A local Ray the developer keeps with `raydist ray start` (raydist.runtime.connect.LOCAL_RAY names where
 # it is written down) must not catch the suite's runs, in this process or in the CLI processes
 # the tests start: the suite's file names no head (tests/test_local_ray.py sets its own).
 os.environ["RAYDIST_LOCAL_RAY"] = str(Path(__file__).resolve().parent / ".no-local-ray.yaml")
@@ -62,16 +62,16 @@ def _refuse_ray(*args: Any, **kwargs: Any) -> None:
 @pytest.fixture(autouse=True)
 def _unit_starts_no_ray(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """In a `unit` test, ray.init (which every way of starting or joining Ray goes through, Ray's
-    own auto-init included) and raydist.runtime.cluster.start_local raise. `import ray` is cheap (0.3 s
+    own auto-init included) and raydist.runtime.connect.start_local raise. `import ray` is cheap (0.3 s
     once per process, measured; it imports no torch), so ray is imported here if no test module
-    has done it yet: a test that imports it later still finds ray.init patched. raydist.runtime.cluster
+    has done it yet: a test that imports it later still finds ray.init patched. raydist.runtime.connect
     is patched only if imported, its ray.init call is caught anyway."""
     if request.node.get_closest_marker("unit") is None:
         return
     import ray
 
     monkeypatch.setattr(ray, "init", _refuse_ray)
-    cluster = sys.modules.get("raydist.runtime.cluster")
+    cluster = sys.modules.get("raydist.runtime.connect")
     if cluster is not None and hasattr(cluster, "start_local"):
         monkeypatch.setattr(cluster, "start_local", _refuse_ray)
 
@@ -80,10 +80,10 @@ def _unit_starts_no_ray(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
 def ray_local():
     import ray
 
-    from raydist.runtime import cluster
+    from raydist.runtime import connect
 
     # as the CLI starts it: with the dashboard, so that Ray Train can free a dead run's workers
-    cluster.start_local(num_cpus=RAY_CPUS, object_store_memory=100 * 2**20,
+    connect.start_local(num_cpus=RAY_CPUS, object_store_memory=100 * 2**20,
                         resources={"trial_driver": 8})
     yield ray
     ray.shutdown()

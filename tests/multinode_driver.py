@@ -43,7 +43,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # inherited by every node
 # These nodes are killed, never drained: Ray Train's preemption watcher (an actor process beside
-# every worker group) would have nothing to see, as on the embedded Ray (raydist.runtime.cluster).
+# every worker group) would have nothing to see, as on the embedded Ray (raydist.runtime.connect).
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 import ray  # noqa: E402

@@ -142,7 +142,7 @@ def new_head(prefix: str) -> Head:
     env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     # No node of a test head is ever drained: Ray Train's preemption watcher, an actor process
-    # beside every worker group, would watch for nothing (as on the embedded Ray, raydist.runtime.cluster).
+    # beside every worker group, would watch for nothing (as on the embedded Ray, raydist.runtime.connect).
     env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return Head(tmp, env, dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True)))
 

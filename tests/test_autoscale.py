@@ -29,7 +29,7 @@ from ray.core.generated import autoscaler_pb2
 from rayprocs import Head, new_head, processes_of
 
 from raydist.config import ConfigError
-from raydist.runtime import cluster, ray_compat
+from raydist.runtime import capacity, ray_compat
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,19 +47,19 @@ OBSERVE = textwrap.dedent("""
     import json, os, sys, time
     import ray
     from ray._private.state import state
-    from raydist.runtime import cluster
+    from raydist.runtime import capacity
     from raydist.config import ConfigError
     address, config, stop = sys.argv[1:]
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     before = state.get_max_resources_from_cluster_config()
-    cluster.publish_max(json.load(open(config)))
+    capacity.publish_max(json.load(open(config)))
     try:
-        cluster.require(4, 0, "ddp with 4 workers")
+        capacity.require(4, 0, "ddp with 4 workers")
         refused = None
     except ConfigError as e:
         refused = str(e)
     print(json.dumps({"before": before, "after": state.get_max_resources_from_cluster_config(),
-                      "capacity": cluster.capacity(), "refused": refused}), flush=True)
+                      "capacity": capacity.capacity(), "refused": refused}), flush=True)
     deadline = time.monotonic() + 300  # never outlive the test
     while not os.path.exists(stop) and time.monotonic() < deadline:
         nodes = sum(n["Alive"] for n in ray.nodes()) - 1
@@ -163,7 +163,7 @@ def fake_ray(monkeypatch):
     monkeypatch.delenv(START_TIMEOUT)
 
     def install(now: dict, most: dict | None) -> None:
-        monkeypatch.setattr(cluster.ray, "cluster_resources", lambda: now)
+        monkeypatch.setattr(capacity.ray, "cluster_resources", lambda: now)
         monkeypatch.setattr(ray_compat.gcs_state, "get_max_resources_from_cluster_config", lambda: most)
     return install
 
@@ -171,30 +171,30 @@ def fake_ray(monkeypatch):
 @pytest.mark.unit
 def test_require_counts_the_nodes_the_autoscaler_can_add(fake_ray):
     fake_ray({"trial_driver": 2.0}, {"CPU": 4, "trial_driver": 2})
-    cluster.require(4, 0, "ddp with 4 workers")
-    assert os.environ[START_TIMEOUT] == str(cluster.NODE_START_S)  # time for nodes to boot
-    assert cluster.capacity() == {"CPU": 4.0, "GPU": 0.0, "trial_driver": 2.0}
+    capacity.require(4, 0, "ddp with 4 workers")
+    assert os.environ[START_TIMEOUT] == str(capacity.NODE_START_S)  # time for nodes to boot
+    assert capacity.capacity() == {"CPU": 4.0, "GPU": 0.0, "trial_driver": 2.0}
     with pytest.raises(ConfigError) as e:
-        cluster.require(8, 0, "ddp with 8 workers")
+        capacity.require(8, 0, "ddp with 8 workers")
     assert str(e.value) == MESSAGE.format(n=8, limit="can scale to at most", cap=4)
 
 
 @pytest.mark.unit
 def test_require_counts_nodes_beyond_the_autoscalers_maximum(fake_ray):
     fake_ray({"CPU": 6.0, "GPU": 1.0}, {"CPU": 4, "GPU": 0})  # e.g. nodes joined by hand
-    cluster.require(6, 1, "ddp with 6 workers")
+    capacity.require(6, 1, "ddp with 6 workers")
     with pytest.raises(ConfigError) as e:
-        cluster.require(6, 2, "ddp with 6 workers")
+        capacity.require(6, 2, "ddp with 6 workers")
     assert str(e.value) == "ddp with 6 workers needs 2 GPUs but the cluster can scale to at most 1"
 
 
 @pytest.mark.unit
 def test_require_without_an_autoscaler_keeps_its_message(fake_ray):
     fake_ray({"CPU": 2.0}, None)
-    cluster.require(2, 0, "ddp with 2 workers")
+    capacity.require(2, 0, "ddp with 2 workers")
     assert START_TIMEOUT not in os.environ
     with pytest.raises(ConfigError) as e:
-        cluster.require(4, 0, "ddp with 4 workers")
+        capacity.require(4, 0, "ddp with 4 workers")
     assert str(e.value) == MESSAGE.format(n=4, limit="can provide at most", cap=2)
 
 
@@ -206,10 +206,10 @@ def test_published_limits_read_back_through_rays_own_reader(monkeypatch):
         "head": {"resources": {"CPU": 2, "GPU": 0, "trial_driver": 8}, "max_workers": 0},
         "cpu": {"resources": {"CPU": 8, "GPU": 0}, "min_workers": 0, "max_workers": 2},
         "gpu": {"resources": {"CPU": 4, "GPU": 1}, "min_workers": 0, "max_workers": 2}}}
-    record = autoscaler_pb2.ClusterConfig.FromString(cluster.limits_record(config).SerializeToString())
+    record = autoscaler_pb2.ClusterConfig.FromString(capacity.limits_record(config).SerializeToString())
     monkeypatch.setattr(ray_compat.gcs_state, "get_cluster_config", lambda: record)
-    assert cluster.autoscaler_max() == {"CPU": 2 + 2 * 8 + 4, "GPU": 2, "trial_driver": 8}
-    assert cluster.max_resources(config) == {"CPU": 22.0, "GPU": 2.0, "trial_driver": 8.0}
+    assert capacity.autoscaler_max() == {"CPU": 2 + 2 * 8 + 4, "GPU": 2, "trial_driver": 8}
+    assert capacity.max_resources(config) == {"CPU": 22.0, "GPU": 2.0, "trial_driver": 8.0}
 
 
 # --- the sweep on the fake autoscaling cluster -----------------------------------------------

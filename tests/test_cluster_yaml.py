@@ -10,7 +10,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from raydist.cli import main
-from raydist.runtime.cluster import load_cluster_config
+from raydist.runtime.capacity import load_cluster_config
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from raydist.runtime import cluster
+from raydist.runtime import connect
 
 LISTEN = "0A"  # the TCP state in /proc/net/tcp
 
@@ -40,7 +40,7 @@ def outside_address() -> str | None:
 @pytest.mark.ray
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
 def test_the_dashboard_listens_on_loopback_only(ray_local):
-    port = urlparse(os.environ[cluster.API_SERVER]).port
+    port = urlparse(os.environ[connect.API_SERVER]).port
     assert listening(port) == {"127.0.0.1"}
     with socket.create_connection(("127.0.0.1", port), timeout=5):
         pass

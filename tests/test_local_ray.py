@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raydist.runtime import cluster
+from raydist.runtime import connect
 
 RAYDIST = [sys.executable, "-m", "raydist.cli"]
 
@@ -29,20 +29,20 @@ def write_head(path: Path, mode: int = 0o600, **info: object) -> None:
 @pytest.mark.unit
 def test_only_this_users_loopback_head_that_lives(tmp_path, monkeypatch):
     path = tmp_path / "local-ray.yaml"
-    monkeypatch.setenv(cluster.LOCAL_RAY, str(path))
-    assert cluster.local_head() is None  # no file
+    monkeypatch.setenv(connect.LOCAL_RAY, str(path))
+    assert connect.local_head() is None  # no file
     write_head(path)
-    assert cluster.local_head()["address"] == "127.0.0.1:6379"
+    assert connect.local_head()["address"] == "127.0.0.1:6379"
     write_head(path, address="10.255.0.5:6379")  # somebody's cluster, not this machine's
-    assert cluster.local_head() is None
+    assert connect.local_head() is None
     write_head(path, mode=0o666)  # a file anyone could have written
-    assert cluster.local_head() is None
+    assert connect.local_head() is None
     dead = subprocess.Popen(["true"])
     dead.wait()
     write_head(path, pid=dead.pid)  # its keeper is gone
-    assert cluster.local_head() is None
+    assert connect.local_head() is None
     path.write_text("address: [")
-    assert cluster.local_head() is None
+    assert connect.local_head() is None
 
 
 @pytest.mark.ray
@@ -50,7 +50,7 @@ def test_train_joins_a_running_local_ray_and_leaves_it_running(ray_local):
     """`raydist ray start` in its own Ray temp dir; a ddp train joins it and says so; the head
     still runs after; `raydist ray stop` ends it (and, whatever happens, the test kills it by pid)."""
     home = Path(tempfile.mkdtemp(prefix="rdlr", dir="/tmp"))  # short: Ray's socket paths
-    env = {**os.environ, cluster.LOCAL_RAY: str(home / "local-ray.yaml"), "RAY_TMPDIR": str(home)}
+    env = {**os.environ, connect.LOCAL_RAY: str(home / "local-ray.yaml"), "RAY_TMPDIR": str(home)}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_MODE", None)  # a user's fresh shell: this process's Ray set it for its own
     pid = None
@@ -66,15 +66,15 @@ def test_train_joins_a_running_local_ray_and_leaves_it_running(ray_local):
         assert run.returncode == 0, run.stderr
         assert "note: joining the local Ray at " in run.stderr
         assert (home / "run" / "model.pt").exists()
-        assert cluster.alive(pid)  # the run left it running
+        assert connect.alive(pid)  # the run left it running
         status = subprocess.run([*RAYDIST, "ray", "status"], env=env, text=True, capture_output=True)
         assert status.stdout.strip().endswith(f"(pid {pid}) runs")
         stopped = subprocess.run([*RAYDIST, "ray", "stop"], env=env, text=True, capture_output=True,
                                  timeout=90)
         assert stopped.stdout.strip().endswith(f"(pid {pid}) stopped")
-        assert not cluster.alive(pid) and not (home / "local-ray.yaml").exists()
+        assert not connect.alive(pid) and not (home / "local-ray.yaml").exists()
     finally:
-        if pid is not None and cluster.alive(pid):
+        if pid is not None and connect.alive(pid):
             os.kill(pid, signal.SIGTERM)
             time.sleep(5)
         shutil.rmtree(home, ignore_errors=True)

@@ -49,11 +49,11 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
         check_resumable(spec, Path(spec.out) / SPEC_FILE)
         strategy.check_saved(spec)  # its checkpoints hold plain data (and are not past spec.epochs)
     if strategy.resources is not None:  # a Ray strategy: join (or start) Ray, measure it
-        from raydist.runtime import cluster  # imports Ray: the engine itself imports without it
+        from raydist.runtime import capacity, connect  # imports Ray: the engine itself imports without it
 
         cpus, _, what = strategy.resources(spec, 0.0)  # an embedded Ray is sized to this
-        cluster.connect(spec, cpus, what)
-        cluster.require(*strategy.resources(spec, cluster.gpus_now()))
+        connect.connect(spec, cpus, what)
+        capacity.require(*strategy.resources(spec, connect.gpus_now()))
     return data
 
 

@@ -31,7 +31,7 @@ from raydist.data import Dataset, load_data
 from raydist.engine import Diverged, Record, Report, RunResult, announce, restart_line
 from raydist.raytrain import STORAGE, Recipe
 from raydist.raytrain.worker import RAY_CALL_S, loop
-from raydist.runtime import cluster, ray_compat
+from raydist.runtime import connect, ray_compat
 from raydist.runtime.faults import Faults
 
 POLL_S = 0.2  # how often the driver collects records
@@ -49,7 +49,7 @@ def run(spec: RunSpec, report: Report, recipe: Recipe) -> RunResult:
     """The recipe's workers on Ray Train; rank 0 returns the final model under local's keys."""
     import torch
 
-    cluster.connect(spec)
+    connect.connect(spec)
     spec = absolute_paths(spec)  # the workers run in Ray Train's own folder
     channel = open_channel()  # rank 0's records, to this process as they come
     trainer = torch_trainer(spec, load_data(spec), channel, recipe)  # N x worker.loop
@@ -80,7 +80,7 @@ def open_channel() -> Any:
 def torch_trainer(spec: RunSpec, data: Dataset, channel: Any, recipe: Recipe) -> TorchTrainer:
     need = recipe.per_worker(spec, ray.cluster_resources().get("GPU", 0.0))
     gpu = "GPU" in need
-    cluster.start_train_coordinator()  # ready before the controller asks for it
+    connect.start_train_coordinator()  # ready before the controller asks for it
     return ray_compat.torch_trainer_class()(
         loop,
         **streams(data),

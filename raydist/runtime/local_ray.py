@@ -2,11 +2,11 @@
 iterating on a laptop pays Ray's start-up once, not per `raydist train` / `sweep`.
 
 `start` launches a keeper process (`python -m raydist.runtime.local_ray`, its own session) that starts a
-head exactly as an embedded run does (cluster.start_local: dashboard on loopback, Ray's token
+head exactly as an embedded run does (connect.start_local: dashboard on loopback, Ray's token
 authentication on, the trial_driver resource a sweep needs) and writes where it is to a file
-only this user can write (cluster.local_ray_file()); `stop` ends that keeper by its process id,
+only this user can write (connect.local_ray_file()); `stop` ends that keeper by its process id,
 and its Ray's processes end with it. Every raydist command given no address joins that Ray
-(cluster.local_head: only a head this user's own file names, at an address of this machine,
+(connect.local_head: only a head this user's own file names, at an address of this machine,
 whose keeper is this user's live process) and says so; never a stranger's cluster.
 """
 
@@ -23,7 +23,7 @@ import ray
 import yaml
 
 from raydist.config import ConfigError
-from raydist.runtime import cluster
+from raydist.runtime import connect
 
 START_S = 120.0
 """How long `start` waits for the keeper to write its file (Ray's start-up, on a loaded laptop)."""
@@ -31,8 +31,8 @@ START_S = 120.0
 
 def start(cpus: int | None = None) -> dict:
     """Launch the keeper and wait for its file; the head it runs. Refused if one runs already."""
-    path = cluster.local_ray_file()
-    running = cluster.local_head()
+    path = connect.local_ray_file()
+    running = connect.local_head()
     if running:
         raise ConfigError(f"ray start: a local Ray runs already at {running['address']} (pid "
                           f"{running['pid']}); stop it with `raydist ray stop`")
@@ -43,7 +43,7 @@ def start(cpus: int | None = None) -> dict:
     keeper = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline:
-        head = cluster.local_head()
+        head = connect.local_head()
         if head:
             return head
         if keeper.poll() is not None:
@@ -55,15 +55,15 @@ def start(cpus: int | None = None) -> dict:
 
 def stop() -> dict | None:
     """End the keeper (it shuts its Ray down); the head it ran, or None if none ran."""
-    head = cluster.local_head()
+    head = connect.local_head()
     if head is None:
-        cluster.local_ray_file().unlink(missing_ok=True)
+        connect.local_ray_file().unlink(missing_ok=True)
         return None
     os.kill(head["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while cluster.alive(head["pid"]) and time.monotonic() < deadline:
+    while connect.alive(head["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    cluster.local_ray_file().unlink(missing_ok=True)
+    connect.local_ray_file().unlink(missing_ok=True)
     return head
 
 
@@ -72,17 +72,17 @@ def keep(cpus: int) -> None:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
-    cluster.start_local(num_cpus=cpus, resources={"trial_driver": 8})
+    connect.start_local(num_cpus=cpus, resources={"trial_driver": 8})
     address = ray.get_runtime_context().gcs_address
-    path = cluster.local_ray_file()
+    path = connect.local_ray_file()
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         # Ray turned token authentication on for this new head in this process's environment
         # (RAY_AUTH_MODE); a command that joins must ask for it too, or the head refuses it
         yaml.safe_dump({"address": address, "pid": os.getpid(), "cpus": cpus,
-                        "api_server": os.environ[cluster.API_SERVER],
-                        "auth_mode": os.environ.get(cluster.AUTH_MODE, "disabled")}, f)
+                        "api_server": os.environ[connect.API_SERVER],
+                        "auth_mode": os.environ.get(connect.AUTH_MODE, "disabled")}, f)
     tmp.replace(path)
     try:
         while not done.wait(1.0):

@@ -91,11 +91,11 @@ def train(spec: RunSpec, report: Report = progress, track: bool = True) -> RunRe
 
 @contextlib.contextmanager
 def ray_log(strategy: ModuleType, out: Path) -> Iterator[None]:
-    """A Ray strategy's run sends what Ray prints to out/ray.log (raydist.runtime.cluster.ray_log)."""
+    """A Ray strategy's run sends what Ray prints to out/ray.log (raydist.runtime.logs.ray_log)."""
     if strategy.resources is None:
         yield
         return
-    from raydist.runtime import cluster  # imports Ray
+    from raydist.runtime import logs  # imports Ray
 
-    with cluster.ray_log(out / cluster.RAY_LOG):
+    with logs.ray_log(out / logs.RAY_LOG):
         yield

@@ -63,9 +63,9 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     if data.streamed:  # read through Ray Data, on an embedded Ray unless one runs here already
         import ray
 
-        from raydist.runtime import cluster
+        from raydist.runtime import connect
 
         if not ray.is_initialized():
-            cluster.start_local(log_to_driver=False)
+            connect.start_local(log_to_driver=False)
     trainer = Local(spec, data)
     return RunResult(fit(spec, data, trainer, report), trainer.model.state_dict())

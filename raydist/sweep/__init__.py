@@ -37,7 +37,7 @@ from raydist.engine.progress import SweepLine
 from raydist.engine.record import scalars
 from raydist.plan import machine_bound as bound
 from raydist.plan.machine_bound import flat
-from raydist.runtime import cluster, interrupts
+from raydist.runtime import connect, interrupts, logs
 from raydist.sweep import pbt, search
 
 # A trial that ends before its first epoch (a refused setting) reports no metric: without this,
@@ -77,7 +77,7 @@ def resume(out: str | Path, address: str | None = None) -> pd.DataFrame:
 def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) -> pd.DataFrame:
     """Ray's and Tune's own messages go to DIR/ray.log. Ctrl-C (or SIGTERM) during the fit:
     Tune stops the trials and saves its state, and the results so far are collected."""
-    with ray_for(sweep, address), cluster.ray_log(root / cluster.RAY_LOG):
+    with ray_for(sweep, address), logs.ray_log(root / logs.RAY_LOG):
         trainable = tune.with_resources(make_trial(sweep, root, os.getcwd()), TRIAL_RESOURCES)
         if restore:
             tuner = tune.Tuner.restore(str(root / "tune"), trainable, resume_unfinished=True)
@@ -97,7 +97,7 @@ def execute(sweep: SweepSpec, root: Path, address: str | None, restore: bool) ->
 
 @contextmanager
 def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
-    """cluster.connect's rule (the Ray already started, --address, the file's address,
+    """connect.connect's rule (the Ray already started, --address, the file's address,
     RAY_ADDRESS, the local Ray `raydist ray start` keeps, else an embedded one), plus the
     trial_driver resource every trial holds. A Ray started (or joined) here is shut down (left)
     on the way out."""
@@ -106,24 +106,24 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
         yield
         return
     address = address or sweep.base.get("address") or os.environ.get("RAY_ADDRESS")
-    saved = os.environ.get(cluster.API_SERVER)
+    saved = os.environ.get(connect.API_SERVER)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)
             interrupts.reassert()
-        elif cluster.join_local_head():  # `raydist ray start`'s: this user's, on loopback
+        elif connect.join_local_head():  # `raydist ray start`'s: this user's, on loopback
             pass
         else:  # ASHA stops trials early: Ray Train must be able to free their workers
-            cluster.start_local(num_cpus=cluster.embedded_cpus(*hungriest_trial(sweep)),
+            connect.start_local(num_cpus=connect.embedded_cpus(*hungriest_trial(sweep)),
                                 resources={"trial_driver": sweep.max_concurrent}, log_to_driver=False)
         require_trial_drivers()
         yield
     finally:
         ray.shutdown()
         if saved is None:
-            os.environ.pop(cluster.API_SERVER, None)
+            os.environ.pop(connect.API_SERVER, None)
         else:
-            os.environ[cluster.API_SERVER] = saved
+            os.environ[connect.API_SERVER] = saved
 
 
 def hungriest_trial(sweep: SweepSpec) -> tuple[float, str]:

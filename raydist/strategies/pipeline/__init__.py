@@ -139,10 +139,10 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     (and the checkpoint's state, if any) and connect them; drive the engine's epoch loop, the
     driver reassembling the model after every epoch; restart from the checkpoint when a stage
     dies."""
-    from raydist.runtime import cluster
+    from raydist.runtime import connect
     from raydist.strategies.pipeline.driver import Pipeline, lost
 
-    cluster.connect(spec)
+    connect.connect(spec)
     data = load_data(spec)
     model = build_model(spec, data)  # the driver's copy, reassembled from the stages each epoch
     blocks = blocks_of(model, spec.model)

@@ -19,7 +19,7 @@ from raydist.data import Dataset
 from raydist.engine import Record, checkpoint, evaluate, total_steps
 from raydist.engine.progress import steps
 from raydist.models import build_model
-from raydist.runtime.cluster import Members
+from raydist.runtime.actors import Members
 from raydist.runtime.faults import Faults
 from raydist.strategies.pipeline import StageFailed, events, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes

@@ -85,10 +85,10 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     """The recipe: split the model's tensors over the servers; start the servers (from the
     checkpoint's weights and optimizer state, or the fresh model's) and the replicas; drive the
     engine's epoch loop, restarting from the checkpoint when an actor dies."""
-    from raydist.runtime import cluster
+    from raydist.runtime import connect
     from raydist.strategies.ps.group import SERVER_STEPS, PSGroup, lost, state_dict
 
-    cluster.connect(spec)
+    connect.connect(spec)
     data = load_data(spec)
     model = build_model(spec, data)  # the weights every attempt without a checkpoint starts from
     parts = split_model(model, spec.servers)

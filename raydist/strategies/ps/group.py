@@ -20,7 +20,7 @@ from raydist import memory
 from raydist.config import RunSpec
 from raydist.data import shard
 from raydist.engine import Record, checkpoint
-from raydist.runtime.cluster import Members
+from raydist.runtime.actors import Members
 from raydist.runtime.faults import Faults
 from raydist.strategies.ps import SERVER_CPUS
 from raydist.strategies.ps.actors import Replica, Server
