@@ -124,3 +124,8 @@ def resume(spec: Any) -> dict[str, Any] | None:
                           f"epoch {done}; expected epochs >= {done}")
     return saved
 
+
+def check_saved(spec: Any) -> None:
+    """The pre-flight's check (a strategy's `check_saved`) of a strategy that resumes from
+    spec.out/checkpoint.pt (ps, pipeline): plain data, not past spec.epochs (`resume`)."""
+    resume(spec)
