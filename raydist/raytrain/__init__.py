@@ -1,13 +1,13 @@
 """The Ray Train machinery every strategy on Ray Train shares (ddp, fsdp, tp): the driver side
 (driver.py: a channel actor for the records, TorchTrainer's set-up, the records and restart
-lines on their way to `report`, interrupts) and the worker side (worker.py: the epoch loop
-around a strategy's `Replica`, the stop broadcast, the memory gathered per worker, checkpoints
-through Ray Train, the RNG states they hold).
+lines on their way to `report`, interrupts) and the worker side (worker.py: the skeleton of a
+strategy's per-rank class, `RayTrainReplica`, the epoch loop around it, the stop broadcast, the
+memory gathered per worker, checkpoints through Ray Train, the RNG states they hold).
 
-Every such strategy checks its spec with `check` (each strategy adding its own checks), and gives
-a `Recipe`: its name (Ray Train's run name under out/ray/, the restart lines'
-"<name> worker 1"), its per-rank class (worker.Replica's protocol), and where it differs from
-the defaults, the resources one worker asks for and its worker count. Imports without Ray; the
+Every such strategy checks its spec with `check` (saying what its batch splits over, `Split`;
+adding its own checks), and gives a `Recipe`: its name (Ray Train's run name under out/ray/, the
+restart lines' "<name> worker 1"), its per-rank class (a RayTrainReplica), and where it differs
+from the defaults, the resources one worker asks for and its worker count. Imports without Ray; the
 modules below import Ray Train."""
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class Recipe:
     name: str
     """the strategy's name: Ray Train's run name, and the workers' in restart lines"""
     replica: str
-    """module.path:Class of the per-rank side (raytrain.worker.Replica), imported in each worker"""
+    """module.path:Class of the per-rank side (a raytrain.worker.RayTrainReplica), imported in each
+    worker"""
     per_worker: Callable[[Any, float], dict[str, float]] = per_worker
     """(spec, the cluster's GPUs now) -> the resources one worker asks for"""
     num_workers: Callable[[Any], int | tuple[int, int]] = fixed_workers

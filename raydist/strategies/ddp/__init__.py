@@ -1,7 +1,7 @@
 """`ddp`: N replicas on Ray Train; every step all-reduces the gradients (DistributedDataParallel).
 
 The recipe (`run`) is raydist.raytrain's: join Ray; make a channel actor for the per-epoch
-records; Ray Train's TorchTrainer runs N workers, each of which builds ddp's `worker.Replica`
+records; Ray Train's TorchTrainer runs N workers, each of which builds ddp's `worker.DDPReplica`
 (the model, the latest checkpoint restored, DDP with the chosen communication hook, comm.py)
 and drives the engine's epoch loop on its shard of every global batch; the driver hands the
 records to `report` as they come; rank 0 returns the final model.
@@ -65,4 +65,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:Replica", num_workers=num_workers)
+RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:DDPReplica", num_workers=num_workers)

@@ -2,7 +2,7 @@
 state (torch's FSDP2, torch.distributed.fsdp.fully_shard).
 
 The recipe (`run`) is raydist.raytrain's, as ddp's: a channel actor for the records, Ray Train's
-TorchTrainer over N workers (gloo on CPU, nccl on GPU), each building fsdp's `worker.Replica`:
+TorchTrainer over N workers (gloo on CPU, nccl on GPU), each building fsdp's `worker.FSDPReplica`:
 the model sharded block by block, then at the root (parallelize.py), the optimizer over the
 shards, the latest checkpoint restored (checkpoints.py). Every block's forward all-gathers its
 parameters; its backward reduce-scatters the gradients, each rank keeping the sum of its shard.
@@ -58,4 +58,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:Replica")
+RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:FSDPReplica")

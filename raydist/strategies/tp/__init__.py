@@ -1,7 +1,7 @@
 """`tp`: tensor parallelism on Ray Train workers (torch's DTensor `parallelize_module`).
 
 The recipe (`run`) is raydist.raytrain's, as ddp's: a channel actor for the records, Ray Train's
-TorchTrainer over `workers` (gloo on CPU, nccl on GPU), each building tp's `worker.Replica`.
+TorchTrainer over `workers` (gloo on CPU, nccl on GPU), each building tp's `worker.TPReplica`.
 The workers form a 2-D device mesh ("dp", "tp"): `workers / tp_size` data-parallel groups of
 `tp_size` ranks. Within a group every split layer of the model's recipe (parallelize.py: Megatron's
 column-then-row pairs; a transformer's heads split over the ranks) holds 1/tp_size of its
@@ -70,4 +70,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:Replica")
+RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:TPReplica")
