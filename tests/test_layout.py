@@ -62,6 +62,16 @@ def _strategies() -> set[str]:
             | {p.name for p in folder.iterdir() if (p / "__init__.py").exists()})
 
 
+def test_no_two_public_classes_share_a_name():
+    """One name, one meaning: a class name says which class it is, wherever it is read."""
+    where: dict[str, list[str]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(module_of(path))
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}
+
+
 def test_strategy_pure_pieces_import_without_ray():
     """plan and calibration use the cuts, schedules and byte counts; RunSpec's validation reads
     their registries: none of that may pull in Ray."""
