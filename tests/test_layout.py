@@ -11,9 +11,9 @@ import pytest
 pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parents[1] / "raydist"
-LAYER = {"errors": 0, "registry": 1, "config": 2, "optim": 3, "data": 3, "tracking": 3, "models": 4,
-         "memory": 5, "runtime": 5, "engine": 6, "raytrain": 7, "strategies": 8, "plan": 9, "sweep": 10,
-         "report": 11, "cli": 12}
+LAYER = {"errors": 0, "figures": 1, "registry": 1, "config": 2, "optim": 3, "data": 3, "tracking": 3,
+         "models": 4, "memory": 5, "runtime": 5, "engine": 6, "raytrain": 7, "strategies": 8, "plan": 9,
+         "sweep": 10, "report": 11, "cli": 12}
 
 
 def raydist_imports(path: Path) -> set[str]:
@@ -60,6 +60,16 @@ def _strategies() -> set[str]:
     folder = PKG / "strategies"
     return ({p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
             | {p.name for p in folder.iterdir() if (p / "__init__.py").exists()})
+
+
+def test_no_two_public_classes_share_a_name():
+    """One name, one meaning: a class name says which class it is, wherever it is read."""
+    where: dict[str, list[str]] = {}
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                where.setdefault(node.name, []).append(module_of(path))
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}
 
 
 def test_strategy_pure_pieces_import_without_ray():

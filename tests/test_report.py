@@ -201,7 +201,7 @@ def test_bound_beside_every_speedup(tmp_path, monkeypatch):
     pd.DataFrame({"model": "mlp", "optimizer": "adam", "workers": [1, 2, 4],
                   "samples_per_s": [250.0, 500.0, 700.0]}).to_csv(folder / "bound.csv", index=False)
     figures = []
-    monkeypatch.setattr(report, "save", lambda fig, path: figures.append((path.name, fig)))
+    monkeypatch.setattr(report.figures, "save", lambda fig, path: figures.append((path.name, fig)))
 
     report.write(folder)
     lines = (folder / "report.md").read_text().splitlines()

@@ -1,4 +1,4 @@
-"""How an actor strategy counts restarts (raydist/engine/checkpoint.py): actors that die before they
+"""How an actor strategy counts restarts (raydist/engine/loop.py): actors that die before they
 start (e.g. placed on a node that is dead but not yet declared so) are retried START_RETRIES
 times and do not use up max_failures, which counts deaths while training."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from raydist.engine.checkpoint import START_RETRIES, Restarts
+from raydist.engine.loop import START_RETRIES, Restarts
 
 pytestmark = pytest.mark.unit
 

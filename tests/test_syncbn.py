@@ -275,19 +275,20 @@ def test_without_a_process_group_it_is_nn_batchnorm(net):
 
 @pytest.mark.parametrize("sync, world, converted", [(True, 2, True), (True, 1, False), (False, 2, False)])
 def test_ddp_worker_converts_with_sync_batchnorm_on_several_workers(monkeypatch, sync, world, converted):
-    """Replica with Ray Train's context, device, DDP wrapping and checkpoint stubbed out: the
+    """DDPReplica with Ray Train's context, device, DDP wrapping and checkpoint stubbed out: the
     model it trains has the global-batch BatchNorm exactly when sync_batchnorm and world > 1,
     and its optimizer holds that model's parameters."""
     from raydist.config import RunSpec
+    from raydist.raytrain import worker as skeleton
     from raydist.strategies.ddp import worker
 
-    monkeypatch.setattr(worker, "place", lambda: (0, world, torch.device("cpu")))
-    monkeypatch.setattr(worker, "build_model", lambda spec, data: conv_net())
-    monkeypatch.setattr(worker, "restore", lambda model, optimizer, scheduler: [])
+    monkeypatch.setattr(skeleton, "place", lambda: (0, world, torch.device("cpu")))
+    monkeypatch.setattr(skeleton, "build_model", lambda spec, data: conv_net())
+    monkeypatch.setattr(worker.DDPReplica, "restore", lambda self: [])
     monkeypatch.setattr(worker, "prepare_model", lambda model, **kwargs: model)
     monkeypatch.setattr(worker.Comm, "attach", lambda self, replica: None)
     spec = RunSpec.from_dict({"strategy": "ddp", "workers": 2, "sync_batchnorm": sync})
-    me = worker.Replica(spec, dataset("conv", [8])[0], faults=None)
+    me = worker.DDPReplica(spec, dataset("conv", [8])[0], faults=None)
     assert isinstance(me.model[1], syncbn.GlobalBatchNorm) == converted
     assert me.replica is me.model
     held = [p for group in me.optimizer.param_groups for p in group["params"]]

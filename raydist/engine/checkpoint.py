@@ -1,5 +1,4 @@
-"""How runs survive: the files a run writes and reads back (checkpoints, model.pt), and how often
-an actor strategy restarts after its actors die.
+"""How runs survive: the files a run writes and reads back (checkpoints, model.pt), as plain data.
 
 Every such file is written to a temporary name beside it and then renamed over it (`replacing`),
 so a run killed mid-write leaves the previous file whole. A checkpoint holds plain data only
@@ -25,9 +24,6 @@ import torch
 from raydist.errors import ConfigError
 
 NAME = "checkpoint.pt"
-START_RETRIES = 3
-"""Restarts whose new actors die before they ever run (placed on a node that has just died but
-that Ray has not yet declared dead: seconds) are retried this often, apart from max_failures."""
 
 PLAIN = (bool, int, float, str, type(None))
 """What a saved file may hold besides tensors, dicts, lists and tuples: what weights_only=True
@@ -129,22 +125,7 @@ def resume(spec: Any) -> dict[str, Any] | None:
     return saved
 
 
-class Restarts:
-    """Counts an actor strategy's restarts: actors that die before they start (retried
-    START_RETRIES times) apart from deaths while training (retried spec.max_failures times)."""
-
-    def __init__(self, strategy: str, max_failures: int, error: type[Exception]) -> None:
-        self.strategy, self.max_failures, self.error = strategy, max_failures, error
-        self.unstarted = self.failures = 0
-
-    def before_start(self, e: Exception) -> None:
-        self.unstarted += 1
-        if self.unstarted > START_RETRIES:
-            raise self.error(f"{self.strategy}: actors died before they started, {self.unstarted} "
-                             f"times ({type(e).__name__})") from e
-
-    def while_training(self, e: Exception) -> None:
-        self.failures += 1
-        if self.failures > self.max_failures:
-            raise self.error(f"{self.strategy}: an actor died ({type(e).__name__}) and "
-                             f"max_failures={self.max_failures} restarts are used up") from e
+def check_saved(spec: Any) -> None:
+    """The pre-flight's check (a strategy's `check_saved`) of a strategy that resumes from
+    spec.out/checkpoint.pt (ps, pipeline): plain data, not past spec.epochs (`resume`)."""
+    resume(spec)

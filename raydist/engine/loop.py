@@ -3,7 +3,8 @@ worker, ps and pipeline in the driver around their actors, local in-process.
 
 The order is written once, here: train, evaluate, stop on a non-finite loss (that epoch is
 reported, never checkpointed), checkpoint, report. The actor strategies (ps, pipeline) also
-share `fit_restarting`: after a death, new actors start from the latest checkpoint.
+share `fit_restarting` and its policy (`Restarts`): after a death, new actors start from the
+latest checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from raydist.engine.step import global_batches, step_samples
 
 Report = Callable[[Record], None]
 StateDict = dict[str, torch.Tensor]
+START_RETRIES = 3
+"""Restarts whose new actors die before they ever run (placed on a node that has just died but
+that Ray has not yet declared dead: seconds) are retried this often, apart from max_failures."""
 
 
 class Diverged(RuntimeError):
@@ -115,6 +119,27 @@ def restart_line(attempt: int, limit: int, what: str, epoch: int, how: str = "di
     return f"restart {attempt}/{limit}: {what} {how}; resuming from epoch {epoch}"
 
 
+class Restarts:
+    """Counts an actor strategy's restarts: actors that die before they start (retried
+    START_RETRIES times) apart from deaths while training (retried spec.max_failures times)."""
+
+    def __init__(self, strategy: str, max_failures: int, error: type[Exception]) -> None:
+        self.strategy, self.max_failures, self.error = strategy, max_failures, error
+        self.unstarted = self.failures = 0
+
+    def before_start(self, e: Exception) -> None:
+        self.unstarted += 1
+        if self.unstarted > START_RETRIES:
+            raise self.error(f"{self.strategy}: actors died before they started, {self.unstarted} "
+                             f"times ({type(e).__name__})") from e
+
+    def while_training(self, e: Exception) -> None:
+        self.failures += 1
+        if self.failures > self.max_failures:
+            raise self.error(f"{self.strategy}: an actor died ({type(e).__name__}) and "
+                             f"max_failures={self.max_failures} restarts are used up") from e
+
+
 def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
                    start: Callable[[dict[str, Any] | None], Group],
                    finished: Callable[[dict[str, Any]], StateDict],
@@ -123,7 +148,7 @@ def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
     makes the actors from a checkpoint (None: from the beginning) and kills them if they fail
     to start; `finished` gives the model of a checkpoint already at spec.epochs; `lost` tells an
     actor's death from any other error. Deaths restart at most spec.max_failures times."""
-    restarts = checkpoint.Restarts(spec.strategy, spec.max_failures, error)
+    restarts = Restarts(spec.strategy, spec.max_failures, error)
     died = ""
     while True:
         saved = checkpoint.resume(spec)
@@ -140,7 +165,7 @@ def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
             restarts.before_start(e)
             announce(f"restart: {spec.strategy} actors died before they started "
                      f"({type(e).__name__}); starting them again ({restarts.unstarted}/"
-                     f"{checkpoint.START_RETRIES})")
+                     f"{START_RETRIES})")
             died = ""
             continue
         try:
@@ -153,3 +178,4 @@ def fit_restarting(spec: RunSpec, data: Dataset, report: Report, *,
             died = group.who_died(e)
         finally:
             group.close()
+

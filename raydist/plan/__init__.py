@@ -265,21 +265,17 @@ def table(rows: list[dict[str, float]]) -> str:
 
 def write(rows: list[dict[str, float]], out: Path) -> None:
     """plan.csv and plan.png (predicted speedup per strategy, with the ideal line)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
+
+    from raydist import figures
 
     out.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame(rows)
     df.to_csv(out / "plan.csv", index=False)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figures.subplots(figsize=(6, 4))
     for strategy, part in df.groupby("strategy"):
         ax.plot(part["workers"], part["speedup"], marker="o", label=strategy)
     ax.plot(df["workers"], df["workers"], "k--", label="ideal")
     ax.set(xscale="log", yscale="log", xlabel="workers / stages", ylabel="predicted speedup")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "plan.png")
-    plt.close(fig)
+    figures.save(fig, out / "plan.png")

@@ -1,9 +1,11 @@
-"""One Ray Train worker of any strategy on Ray Train: the engine's epoch loop around the
-strategy's per-rank `Replica`, the stop broadcast, each worker's memory gathered into rank 0's
-record, checkpoints through Ray Train, and the RNG states a checkpoint holds."""
+"""One Ray Train worker of any strategy on Ray Train: the skeleton of a strategy's per-rank side
+(`RayTrainReplica`), the engine's epoch loop around it, the stop broadcast, each worker's memory
+gathered into rank 0's record, checkpoints through Ray Train, and the RNG states a checkpoint
+holds."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import dataclasses
 import os
@@ -11,7 +13,7 @@ import random
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import ray
@@ -23,9 +25,20 @@ from ray.train.torch import get_device
 from raydist import memory
 from raydist.config import RunSpec
 from raydist.data import Dataset
-from raydist.engine import Diverged, Record, fit
+from raydist.engine import (
+    Diverged,
+    Record,
+    evaluate,
+    fit,
+    make_optimizer,
+    make_scheduler,
+    restore_scheduler,
+    total_steps,
+)
+from raydist.models import build_model
 from raydist.registry import import_object
 from raydist.runtime import ray_compat
+from raydist.runtime.faults import Faults
 
 RAY_CALL_S = 60.0  # bound on any single call to the channel actor
 
@@ -40,27 +53,86 @@ class Stopped(Exception):
     """The driver asked the workers to stop (its `report` raised, or it was interrupted)."""
 
 
-class Replica(Protocol):
-    """A strategy's per-rank side: built as Replica(spec, data, faults) in each worker, it
-    restores the latest checkpoint Ray Train registered (`history`: its records) and is the
-    engine's Trainer (train_epoch, evaluate, save)."""
+class RayTrainReplica(abc.ABC):
+    """A strategy's per-rank side, built as cls(spec, data, faults) in each Ray Train worker (its
+    Recipe names the class) and driven as the engine's Trainer (train_epoch, evaluate, save).
 
-    rank: int
-    world: int
-    device: torch.device
-    data: Dataset
-    history: list[Record]
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    The skeleton is written once, here: this rank's place (rank, world, device), the model as
+    the strategy holds it (`distribute`), the optimizer (`make_rule`, then `wrap`) and its lr
+    schedule, the latest checkpoint Ray Train registered restored (`history`: its records; the
+    strategy's files read by `load`), the data on this rank's device. A checkpoint holds the
+    plain part written here (epoch, history, lr schedule, RNG states) and the strategy's own
+    (`write`). A strategy writes only what differs: those methods, `train_epoch`, and where
+    its model is not plain, `evaluate`, `final_state` and `measure`."""
 
-    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]: ...
+    def __init__(self, spec: RunSpec, data: Dataset, faults: Faults) -> None:
+        self.rank, self.world, self.device = place()
+        self.spec, self.faults = spec, faults
+        self.model = self.distribute(build_model(spec, data))
+        # the schedule drives the rule itself, under whatever wraps it
+        self.rule = self.make_rule()
+        self.scheduler = make_scheduler(spec, self.rule, total_steps(spec, data))
+        self.optimizer = self.wrap(self.rule)
+        self.history = self.restore()
+        self.data = on_device(data.in_worker(ray.train.get_dataset_shard), self.device)
 
-    def evaluate(self) -> Record: ...
+    @abc.abstractmethod
+    def distribute(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The freshly built model (the same weights on every rank) as this rank holds it: on
+        its device, converted, sharded or split."""
 
-    def save(self, history: list[Record]) -> None: ...
+    def make_rule(self) -> torch.optim.Optimizer:
+        """The optimizer over the parameters as this rank holds them, under the model's names."""
+        return make_optimizer(self.spec, self.model.named_parameters())
+
+    def wrap(self, rule: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """What steps the rule in training (before a checkpoint loads into it): by default itself."""
+        return rule
+
+    @abc.abstractmethod
+    def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
+        """The engine's Trainer.train_epoch: the loss summed over every rank."""
+
+    def evaluate(self) -> Record:
+        return evaluate(self.model, self.data)
+
+    def save(self, history: list[Record]) -> None:
+        """The epoch's checkpoint: every rank reports the record, with its files where it has
+        some (`write`)."""
+        rec = history[-1]
+        self.faults.maybe_fail(self.rank, rec["epoch"])
+        plain = {"epoch": rec["epoch"], "history": history, "rng": rng_states(),
+                 "scheduler": self.scheduler.state_dict()}
+        report(rec, self.write(plain))
+
+    @abc.abstractmethod
+    def write(self, plain: dict[str, Any]) -> str | None:
+        """This rank's files of the checkpoint, with `plain` (the records, the lr schedule, this
+        rank's RNG states) where the strategy keeps it: a fresh folder (new_folder) holding
+        them, or None (none from this rank)."""
+
+    def restore(self) -> list[Record]:
+        """The latest checkpoint Ray Train registered, if any, loaded; returns its records."""
+        with latest() as folder:
+            if folder is None:
+                return []
+            plain = self.load(folder)
+        restore_scheduler(self.scheduler, plain.get("scheduler"))
+        set_rng_states(plain["rng"])
+        return plain["history"]
+
+    @abc.abstractmethod
+    def load(self, folder: Path) -> dict[str, Any]:
+        """Load this rank's part of the checkpoint in `folder` into the model and the optimizer;
+        returns the plain part `write` kept."""
 
     def final_state(self) -> dict[str, np.ndarray]:
         """The model under local's keys (every rank calls it: it may gather shards)."""
+        return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+
+    def measure(self) -> dict[str, int]:
+        """This process's memory fields for the record (raydist.memory.measure)."""
+        return memory.measure(self.model, self.optimizer)
 
 
 class Measured:
@@ -68,12 +140,12 @@ class Measured:
     memory (raydist.memory.measure after the epoch, gathered to every rank): the worst of each
     field, and `per_worker_memory`, one entry per rank."""
 
-    def __init__(self, replica: Replica) -> None:
+    def __init__(self, replica: RayTrainReplica) -> None:
         self.replica = replica
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         loss, rec = self.replica.train_epoch(epoch, batches)
-        mine = memory.measure(self.replica.model, self.replica.optimizer)
+        mine = self.replica.measure()
         every = gather(mine, self.replica.world)
         per_worker = [{"worker": f"rank {r}", **m} for r, m in enumerate(every)]
         return loss, {**rec, **memory.worst(every), "per_worker_memory": per_worker}
@@ -108,7 +180,7 @@ def loop(config: dict[str, Any]) -> dict[str, Any] | None:
     spec: RunSpec = config["spec"]
     ray_compat.quiet_train_reports()  # keep the console for the per-epoch progress lines
     torch.set_num_threads(spec.threads_per_worker)
-    make: Callable[..., Replica] = import_object(config["replica"], "replica")
+    make: Callable[..., RayTrainReplica] = import_object(config["replica"], "replica")
     me = make(spec, config["data"], config["faults"])
     config["channel"].hello.remote(me.rank, os.getpid())  # named by it if it dies
     stop = torch.zeros(1, device=me.device)

@@ -21,23 +21,16 @@ import math
 from dataclasses import fields
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+import yaml
 
-matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
-
-from raydist import tracking
-from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep  # noqa: E402
+from raydist import figures, tracking
+from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.report import bound as report_bound
 from raydist.report import html as report_html
 from raydist.report import memory as memory_section
-from raydist.report import (
-    profiles,
-    timeline,  # noqa: E402
-)
-from raydist.report.tables import fmt, fmt_time, fmt_value, markdown, save  # noqa: E402
+from raydist.report import profiles, timeline
+from raydist.report.tables import fmt, fmt_time, fmt_value, markdown
 
 SPEC = [f.name for f in fields(RunSpec)]
 NOT_A_SETTING = ("seed", "out", "address")  # differ between trials without changing what is run
@@ -170,7 +163,7 @@ def matches(trials: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.Series:
 def plot_speedup(table: pd.DataFrame, scale: str, path: Path) -> None:
     """Measured throughput speedup, efficiency and time-to-target speedup per strategy (and
     mode, where the sweep has both); dashed, the plan's prediction where given."""
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = figures.subplots(1, 3, figsize=(14, 4))
     modes = sorted(table["scaling"].unique())
     label = table["strategy"] if "strategy" in table else pd.Series("run", index=table.index)
     if len(modes) > 1:
@@ -200,12 +193,12 @@ def plot_speedup(table: pd.DataFrame, scale: str, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{' and '.join(modes)} scaling: speedup over {scale} = 1 (median over settings)")
-    save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_curves(results: pd.DataFrame, trials: pd.DataFrame, best: pd.DataFrame, keys: list[str],
                 metric: str, target: float | None, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figures.subplots(figsize=(7, 4.5))
     for _, row in best.iterrows():
         ids = trials.loc[matches(trials, row, keys), "trial_id"]
         runs = results[results["trial_id"].isin(ids)].dropna(subset=["epoch"])
@@ -220,7 +213,7 @@ def plot_curves(results: pd.DataFrame, trials: pd.DataFrame, best: pd.DataFrame,
     ax.set_title("best setting per optimizer: median over seeds, band = min..max")
     ax.grid(alpha=0.3)
     ax.legend()
-    save(fig, path)
+    figures.save(fig, path)
 
 
 def lr_sensitivity(trials: pd.DataFrame, best: pd.DataFrame, keys: list[str],
@@ -233,7 +226,7 @@ def lr_sensitivity(trials: pd.DataFrame, best: pd.DataFrame, keys: list[str],
 
 
 def plot_lr(sens: pd.DataFrame, metric: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figures.subplots(figsize=(7, 4.5))
     finite = sens.assign(final=sens["final"].where(sens["final"].map(math.isfinite)))
     for name, rows in finite.groupby("optimizer", sort=True):
         ax.plot(rows["lr"], rows["final"], "o-", label=name)
@@ -244,7 +237,7 @@ def plot_lr(sens: pd.DataFrame, metric: str, path: Path) -> None:
     ax.set_title("lr sensitivity: median over seeds, band = min..max")
     ax.grid(alpha=0.3)
     ax.legend()
-    save(fig, path)
+    figures.save(fig, path)
 
 
 

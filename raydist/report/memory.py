@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from raydist.memory import gib  # noqa: E402
-from raydist.report.tables import fmt, markdown, save  # noqa: E402
+from raydist import figures
+from raydist.memory import gib
+from raydist.report.tables import fmt, markdown
 
 FIELDS = {"model_state_bytes": "model state per worker", "peak_rss_bytes": "peak RSS per worker",
           "peak_gpu_bytes": "peak GPU memory per worker"}
@@ -32,7 +29,7 @@ def per_trial(results: pd.DataFrame, trials: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(table: pd.DataFrame, fields: list[str], path: Path) -> None:
-    fig, axes = plt.subplots(1, len(fields), figsize=(6 * len(fields), 4.5), squeeze=False)
+    fig, axes = figures.subplots(1, len(fields), figsize=(6 * len(fields), 4.5), squeeze=False)
     label = table["strategy"] if "strategy" in table else pd.Series("run", index=table.index)
     for ax, field in zip(axes[0], fields, strict=True):
         for name, rows in table.groupby(label, sort=True):
@@ -44,7 +41,7 @@ def plot(table: pd.DataFrame, fields: list[str], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("memory a worker holds vs throughput (labels: N workers or stages)")
-    save(fig, path)
+    figures.save(fig, path)
 
 
 def workers_of(row: pd.Series) -> str:

@@ -18,15 +18,12 @@ import math
 from dataclasses import fields
 from pathlib import Path
 
-import matplotlib
+import matplotlib.ticker
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import matplotlib.ticker  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from raydist.config import RunSpec  # noqa: E402
-from raydist.report.tables import fmt, fmt_time, markdown, save  # noqa: E402
+from raydist import figures
+from raydist.config import RunSpec
+from raydist.report.tables import fmt, fmt_time, markdown
 
 WORKLOAD = ("model", "data")
 TAUS = (1.0, 1.5, 2.0, 4.0)
@@ -91,7 +88,7 @@ def profile(ratio: pd.DataFrame, taus: list[float] | tuple[float, ...]) -> pd.Da
 def plot_profile(ratio: pd.DataFrame, path: Path) -> None:
     finite = [r for r in ratio.to_numpy().ravel() if math.isfinite(r)]
     tau_max = max(2.0, 1.1 * max(finite, default=1.0))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figures.subplots(figsize=(7, 4.5))
     for name in ratio.columns:
         steps = sorted(r for r in ratio[name] if math.isfinite(r))
         taus = [1.0, *steps, tau_max]
@@ -104,14 +101,14 @@ def plot_profile(ratio: pd.DataFrame, path: Path) -> None:
     ax.set_title(f"performance profiles over {len(ratio)} workloads (median over seeds, best lr)")
     ax.grid(alpha=0.3)
     ax.legend()
-    save(fig, path)
+    figures.save(fig, path)
 
 
 def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
     """One column per optimizer: median time to target (top) and final loss (bottom) against
     lr, one line per workload; an lr that never reaches the target leaves a gap on top."""
     names = sorted(table["optimizer"].unique())
-    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 6.5), squeeze=False,
+    fig, axes = figures.subplots(2, len(names), figsize=(3.6 * len(names), 6.5), squeeze=False,
                              sharex=True)  # every optimizer searched the same lrs
     for col, name in enumerate(names):
         top, bottom = axes[0][col], axes[1][col]
@@ -129,7 +126,7 @@ def plot_sensitivity(table: pd.DataFrame, path: Path) -> None:
             ax.grid(alpha=0.3)
         top.legend(fontsize=8)
     fig.suptitle("lr sensitivity per optimizer: median over seeds")
-    save(fig, path)
+    figures.save(fig, path)
 
 
 

@@ -1,17 +1,12 @@
-"""What every report section writes with: numbers as table cells, pandas tables as Markdown,
-figures as PNG files (report.py, profiles.py, timeline.py)."""
+"""What every report section writes with: numbers as table cells, pandas tables as Markdown
+(figures as PNG files: raydist/figures.py)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import pandas as pd
 
 
 def fmt(value: float, pattern: str) -> str:
@@ -37,8 +32,3 @@ def markdown(table: pd.DataFrame) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in cells.itertuples(index=False)]
     return "\n".join(lines)
 
-
-def save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -11,14 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from raydist.strategies.pipeline import events  # noqa: E402
-from raydist.strategies.pipeline.schedules import idle_share, simulate  # noqa: E402
+from raydist import figures
+from raydist.strategies.pipeline import events
+from raydist.strategies.pipeline.schedules import idle_share, simulate
 
 COLOURS = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green", "step": "tab:purple",
            "recv": "0.75", "send": "0.35", "sends": "0.55", "allreduce": "tab:red"}
@@ -92,7 +89,7 @@ def measured_bubble(rec: dict[str, Any]) -> float:
 
 def draw(trials: list[Trial], path: Path) -> None:
     rows = [len(rec["actors"]) + rec["stages"] for _, rec in trials]
-    fig, axes = plt.subplots(2 * len(trials), 1, squeeze=False,
+    fig, axes = figures.subplots(2 * len(trials), 1, squeeze=False,
                              figsize=(11, 1.2 + 0.45 * sum(rows) + 0.9 * len(trials)),
                              gridspec_kw={"height_ratios": [h for _, rec in trials
                                                             for h in (len(rec["actors"]), rec["stages"])]})
@@ -109,9 +106,7 @@ def draw(trials: list[Trial], path: Path) -> None:
         ideal.set_xlabel("forward times", fontsize=8)
     fig.legend(handles=[Patch(color=c, label=k) for k, c in COLOURS.items()], loc="upper center",
                ncol=len(COLOURS), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    figures.save(fig, path, rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # the legend on top
 
 
 def gantt(ax: Any, rows: list[tuple[str, list[Any]]], scale: float) -> None:

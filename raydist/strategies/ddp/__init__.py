@@ -1,7 +1,7 @@
 """`ddp`: N replicas on Ray Train; every step all-reduces the gradients (DistributedDataParallel).
 
 The recipe (`run`) is raydist.raytrain's: join Ray; make a channel actor for the per-epoch
-records; Ray Train's TorchTrainer runs N workers, each of which builds ddp's `worker.Replica`
+records; Ray Train's TorchTrainer runs N workers, each of which builds ddp's `worker.DDPReplica`
 (the model, the latest checkpoint restored, DDP with the chosen communication hook, comm.py)
 and drives the engine's epoch loop on its shard of every global batch; the driver hands the
 records to `report` as they come; rank 0 returns the final model.
@@ -20,14 +20,12 @@ This module imports without Ray: comm.py's registry is read by every RunSpec val
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from raydist import raytrain
-from raydist.config import ConfigError, RunSpec
+from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult, checkpoint
-from raydist.optim import OPTIMIZERS
 from raydist.raytrain import STORAGE, Recipe
 
 RESUMES = True
@@ -40,21 +38,7 @@ STREAMS = True
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
-    w = spec.max_workers
-    if w > data.n_train:  # a worker past the last sample would never see one
-        raise ConfigError(f"workers: got {spec.workers}, but the data has only {data.n_train} "
-                          f"training samples; expected at most {data.n_train}")
-    if OPTIMIZERS[spec.optimizer].full_batch:  # gd: the whole set, split as evenly as possible
-        return
-    # An elastic group may run at any size in its range; the batch splits evenly at each of
-    # them, so every size follows the same (local's) trajectory and a resize is seamless.
-    step = math.lcm(*range(spec.min_workers, w + 1))
-    if spec.global_batch % step:
-        sizes = (f"workers ({w})" if isinstance(spec.workers, int) else
-                 f"every worker count in {spec.workers} (elastic), i.e. by {step}")
-        raise ConfigError(f"batch_size: got {spec.global_batch}; the global batch must divide by "
-                          f"{sizes}, e.g. {max(step, spec.global_batch // step * step)}")
-    # A short last batch may leave some workers an empty shard: they add a zero gradient.
+    raytrain.check(spec, data, raytrain.split_over_workers(spec))
 
 
 def check_saved(spec: RunSpec) -> None:
@@ -81,4 +65,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:Replica", num_workers=num_workers)
+RECIPE = Recipe(RUN, "raydist.strategies.ddp.worker:DDPReplica", num_workers=num_workers)

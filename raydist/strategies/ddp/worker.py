@@ -8,66 +8,46 @@ import functools
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import ray
 import torch
 from ray.train.torch import prepare_model
-from torch.optim.lr_scheduler import LRScheduler
 
 from raydist.config import RunSpec
 from raydist.data import Dataset
-from raydist.engine import (
-    Record,
-    checkpoint,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
-    restore_scheduler,
-    total_steps,
-    train_epoch,
-)
+from raydist.engine import Record, checkpoint, evaluate, make_optimizer, train_epoch
 from raydist.engine.lr import effective_lr
-from raydist.models import build_model
 from raydist.optim import build_optimizer, training
-from raydist.raytrain.worker import (
-    latest,
-    new_folder,
-    on_device,
-    place,
-    report,
-    rng_states,
-    set_rng_states,
-    total,
-)
+from raydist.raytrain.worker import RayTrainReplica, new_folder, total
 from raydist.runtime.faults import Faults
 from raydist.strategies.ddp import STATE, syncbn
 from raydist.strategies.ddp.comm import Comm
 
 
-class Replica:
-    """This rank's side of the engine's epoch loop (raydist.raytrain.worker.Replica)."""
+class DDPReplica(RayTrainReplica):
+    """This rank's side of the engine's epoch loop: the whole model, through DDP
+    (`self.replica`) with raydist's communication hook (`self.link`)."""
 
     def __init__(self, spec: RunSpec, data: Dataset, faults: Faults) -> None:
-        self.rank, self.world, self.device = place()
-        self.spec, self.faults = spec, faults
-        self.model = build_model(spec, data)
+        super().__init__(spec, data, faults)
+        self.replica = prepare_model(self.model, move_to_device=False,
+                                     parallel_strategy_kwargs={"bucket_cap_mb": self.spec.bucket_cap_mb})
+        self.link.attach(self.replica)
+
+    def distribute(self, model: torch.nn.Module) -> torch.nn.Module:
         # DDP alone normalises each worker's shard by its own statistics, local the whole batch's;
         # converted before the optimizer is made, so that it holds the converted model's parameters
-        if spec.sync_batchnorm and self.world > 1:
-            self.model = syncbn.convert(self.model)
-        self.link = Comm(spec, self.model, self.world)
-        # local SGD wraps the optimizer before the checkpoint loads: its state holds the averager's
+        if self.spec.sync_batchnorm and self.world > 1:
+            model = syncbn.convert(model)
+        self.link = Comm(self.spec, model, self.world)
+        return model.to(self.device)
+
+    def make_rule(self) -> torch.optim.Optimizer:
+        return (sharded_optimizer(self.spec, self.model) if self.spec.shard_optimizer else
+                make_optimizer(self.spec, self.model.named_parameters()))
+
+    def wrap(self, rule: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        # local SGD wraps the rule before the checkpoint loads: its state holds the averager's
         # step; the rule itself is what an epoch switches into training mode
-        self.rule = (sharded_optimizer(spec, self.model) if spec.shard_optimizer else
-                     make_optimizer(spec, self.model.named_parameters()))
-        self.scheduler = make_scheduler(spec, self.rule, total_steps(spec, data))
-        self.optimizer = self.link.wrap(self.rule)
-        self.model.to(self.device)  # moves the parameters in place: the optimizer still holds them
-        self.history = restore(self.model, self.optimizer, self.scheduler)
-        self.data = on_device(data.in_worker(ray.train.get_dataset_shard), self.device)
-        self.replica = prepare_model(self.model, move_to_device=False,
-                                     parallel_strategy_kwargs={"bucket_cap_mb": spec.bucket_cap_mb})
-        self.link.attach(self.replica)
+        return self.link.wrap(rule)
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         with training(self.spec.optimizer, self.rule), self.link.stepping(self.replica):
@@ -81,12 +61,21 @@ class Replica:
     def evaluate(self) -> Record:
         return evaluate(self.replica, self.data)
 
-    def save(self, history: list[Record]) -> None:
-        self.faults.maybe_fail(self.rank, history[-1]["epoch"])
-        save_checkpoint(history, self.model, self.optimizer, self.scheduler, self.rank)
+    def write(self, plain: dict[str, Any]) -> str | None:
+        """Rank 0 writes the checkpoint, one file; the others report the record alone."""
+        optim = optimizer_state(self.optimizer, self.rank)
+        if self.rank != 0:
+            return None
+        folder = new_folder()  # Ray deletes it after the upload
+        checkpoint.save(Path(folder) / STATE, {"model": self.model.state_dict(), "optimizer": optim,
+                                               **plain})
+        return folder
 
-    def final_state(self) -> dict[str, np.ndarray]:
-        return {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}
+    def load(self, folder: Path) -> dict[str, Any]:
+        state = checkpoint.load(folder / STATE)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])  # casts its tensors to the params' device
+        return state
 
 
 def sharded_optimizer(spec: RunSpec, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -109,31 +98,3 @@ def optimizer_state(optimizer: torch.optim.Optimizer, rank: int) -> dict[str, An
         consolidate(to=0)
     return optimizer.state_dict() if rank == 0 else None
 
-
-def save_checkpoint(history: list[Record], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: LRScheduler, rank: int) -> None:
-    """Rank 0 attaches the checkpoint to its report; the others report the record alone."""
-    rec, optim = history[-1], optimizer_state(optimizer, rank)
-    if rank != 0:
-        report(rec, None)
-        return
-    state = {"model": model.state_dict(), "optimizer": optim,
-             "scheduler": scheduler.state_dict(), "epoch": rec["epoch"], "history": history,
-             "rng": rng_states()}
-    folder = new_folder()  # Ray deletes it after the upload
-    checkpoint.save(Path(folder) / STATE, state)
-    report(rec, folder)
-
-
-def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: LRScheduler) -> list[Record]:
-    """Load the latest checkpoint Ray Train registered, if any; returns its history."""
-    with latest() as folder:
-        if folder is None:
-            return []
-        state = checkpoint.load(folder / STATE)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])  # casts its tensors to the params' device
-    restore_scheduler(scheduler, state.get("scheduler"))
-    set_rng_states(state["rng"])
-    return state["history"]

@@ -2,7 +2,7 @@
 state (torch's FSDP2, torch.distributed.fsdp.fully_shard).
 
 The recipe (`run`) is raydist.raytrain's, as ddp's: a channel actor for the records, Ray Train's
-TorchTrainer over N workers (gloo on CPU, nccl on GPU), each building fsdp's `worker.Replica`:
+TorchTrainer over N workers (gloo on CPU, nccl on GPU), each building fsdp's `worker.FSDPReplica`:
 the model sharded block by block, then at the root (parallelize.py), the optimizer over the
 shards, the latest checkpoint restored (checkpoints.py). Every block's forward all-gathers its
 parameters; its backward reduce-scatters the gradients, each rank keeping the sum of its shard.
@@ -25,10 +25,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from raydist import raytrain
-from raydist.config import ConfigError, RunSpec
+from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult
-from raydist.optim import OPTIMIZERS
 from raydist.raytrain import STORAGE, Recipe
 
 RESUMES = True
@@ -38,13 +37,7 @@ STREAMS = False
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
-    w = spec.max_workers
-    if w > data.n_train:  # a worker past the last sample would never see one
-        raise ConfigError(f"workers: got {w}, but the data has only {data.n_train} training "
-                          f"samples; expected at most {data.n_train}")
-    if not OPTIMIZERS[spec.optimizer].full_batch and spec.global_batch % w:
-        raise ConfigError(f"batch_size: got {spec.global_batch}; the global batch must divide by "
-                          f"workers ({w}), e.g. {max(w, spec.global_batch // w * w)}")
+    raytrain.check(spec, data, raytrain.split_over_workers(spec))
 
 
 def check_saved(spec: RunSpec) -> None:
@@ -65,4 +58,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:Replica")
+RECIPE = Recipe(RUN, "raydist.strategies.fsdp.worker:FSDPReplica")

@@ -4,55 +4,29 @@ this rank's shard of every global batch, through a model that holds 1/N of every
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import ray
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 
-from raydist.config import RunSpec
-from raydist.data import Dataset
-from raydist.engine import (
-    Record,
-    evaluate,
-    make_optimizer,
-    make_scheduler,
-    restore_scheduler,
-    total_steps,
-    train_epoch,
-)
-from raydist.models import build_model
+from raydist.engine import Record, train_epoch
 from raydist.optim import training
-from raydist.raytrain.worker import (
-    latest,
-    new_folder,
-    on_device,
-    place,
-    report,
-    rng_states,
-    set_rng_states,
-    total,
-)
-from raydist.runtime.faults import Faults
+from raydist.raytrain.worker import RayTrainReplica, new_folder, total
 from raydist.strategies.fsdp import checkpoints
 from raydist.strategies.fsdp.parallelize import DTYPES, parallelize
 
 
-class Replica:
-    """This rank's side of the engine's epoch loop (raydist.raytrain.worker.Replica)."""
+class FSDPReplica(RayTrainReplica):
+    """This rank's side of the engine's epoch loop: 1/N of every parameter (DTensors), the
+    optimizer over the shards under the model's own names. Every rank evaluates: each block's
+    forward gathers its parameters."""
 
-    def __init__(self, spec: RunSpec, data: Dataset, faults: Faults) -> None:
-        self.rank, self.world, self.device = place()
-        self.spec, self.faults = spec, faults
-        model = build_model(spec, data).to(self.device)  # the same weights on every rank, then cut
+    def distribute(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device)  # the same weights on every rank, then cut
         self.elements = sum(p.numel() for p in model.parameters())
-        self.model = parallelize(model, spec, init_device_mesh(self.device.type, (self.world,)))
-        # over the shards (DTensors), under the model's own names
-        self.optimizer = make_optimizer(spec, self.model.named_parameters())
-        self.scheduler = make_scheduler(spec, self.optimizer, total_steps(spec, data))
-        self.history = self.restore()
-        self.data = on_device(data.in_worker(ray.train.get_dataset_shard), self.device)
+        return parallelize(model, self.spec, init_device_mesh(self.device.type, (self.world,)))
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         with training(self.spec.optimizer, self.optimizer):
@@ -71,27 +45,16 @@ class Replica:
         gathers = 2 if self.spec.reshard_after_forward else 1
         return (n - 1) * self.elements * (gathers * wire + 4)
 
-    def evaluate(self) -> Record:
-        return evaluate(self.model, self.data)  # every rank: each block's forward gathers it
+    def write(self, plain: dict[str, Any]) -> str | None:
+        """Every rank writes its shards; rank 0 the plain part too. Ray Train puts every rank's
+        files in the epoch's one folder."""
+        folder = new_folder()
+        checkpoints.save(Path(folder), self.model, self.optimizer,
+                         {**plain, "world_size": self.world} if self.rank == 0 else None)
+        return folder
 
-    def save(self, history: list[Record]) -> None:
-        self.faults.maybe_fail(self.rank, history[-1]["epoch"])
-        rec = history[-1]
-        plain = ({"epoch": rec["epoch"], "history": history, "rng": rng_states(),
-                  "scheduler": self.scheduler.state_dict(), "world_size": self.world}
-                 if self.rank == 0 else None)
-        folder = new_folder()  # Ray Train puts every rank's files in the epoch's one folder
-        checkpoints.save(Path(folder), self.model, self.optimizer, plain)
-        report(rec, folder)
-
-    def restore(self) -> list[Record]:
-        with latest() as folder:
-            if folder is None:
-                return []
-            plain = checkpoints.load(folder, self.model, self.optimizer)
-        restore_scheduler(self.scheduler, plain.get("scheduler"))
-        set_rng_states(plain["rng"])
-        return plain["history"]
+    def load(self, folder: Path) -> dict[str, Any]:
+        return checkpoints.load(folder, self.model, self.optimizer)
 
     def final_state(self) -> dict[str, np.ndarray]:
         """The whole model on rank 0 under local's keys (gathered: every rank takes part)."""

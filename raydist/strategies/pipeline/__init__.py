@@ -129,9 +129,7 @@ def gpus_per_stage(spec: RunSpec, gpus: float) -> float:
     return min(1.0, gpus / (spec.stages * spec.replicas)) if gpus else 1.0
 
 
-def check_saved(spec: RunSpec) -> None:
-    """The checkpoint a run in spec.out resumes from is plain data and not past spec.epochs."""
-    checkpoint.resume(spec)
+check_saved = checkpoint.check_saved  # out/checkpoint.pt: plain data, not past spec.epochs
 
 
 def run(spec: RunSpec, report: Report) -> RunResult:

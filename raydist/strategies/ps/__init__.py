@@ -69,9 +69,7 @@ def check(spec: RunSpec, data: Dataset) -> None:
                           f"samples; expected workers <= {batch}")
 
 
-def check_saved(spec: RunSpec) -> None:
-    """The checkpoint a run in spec.out resumes from is plain data and not past spec.epochs."""
-    checkpoint.resume(spec)
+check_saved = checkpoint.check_saved  # out/checkpoint.pt: plain data, not past spec.epochs
 
 
 def resources(spec: RunSpec, gpus: float) -> tuple[float, float, str]:

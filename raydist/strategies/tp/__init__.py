@@ -1,7 +1,7 @@
 """`tp`: tensor parallelism on Ray Train workers (torch's DTensor `parallelize_module`).
 
 The recipe (`run`) is raydist.raytrain's, as ddp's: a channel actor for the records, Ray Train's
-TorchTrainer over `workers` (gloo on CPU, nccl on GPU), each building tp's `worker.Replica`.
+TorchTrainer over `workers` (gloo on CPU, nccl on GPU), each building tp's `worker.TPReplica`.
 The workers form a 2-D device mesh ("dp", "tp"): `workers / tp_size` data-parallel groups of
 `tp_size` ranks. Within a group every split layer of the model's recipe (parallelize.py: Megatron's
 column-then-row pairs; a transformer's heads split over the ranks) holds 1/tp_size of its
@@ -29,7 +29,6 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult, checkpoint
 from raydist.models import build_model
-from raydist.optim import OPTIMIZERS
 from raydist.raytrain import STORAGE, Recipe
 
 RESUMES = True
@@ -49,15 +48,10 @@ def check(spec: RunSpec, data: Dataset) -> None:
     if spec.optimizer in UNSPLIT:
         raise ConfigError(f"optimizer: tp cannot run '{spec.optimizer}': {UNSPLIT[spec.optimizer]}")
     parallelize.recipe(build_model(spec, data), spec, spec.tensor_parallel)  # refuses what cannot be split
-    groups = spec.data_parallel
-    if groups > data.n_train:
-        raise ConfigError(f"workers: got {spec.workers} (tp_size {spec.tensor_parallel}: {groups} "
-                          f"data-parallel groups), but the data has only {data.n_train} training "
-                          f"samples; expected at most {data.n_train} groups")
-    if not OPTIMIZERS[spec.optimizer].full_batch and spec.global_batch % groups:
-        raise ConfigError(f"batch_size: got {spec.global_batch}; the global batch must divide by "
-                          f"the data-parallel groups (workers / tp_size = {groups}), "
-                          f"e.g. {max(groups, spec.global_batch // groups * groups)}")
+    groups = spec.data_parallel  # the batch splits over the groups, not the workers
+    raytrain.check(spec, data, raytrain.Split(
+        groups, groups, f"{spec.workers} (tp_size {spec.tensor_parallel}: {groups} data-parallel groups)",
+        f"the data-parallel groups (workers / tp_size = {groups})", " groups"))
 
 
 def check_saved(spec: RunSpec) -> None:
@@ -76,4 +70,4 @@ def run(spec: RunSpec, report: Report) -> RunResult:
     return raytrain.run(spec, report, RECIPE)
 
 
-RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:Replica")
+RECIPE = Recipe(RUN, "raydist.strategies.tp.worker:TPReplica")
