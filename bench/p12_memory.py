@@ -53,7 +53,8 @@ def train(spec: RunSpec) -> list[dict[str, Any]]:
 def predicted(spec: RunSpec) -> footprint.Worker:
     data, model, _ = setup(spec)
     sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])
-    workers = footprint.FOOTPRINTS[spec.strategy](sizes, footprint.Layout.of(spec))
+    strategy = strategies.get(spec.strategy)
+    workers = strategy.cost.worker_bytes(sizes, footprint.Layout.of(spec, strategy.COUNT))
     return max(workers, key=lambda w: w.total)
 
 

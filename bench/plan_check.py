@@ -39,10 +39,11 @@ import ray
 import torch
 import torch.distributed as dist
 
-from raydist import plan
+from raydist import plan, strategies
 from raydist.config import RunSpec
 from raydist.plan import calibration
 from raydist.runtime import connect
+from raydist.strategies.pipeline import cost as pipeline_cost
 
 OUT = common.BENCH_DIR / "results" / "plan_check.json"
 MICROBATCHES = 8
@@ -125,7 +126,7 @@ def object_store(sizes: list[int], hops: int = 40) -> list[float]:
 
 def cut_bytes(costs: calibration.Costs, batch: int) -> int:
     """What crosses the 2-stage cut per micro-batch."""
-    cut = plan.stage_bounds(costs, 2)[1]
+    cut = pipeline_cost.balanced_bounds(costs, 2)[1]
     return -(-batch // MICROBATCHES) * costs.block_out_bytes[cut - 1]
 
 
@@ -136,7 +137,7 @@ FORWARD_SHARE = 1 / 3
 def stage_ms(costs: calibration.Costs, batch: int) -> dict[str, list[float]]:
     """Each of 2 stages' forward and backward of one micro-batch, as the model predicts them:
     what the p2p measurement computes between messages."""
-    t = [ms * 1e3 for ms in plan.stage_times(costs, batch, 2, MICROBATCHES)]
+    t = [ms * 1e3 for ms in pipeline_cost.stage_times(costs, batch, 2, MICROBATCHES)]
     return {"forward_ms": [FORWARD_SHARE * x for x in t],
             "backward_ms": [(1 - FORWARD_SHARE) * x for x in t]}
 
@@ -223,8 +224,9 @@ def main() -> None:
 def predictions(result: dict) -> list[tuple[dict, float]]:
     """(measured run, predicted step time) from the inputs recorded in `result`."""
     costs = calibration.Costs(**result["costs"])
-    return [(run, plan.STEPS[run["strategy"]](
-                costs, plan.Network(**result["networks"][plan.TRANSPORTS[run["strategy"]]]),
+    cost = {run["strategy"]: strategies.get(run["strategy"]).cost for run in result["measured"]}
+    return [(run, cost[run["strategy"]].predicted_step(
+                costs, plan.Network(**result["networks"][cost[run["strategy"]].TRANSPORT]),
                 result["batch_size"], run["n"], result["microbatches"]))
             for run in result["measured"]]
 

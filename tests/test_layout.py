@@ -11,9 +11,9 @@ import pytest
 pytestmark = pytest.mark.unit
 
 PKG = Path(__file__).resolve().parents[1] / "raydist"
-LAYER = {"errors": 0, "figures": 1, "registry": 1, "config": 2, "optim": 3, "data": 3, "tracking": 3,
-         "models": 4, "memory": 5, "runtime": 5, "engine": 6, "raytrain": 7, "strategies": 8, "plan": 9,
-         "sweep": 10, "report": 11, "cli": 12}
+LAYER = {"errors": 0, "figures": 1, "registry": 1, "steptime": 1, "config": 2, "optim": 3, "data": 3,
+         "tracking": 3, "models": 4, "memory": 5, "runtime": 5, "engine": 6, "raytrain": 7, "strategies": 8,
+         "plan": 9, "sweep": 10, "report": 11, "cli": 12}
 
 
 def raydist_imports(path: Path) -> set[str]:

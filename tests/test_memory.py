@@ -17,7 +17,7 @@ from raydist.engine import save_metrics, setup, train_epoch
 from raydist.engine.record import documented, scalars, worker_rows
 from raydist.memory import footprint
 from raydist.optim import OPTIMIZERS, build_optimizer
-from raydist.strategies import train
+from raydist.strategies import get, train
 
 pytestmark = pytest.mark.unit
 
@@ -105,7 +105,7 @@ def test_a_local_run_records_its_memory_as_predicted(tmp_path):
     assert rec["per_worker_memory"][0]["worker"] == "rank 0"
     data, model, _ = setup(spec)
     sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])
-    [w] = footprint.FOOTPRINTS["local"](sizes, footprint.Layout.of(spec))
+    [w] = get("local").cost.worker_bytes(sizes, footprint.Layout.of(spec))
     assert abs(w.state - rec["model_state_bytes"]) <= 0.1 * rec["model_state_bytes"]
     assert pd.read_csv(tmp_path / "run" / "memory.csv")["worker"].tolist() == ["rank 0"]
 
@@ -121,7 +121,7 @@ SIZES = footprint.Sizes(params=[100e6] * 4, state=[200e6] * 4, out=[1000] * 4,
 
 def test_footprints_by_hand():
     lay = footprint.Layout(n=4, batch=64, microbatches=4, schedule="gpipe")
-    one = lambda strategy, layout=lay: footprint.FOOTPRINTS[strategy](SIZES, layout)  # noqa: E731
+    one = lambda strategy, layout=lay: get(strategy).cost.worker_bytes(SIZES, layout)  # noqa: E731
     # P = 400 MB: P + G + 2P = 1.6 GB; activations 16 samples x 4 kB
     assert [(w.state, w.activations) for w in one("ddp")] == [(1.6e9, 16 * 4000)]
     zero1 = footprint.Layout(n=4, batch=64, shard_optimizer=True)

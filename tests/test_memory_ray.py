@@ -11,7 +11,7 @@ import pytest
 from raydist.config import RunSpec
 from raydist.engine import setup
 from raydist.memory import footprint
-from raydist.strategies import train
+from raydist.strategies import get, train
 
 pytestmark = pytest.mark.ray
 
@@ -29,7 +29,9 @@ def run(tmp_path, **kw) -> tuple[RunSpec, dict, pd.DataFrame]:
 def predicted(spec: RunSpec) -> dict[str, float]:
     data, model, _ = setup(spec)
     sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])
-    return {w.role: w.state for w in footprint.FOOTPRINTS[spec.strategy](sizes, footprint.Layout.of(spec))}
+    strategy = get(spec.strategy)
+    workers = strategy.cost.worker_bytes(sizes, footprint.Layout.of(spec, strategy.COUNT))
+    return {w.role: w.state for w in workers}
 
 
 def check(rec: dict, mem: pd.DataFrame, want: dict[str, float]) -> None:

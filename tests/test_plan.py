@@ -13,21 +13,21 @@ from raydist.memory.footprint import Layout, Sizes
 from raydist.plan import (
     Network,
     compute,
-    ddp_step,
-    fsdp_step,
     mark,
     parse_bandwidth,
     parse_duration,
     parse_rate,
-    pipeline_step,
     predict,
-    ps_step,
     recommend,
     recommendation,
     slowdown,
-    tp_step,
 )
 from raydist.plan.calibration import Costs, calibrate, from_flops
+from raydist.strategies.ddp.cost import predicted_step as ddp_step
+from raydist.strategies.fsdp.cost import predicted_step as fsdp_step
+from raydist.strategies.pipeline.cost import predicted_step as pipeline_step
+from raydist.strategies.ps.cost import predicted_step as ps_step
+from raydist.strategies.tp.cost import predicted_step as tp_step
 
 pytestmark = pytest.mark.unit
 

@@ -224,3 +224,64 @@ def test_no_bound_no_bound_columns(tmp_path):
     report.write(folder)
     text = (folder / "report.md").read_text()
     assert "efficiency_vs_bound" not in text and "What this machine allows" not in text
+
+
+# fsdp's N workers each train on 1/N of every batch, as ddp's do (fsdp.DATA_PARALLEL); tp's ranks
+# split the model and each sees its group's whole shard (tp.DATA_PARALLEL is False)
+SHARDED = {
+    "a": ("local", 1, 0, [100, 200, 220], [0.50, 0.85, 0.92], [1, 2, 3]),   # 210 /s
+    "i": ("fsdp", 1, 0, [50, 200, 200], [0.50, 0.80, 0.91], [2, 4, 6]),    # 200 /s
+    "j": ("fsdp", 2, 0, [80, 400, 400], [0.60, 0.90, 0.95], [1, 2, 3]),    # 400 /s
+    "k": ("tp", 1, 0, [50, 100, 100], [0.50, 0.80, 0.91], [2, 4, 6]),      # 100 /s
+    "l": ("tp", 2, 0, [80, 150, 150], [0.60, 0.90, 0.95], [1, 2, 3]),      # 150 /s
+}
+
+
+def test_fsdp_rows_meet_the_bound_tp_rows_do_not(tmp_path):
+    """bound 250 /s on 1 worker, 500 on 2: fsdp reaches 200 / 250 = 0.80 and 400 / 500 = 0.80
+    of it; tp's rows get none (its N ranks do not each train on 1/N of a batch)."""
+    folder = sweep_folder(tmp_path, results_table(SHARDED), "{target: 0.9}")
+    pd.DataFrame({"model": "mlp", "optimizer": "adam", "workers": [1, 2],
+                  "samples_per_s": [250.0, 500.0]}).to_csv(folder / "bound.csv", index=False)
+    report.write(folder)
+    lines = (folder / "report.md").read_text().splitlines()
+    # strategy | workers | seeds | samples/s | speedup | efficiency | bound | vs bound | vs_local | ttt..
+    assert any(x.startswith("| fsdp | 1 | 1 | 200 | 1.00 | 1.00 | 250 | 0.80 | 0.95 |") for x in lines)
+    assert any(x.startswith("| fsdp | 2 | 1 | 400 | 2.00 | 1.00 | 500 | 0.80 | 1.90 |") for x in lines)
+    assert any(x.startswith("| tp | 2 | 1 | 150 | 1.50 | 0.75 | - | - | 0.71 |") for x in lines)
+    assert ("- fsdp on 2 workers: 2.00x of 1 worker, and 0.80 of what 2 workers reach on this machine "
+            "with nothing exchanged (bound 2.00x); communication and overhead cost the rest.") in lines
+    assert not any(x.startswith("- tp on") for x in lines)
+
+
+def test_a_sweep_of_one_strategy_meets_the_bound_as_that_strategy(tmp_path):
+    """Where the sweep does not vary the strategy, the table has no strategy column: its one
+    strategy decides (fsdp: the bound; tp: none)."""
+    for name, bound in (("fsdp", "500 | 0.80"), ("tp", "- | -")):
+        trials = {k: (name, *SHARDED[k][1:]) for k in ("i", "j")}
+        (tmp_path / name).mkdir()
+        folder = sweep_folder(tmp_path / name, results_table(trials), "{target: 0.9}")
+        pd.DataFrame({"model": "mlp", "optimizer": "adam", "workers": [1, 2],
+                      "samples_per_s": [250.0, 500.0]}).to_csv(folder / "bound.csv", index=False)
+        report.write(folder)
+        lines = (folder / "report.md").read_text().splitlines()
+        # workers | seeds | samples/s | speedup | efficiency | bound | vs bound | ...
+        assert any(x.startswith(f"| 2 | 1 | 400 | 2.00 | 1.00 | {bound} |") for x in lines), name
+
+
+def test_the_cluster_paragraph_names_the_strategy_the_plan_predicts_fastest(tmp_path):
+    """A sweep's DIR/plan/plan.csv: at its most workers (4) ps steps in 0.3 s, ddp in 0.4 s, so
+    the paragraph is about ps, at every N it was predicted."""
+    folder = sweep_folder(tmp_path, results_table(SCALING), "{target: 0.9}")
+    pd.DataFrame({"model": "mlp", "optimizer": "adam", "workers": [1, 2, 4],
+                  "samples_per_s": [250.0, 500.0, 700.0]}).to_csv(folder / "bound.csv", index=False)
+    (folder / "plan").mkdir()
+    pd.DataFrame({"strategy": ["ddp"] * 3 + ["ps"] * 3, "workers": [1, 2, 4] * 2,
+                  "step_s": [1, 0.6, 0.4, 1.2, 0.5, 0.3], "speedup": [1, 1.67, 2.5, 1, 2.4, 4.0],
+                  "efficiency": [1, 0.83, 0.625, 1, 1.2, 1.0]}
+                 ).to_csv(folder / "plan" / "plan.csv", index=False)
+    report.write(folder)
+    text = (folder / "report.md").read_text()
+    assert ("links, ? latency): ps, the fastest it predicts there, on 4 workers would run 4.00x one "
+            "(efficiency 1.00). DIR/plan/ has every strategy.") in text
+    assert "| 4 | 300 | 4 | 1 |" in text.splitlines()

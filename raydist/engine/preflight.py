@@ -25,7 +25,7 @@ from raydist.config.run import KNOBS, default_of
 from raydist.config.values import lookup, parse_size
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
-from raydist.memory import footprint
+from raydist.memory import footprint, gib
 from raydist.models import build_model
 from raydist.models.imported import first_line
 from raydist.optim import OPTIMIZERS
@@ -43,7 +43,7 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     spec.refuse_unread()
     check_stream(spec, data, strategy)
     strategy.check(spec, data)
-    check_memory(spec, model, data)
+    check_memory(spec, model, data, strategy)
     check_out(spec.out)
     if strategy.RESUMES:
         check_resumable(spec, Path(spec.out) / SPEC_FILE)
@@ -85,16 +85,31 @@ def check_stream(spec: RunSpec, data: Dataset, strategy: ModuleType) -> None:
                           f"which a streamed data set ({spec.data}) never holds; use sgd or another")
 
 
-def check_memory(spec: RunSpec, model: nn.Module, data: Dataset) -> None:
+def check_memory(spec: RunSpec, model: nn.Module, data: Dataset, strategy: ModuleType) -> None:
     """Under `memory_per_worker`, a strategy whose worst worker is predicted to hold more model
-    state than that (raydist/memory/footprint.py, as `raydist plan` predicts it) is refused."""
+    state than that (its cost.worker_bytes, as `raydist plan` predicts it) is refused."""
     if spec.memory_per_worker is None:
         return
     sizes = footprint.sizes_of(model, spec.model, spec.optimizer, data.x_train[:1])
-    registered = list(lookup("raydist.strategies:STRATEGIES"))  # the layer above, by name
-    line = footprint.refusal(spec, sizes, parse_size(spec.memory_per_worker), registered)
-    if line:
-        raise ConfigError(f"memory_per_worker: {line}")
+    budget = parse_size(spec.memory_per_worker)
+    worst = footprint.worst(strategy.cost.worker_bytes(sizes, footprint.Layout.of(spec, strategy.COUNT)))
+    if worst is None or worst.state <= budget:
+        return
+    holds = strategy.cost.HOLDS.format(opt=spec.optimizer)
+    raise ConfigError(f"memory_per_worker: {spec.strategy} needs {gib(worst.state)} per worker ({holds}), "
+                      f"budget {gib(budget)}; {shard_hint(strategy)}")
+
+
+def shard_hint(strategy: ModuleType) -> str:
+    """What would split the model state: more of the strategy's own workers, or else the
+    strategies that shard it (those counting the same knob as this one first)."""
+    if strategy.cost.SHARDS:
+        return f"more {strategy.COUNT} shard it further"
+    # the others are the registry's, the layer above, looked up by name
+    registered, get = lookup("raydist.strategies:STRATEGIES"), lookup("raydist.strategies:get")
+    others = sorted(((name, get(name)) for name in registered), key=lambda o: o[1].COUNT != strategy.COUNT)
+    names = [name for name, other in others if other.cost.SHARDS]
+    return f"{' or '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)} shard it"
 
 
 def check_out(out: str) -> None:

@@ -35,36 +35,11 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, batch_order
 from raydist.engine import backward, global_batches, loss_fn, setup, train_epoch
 from raydist.optim import OPTIMIZERS
+from raydist.steptime import Costs
 from raydist.strategies.pipeline.cuts import block_sizes, blocks_of
 
 CONTENDED_TIMEOUT_S = 600.0
 """Bound on the concurrent calibration processes: a stuck one surfaces as an error."""
-
-
-@dataclass
-class Costs:
-    """What the predictions are made from (see the module docstring)."""
-
-    batches: list[int]
-    """batch sizes per worker at which step_s was measured, ascending"""
-    step_s: list[float]
-    """compute(b): seconds per step of the engine's epoch loop at each of those sizes"""
-    optimizer_s: float
-    """the optimizer step alone (part of every step_s)"""
-    workers_per_node: int
-    """workers (ps replicas, pipeline stages) that share one node"""
-    concurrency: list[int]
-    """workers computing at once on one node at which slowdown was measured, ascending from 1"""
-    slowdown: list[float]
-    """step time of each of that many workers computing at once, over one alone"""
-    grad_bytes: int
-    """bytes of all gradients (= of all weights)"""
-    block_share: list[float]
-    """each model block's share of forward + backward time"""
-    block_params: list[int]
-    """parameters of each block: the pipeline cuts balance them"""
-    block_out_bytes: list[int]
-    """bytes per sample each block outputs: what crosses a cut after it"""
 
 
 def per_node_count(spec: RunSpec, given: int | None) -> int:

@@ -310,7 +310,8 @@ def speedup_section(trials: pd.DataFrame, scale: str, root: Path,
     if table.empty:
         return [*head, f"The sweep does not vary {scale}: nothing to compare.", ""]
     table["predicted"] = predicted(table, scale, plan)
-    table = report_bound.add(table, [c for c in varying(trials) if c != scale], scale, root)
+    sole = str(trials["strategy"].iloc[0]) if "strategy" in trials else None  # where it does not vary
+    table = report_bound.add(table, [c for c in varying(trials) if c != scale], scale, root, sole)
     plot_speedup(table, scale, root / "speedup.png")
     shown = table.assign(
         samples_per_s=table["samples_per_s"].map(lambda v: fmt(v, "{:.0f}")),

@@ -18,17 +18,17 @@ from typing import Any
 import pandas as pd
 
 from raydist.plan import machine_bound as bound
+from raydist.report.facts import count_of, data_parallel
 from raydist.report.tables import fmt, markdown
 
 PLAN_CSV = Path("plan") / "plan.csv"
-DATA_PARALLEL = ("local", "ddp", "ps")
-"""The strategies whose N workers each train on 1/N of every batch: what the bound measures
-(a pipeline's stages split the model instead)."""
 
 
-def add(table: pd.DataFrame, keys: list[str], scale: str, root: Path) -> pd.DataFrame:
+def add(table: pd.DataFrame, keys: list[str], scale: str, root: Path,
+        strategy: str | None = None) -> pd.DataFrame:
     """The speedup table with bound_samples_per_s, bound_speedup and efficiency_vs_bound (nan
-    where the sweep measured no bound for the row's setting and N)."""
+    where the sweep measured no bound for the row's setting and N, or the row's strategy is not
+    data parallel). `strategy`: the sweep's one strategy, where the table has no such column."""
     measured = bound.load(root)
     if measured is None or scale != "workers":
         return table
@@ -37,7 +37,7 @@ def add(table: pd.DataFrame, keys: list[str], scale: str, root: Path) -> pd.Data
           for _, r in measured.iterrows()}
 
     def lookup(row: pd.Series, n: int) -> float:
-        if str(row.get("strategy", "ddp")) not in DATA_PARALLEL:
+        if not data_parallel(row["strategy"] if "strategy" in row else strategy):
             return math.nan
         return at.get((*(str(row[k]) for k in on), n), math.nan)
 
@@ -92,17 +92,20 @@ def section(table: pd.DataFrame, scale: str, root: Path, cluster: dict | None) -
 
 
 def cluster_lines(root: Path, cluster: dict) -> list[str]:
+    """The plan's strategy that it predicts fastest at its most workers, at every N."""
     if not (root / PLAN_CSV).is_file():
         return []
-    plan = pd.read_csv(root / PLAN_CSV)
-    ddp = plan[plan["strategy"] == "ddp"].sort_values("workers")
-    if ddp.empty:
+    plan = pd.read_csv(root / PLAN_CSV).dropna(subset=["step_s"])
+    if plan.empty:
         return []
-    most = ddp.iloc[-1]
-    table = ddp.assign(step_ms=ddp["step_s"] * 1e3)[["workers", "step_ms", "speedup", "efficiency"]]
+    at_most = plan[plan["workers"] == plan["workers"].max()]
+    name = at_most.sort_values("step_s", kind="stable").iloc[0]["strategy"]
+    rows = plan[plan["strategy"] == name].sort_values("workers")
+    most = rows.iloc[-1]
+    table = rows.assign(step_ms=rows["step_s"] * 1e3)[["workers", "step_ms", "speedup", "efficiency"]]
     links = f"{cluster.get('bandwidth', '?')} links, {cluster.get('latency', '?')} latency"
     return ["", f"`raydist plan` for the same model on a cluster (one worker per node, each computing "
-            f"as one core of this machine, {links}): ddp on "
-            f"{int(most['workers'])} workers would run {most['speedup']:.2f}x one worker "
-            f"(efficiency {most['efficiency']:.2f}). DIR/plan/ has every strategy.", "",
-            markdown(table.round(3))]
+            f"as one core of this machine, {links}): {name}, the fastest it predicts there, on "
+            f"{int(most['workers'])} {count_of(name)} "
+            f"would run {most['speedup']:.2f}x one (efficiency {most['efficiency']:.2f}). "
+            "DIR/plan/ has every strategy.", "", markdown(table.round(3))]

@@ -12,6 +12,7 @@ import pandas as pd
 
 from raydist import figures
 from raydist.memory import gib
+from raydist.report.facts import count_of
 from raydist.report.tables import fmt, markdown
 
 FIELDS = {"model_state_bytes": "model state per worker", "peak_rss_bytes": "peak RSS per worker",
@@ -45,8 +46,9 @@ def plot(table: pd.DataFrame, fields: list[str], path: Path) -> None:
 
 
 def workers_of(row: pd.Series) -> str:
-    """'N=4' (pipeline: its stages), '' when the trial has no count."""
-    key = "stages" if row.get("strategy") == "pipeline" and "stages" in row else "workers"
+    """'N=4', N the knob that counts the strategy's workers (its COUNT: a pipeline's stages),
+    '' when the trial has no count."""
+    key = count_of(row.get("strategy"))
     return f"N={row[key]:g}" if key in row and pd.notna(row[key]) else ""
 
 

@@ -27,8 +27,15 @@ from raydist.config import RunSpec
 from raydist.data import Dataset
 from raydist.engine import Report, RunResult, checkpoint
 from raydist.raytrain import STORAGE, Recipe
+from raydist.strategies.ddp import cost  # noqa: F401 - its step time and bytes: strategy.cost
 
 RESUMES = True
+DATA_PARALLEL = True
+"""Its N workers each train on 1/N of every global batch: the report sets its rows beside
+the machine's compute bound (report/bound.py)."""
+COUNT = "workers"
+"""The knob that counts its workers (processes): N in `raydist plan`, its predicted bytes
+and the report."""
 RUN = "ddp"
 """Ray Train keeps a run's checkpoints under out/STORAGE/RUN/checkpoint_<time>/ (RunConfig's
 storage_path and name), the two latest of them."""

@@ -28,10 +28,16 @@ from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset, load_data
 from raydist.engine import Report, RunResult, checkpoint, fit_restarting, global_batches
 from raydist.models import build_model
+from raydist.strategies.pipeline import cost  # noqa: F401 - its step time and bytes: strategy.cost
 from raydist.strategies.pipeline.cuts import HOW, Blocks, blocks_of, pieces, shared_parameters, stage_bounds
 from raydist.strategies.pipeline.schedules import SCHEDULES, chunks_of
 
 RESUMES = True
+DATA_PARALLEL = False
+"""Its stages split the model, not the batch: no compute bound of N workers applies."""
+COUNT = "stages"
+"""The knob that counts its workers (processes): N in `raydist plan`, its predicted bytes
+and the report."""
 
 
 class StageFailed(RuntimeError):

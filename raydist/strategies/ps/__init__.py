@@ -47,9 +47,16 @@ from raydist.data import Dataset, load_data
 from raydist.engine import Report, RunResult, checkpoint, fit_restarting, global_batches
 from raydist.models import build_model
 from raydist.optim import OPTIMIZERS
+from raydist.strategies.ps import cost  # noqa: F401 - its step time and bytes: strategy.cost
 from raydist.strategies.ps.sharding import from_file, split_model
 
 RESUMES = True
+DATA_PARALLEL = True
+"""Its N replicas each compute the gradient of 1/N of every global batch: the report sets its
+rows beside the machine's compute bound (report/bound.py)."""
+COUNT = "workers"
+"""The knob that counts its workers (processes): N in `raydist plan`, its predicted bytes
+and the report."""
 SERVER_CPUS = 0.5
 """A server only sums and steps: half a CPU lets 2 replicas and 2 servers share 3 CPUs."""
 

@@ -30,8 +30,15 @@ from raydist.data import Dataset
 from raydist.engine import Report, RunResult, checkpoint
 from raydist.models import build_model
 from raydist.raytrain import STORAGE, Recipe
+from raydist.strategies.tp import cost  # noqa: F401 - its step time and bytes: strategy.cost
 
 RESUMES = True
+DATA_PARALLEL = False
+"""The ranks of a group split the model, each computing on the group's whole shard of every
+batch: no compute bound of N workers applies."""
+COUNT = "workers"
+"""The knob that counts its workers (processes): N in `raydist plan`, its predicted bytes
+and the report."""
 RUN = "tp"
 """Ray Train keeps a run's checkpoints under out/STORAGE/RUN/checkpoint_<time>/."""
 STREAMS = False

@@ -21,9 +21,16 @@ from raydist.engine import (
 from raydist.engine.progress import steps
 from raydist.models import build_model
 from raydist.optim import training
+from raydist.strategies.local import cost  # noqa: F401 - its step time and bytes: strategy.cost
 
 RESUMES = False
 """A local run starts afresh: it keeps no checkpoint."""
+DATA_PARALLEL = True
+"""The report sets its rows beside the machine's compute bound at N = 1 (its one process
+trains on every batch whole)."""
+COUNT = "workers"
+"""The knob that counts its workers (processes): N in `raydist plan`, its predicted bytes
+and the report."""
 STREAMS = True
 """It reads a streamed data set (data/streamed.py) through Ray Data in this process."""
 resources = None
