@@ -28,7 +28,7 @@ def pinned(spec: RunSpec) -> dict[str, str]:
 
 
 def _spans_run(spec: RunSpec) -> bool:
-    return lookup("raydist.engine.lr:LR_SCHEDULES")[spec.lr_schedule].spans_run
+    return lookup("raydist.optim.lr_schedules:LR_SCHEDULES")[spec.lr_schedule].spans_run
 
 
 # (knob, when a resumed run may not change it, why)

@@ -46,7 +46,7 @@ class RunSpec:
                             check=positive, expected="a number > 0")
     lr_scaling: str = knob("none", "lr for the global batch: as given (none), x global batch / "
                            "base_batch (linear), or x its square root (sqrt)",
-                           registry="raydist.engine.lr:SCALINGS")
+                           registry="raydist.optim.lr_schedules:SCALINGS")
     base_batch: int = knob(DEFAULT_BATCH, "lr_scaling: the global batch lr was tuned for (the "
                            "optimizers' default lrs: 64, mlp on digits)", check=at_least(1),
                            expected="an integer >= 1")
@@ -55,7 +55,7 @@ class RunSpec:
                              check=at_least(0), expected="an integer >= 0")
     lr_schedule: str = knob("constant", "lr after warmup, per optimizer step: constant, cosine (to 0 "
                             "at the end of the run), step (x lr_gamma every lr_step_size steps)",
-                            registry="raydist.engine.lr:LR_SCHEDULES")
+                            registry="raydist.optim.lr_schedules:LR_SCHEDULES")
     lr_step_size: int = knob(1000, "lr_schedule step: optimizer steps between two decays",
                              check=at_least(1), expected="an integer >= 1")
     lr_gamma: float = knob(0.1, "lr_schedule step: factor of each decay", check=lambda x: 0 < x <= 1,

@@ -26,10 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from raydist.config import RunSpec
 from raydist.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 Record = dict[str, Any]
 EXPERIMENT = "raydist"
