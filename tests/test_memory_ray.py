@@ -11,7 +11,7 @@ import pytest
 from raydist.config import RunSpec
 from raydist.engine import setup
 from raydist.memory import footprint
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = pytest.mark.ray
 

@@ -11,7 +11,7 @@ from raydist.cli import main
 from raydist.config import RunSpec, SweepSpec
 from raydist.config.resume import resumable
 from raydist.engine.record import documented
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = pytest.mark.unit
 

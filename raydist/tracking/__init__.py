@@ -1,6 +1,6 @@
 """Experiment tracking: `tracking: tensorboard` or `tracking: mlflow` (default: none).
 
-A single run logs each epoch's record from the one place records pass, `strategies.train`'s
+A single run logs each epoch's record from the one place records pass, `raydist.train`'s
 tee: tensorboard, event files in OUT/tensorboard/ (tensorboardX's SummaryWriter, one scalar per
 record field, step = epoch); mlflow, one MLflow run with the spec as params and every numeric
 record field as a metric at step = epoch.
