@@ -21,6 +21,7 @@ from typing import Any
 import common
 import ray
 
+import raydist.train
 from raydist import strategies
 from raydist.config import ConfigError, RunSpec
 from raydist.config.values import parse_size
@@ -46,7 +47,7 @@ CANDIDATES: list[tuple[str, dict[str, Any]]] = [
 def train(spec: RunSpec) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="raydist_bench_") as out:
-        strategies.train(spec.replace(out=out), report=records.append, track=False)
+        raydist.train.train(spec.replace(out=out), report=records.append, track=False)
     return records
 
 

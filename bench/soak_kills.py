@@ -29,7 +29,7 @@ from killer import Killer  # noqa: E402
 
 from raydist.config import RunSpec  # noqa: E402
 from raydist.runtime import connect  # noqa: E402
-from raydist.strategies import train  # noqa: E402
+from raydist.train import train  # noqa: E402
 
 BASE = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 6, "seed": 0, "val_fraction": 0.1,
         "optimizer": "adam"}

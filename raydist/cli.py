@@ -65,7 +65,7 @@ def yaml_value(text: str) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raydist.engine import Diverged
-    from raydist.strategies import train
+    from raydist.train import train
 
     spec = spec_from_args(args)
     try:

@@ -56,7 +56,7 @@ from rayprocs import descendants  # noqa: E402
 
 from raydist.config import RunSpec  # noqa: E402
 from raydist.raytrain import driver as ddp  # noqa: E402  (Channel, ELASTIC_CHECK_S: patched here)
-from raydist.strategies import train  # noqa: E402
+from raydist.train import train  # noqa: E402
 
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 80 * 2**20}
 # A node whose processes are gone is declared dead after ~5 s instead of Ray's ~15 s; a raylet

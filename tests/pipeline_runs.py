@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from raydist.config import RunSpec
-from raydist.strategies import train
+from raydist.train import train
 
 
 def quiet(rec: Any) -> None:

@@ -16,8 +16,8 @@ from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data
 from raydist.models import build_model
-from raydist.strategies import train
 from raydist.strategies.ddp import comm
+from raydist.train import train
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -19,7 +19,8 @@ from raydist.data import load_data
 from raydist.engine import Record, RunResult
 from raydist.engine.record import documented
 from raydist.runtime import faults
-from raydist.strategies import ddp, train
+from raydist.strategies import ddp
+from raydist.train import train
 
 # Each Ray Train fit costs ~10 s on an idle 2-core machine, several times that under load.
 pytestmark = pytest.mark.timeout(900)

@@ -19,7 +19,8 @@ from raydist.config import ConfigError, RunSpec
 from raydist.engine import Record, RunResult, checkpoint
 from raydist.engine.record import documented
 from raydist.runtime import faults
-from raydist.strategies import fsdp, train
+from raydist.strategies import fsdp
+from raydist.train import train
 
 pytestmark = pytest.mark.timeout(1200)
 SIX = ["gd", "sgd", "momentum", "adagrad", "rmsprop", "adam"]

@@ -16,7 +16,7 @@ import torch
 from killer import Killer
 
 from raydist.config import RunSpec
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 BASE = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 6, "seed": 0, "val_fraction": 0.1,

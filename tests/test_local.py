@@ -13,8 +13,8 @@ from raydist.data import load_data
 from raydist.engine import Diverged, evaluate, global_batches, train_epoch
 from raydist.models import build_model
 from raydist.optim import training
-from raydist.strategies import train
 from raydist.strategies.local import Local
+from raydist.train import train
 
 pytestmark = pytest.mark.unit
 

@@ -20,7 +20,7 @@ from raydist.engine import global_batches, loss_fn, make_optimizer, make_schedul
 from raydist.engine.preflight import check_resumable
 from raydist.engine.record import documented
 from raydist.models import build_model
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = pytest.mark.unit
 

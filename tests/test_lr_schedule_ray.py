@@ -17,7 +17,7 @@ from raydist.config import RunSpec
 from raydist.data import load_data
 from raydist.engine import checkpoint, global_batches
 from raydist.runtime import faults
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 

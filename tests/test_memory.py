@@ -17,7 +17,8 @@ from raydist.engine import save_metrics, setup, train_epoch
 from raydist.engine.record import documented, scalars, worker_rows
 from raydist.memory import footprint
 from raydist.optim import OPTIMIZERS, build_optimizer
-from raydist.strategies import get, train
+from raydist.strategies import get
+from raydist.train import train
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,8 @@ import pytest
 from raydist.config import RunSpec
 from raydist.engine import setup
 from raydist.memory import footprint
-from raydist.strategies import get, train
+from raydist.strategies import get
+from raydist.train import train
 
 pytestmark = pytest.mark.ray
 

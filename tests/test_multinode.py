@@ -35,7 +35,8 @@ from raydist import cli
 from raydist.config import ConfigError, RunSpec
 from raydist.config.run import read_only
 from raydist.data import load_data
-from raydist.strategies import ddp, train
+from raydist.strategies import ddp
+from raydist.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("multinode_driver.py")

@@ -17,7 +17,7 @@ import torch
 
 from raydist.cli import main
 from raydist.config import RunSpec
-from raydist.strategies import train
+from raydist.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 USER = textwrap.dedent('''

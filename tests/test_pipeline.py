@@ -21,10 +21,10 @@ from raydist.engine import Diverged, global_batches
 from raydist.engine.record import documented
 from raydist.models import build_model
 from raydist.runtime.faults import MARKER
-from raydist.strategies import train
 from raydist.strategies.pipeline import StageFailed
 from raydist.strategies.pipeline.cuts import balanced_cuts, blocks_of, boundary_shapes, stage_bounds
 from raydist.strategies.pipeline.schedules import gpipe, one_f_one_b
+from raydist.train import train
 
 # digits: 1438 training samples; 50 = 13+13+12+12 leaves micro-batches of unequal size
 MLP = {"model": "mlp", "data": "digits", "optimizer": "adam", "epochs": 2, "batch_size": 50}

@@ -15,8 +15,8 @@ from pipeline_runs import assert_same_as_local, max_diff, quiet, run_once
 
 from raydist.config import RunSpec
 from raydist.runtime.faults import MARKER
-from raydist.strategies import train
 from raydist.strategies.pipeline import events
+from raydist.train import train
 
 # 4 blocks (fc0, fc1, fc2, head): 2 stages x 2 chunks. digits: 1438 training samples; 50 leaves
 # micro-batches of unequal size and a short last batch of 38

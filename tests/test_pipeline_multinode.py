@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from raydist.config import RunSpec
-    from raydist.strategies import train
+    from raydist.train import train
 
     out = sys.argv[1]
     store = 80 * 2**20

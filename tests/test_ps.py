@@ -14,10 +14,11 @@ from raydist.data import load_data, shard
 from raydist.engine import Diverged, checkpoint, global_batches, setup
 from raydist.engine.record import documented
 from raydist.optim import training
-from raydist.strategies import local, ps, train
+from raydist.strategies import local, ps
 from raydist.strategies.ps import sharding
 from raydist.strategies.ps.actors import Server
 from raydist.strategies.ps.staleness import AsyncSchedule
+from raydist.train import train
 
 SMALL = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_size": 128,
          "seed": 3}

@@ -11,7 +11,7 @@ from raydist.cli import main
 from raydist.config import RunSpec, SweepSpec
 from raydist.config.resume import resumable
 from raydist.engine.record import documented
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = pytest.mark.unit
 
@@ -36,6 +36,21 @@ def test_a_knob_the_strategy_does_not_read_is_refused_by_name(tmp_path, capsys, 
     code, err = run_cli([*args, "--out", str(out)], capsys)
     assert (code, err) == (2, f"error: {message}\n")
     assert not out.exists()
+
+
+def test_each_name_knob_finds_its_registry_and_ray_knobs_follow_the_strategies():
+    """config names no registry by string: each knob whose value is a registered name finds
+    its registry (a strategy's own values in that strategy), and the knobs read on Ray are
+    read by the strategies that ask a cluster for resources, with no list of them in config."""
+    from dataclasses import fields
+
+    from raydist.config.knobs import ON_RAY, readers_of, registry_of
+
+    named = {f.name: registry_of(f.name).kind for f in fields(RunSpec) if f.metadata["registry"]}
+    assert named == {n: n for n in ("strategy", "model", "data", "optimizer", "lr_scaling", "lr_schedule",
+                                    "tracking", "grad_compression", "schedule")}
+    on_ray = {f.name: readers_of(f) for f in fields(RunSpec) if f.metadata["strategies"] == ON_RAY}
+    assert on_ray == {n: ("ddp", "ps", "pipeline", "fsdp", "tp") for n in ("address", "max_failures")}
 
 
 def test_a_knob_at_its_default_is_no_mistake(tmp_path):

@@ -22,7 +22,7 @@ import torch
 from raydist.cli import main
 from raydist.config import ConfigError, RunSpec
 from raydist.data import load_data, streamed
-from raydist.strategies import train
+from raydist.train import train
 
 FILES, ROWS, FEATURES = 20, 10_000, 8
 BASE = {"strategy": "local", "optimizer": "sgd", "lr": 0.1, "epochs": 1, "batch_size": 1024,

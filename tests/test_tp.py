@@ -19,7 +19,8 @@ from raydist.config import ConfigError, RunSpec
 from raydist.engine import RunResult
 from raydist.engine.record import documented
 from raydist.runtime import faults
-from raydist.strategies import tp, train
+from raydist.strategies import tp
+from raydist.train import train
 
 # Each Ray Train fit costs ~10 s on an idle 2-core machine, several times that under load.
 pytestmark = pytest.mark.timeout(1200)

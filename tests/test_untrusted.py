@@ -14,7 +14,8 @@ import torch
 from raydist import cli
 from raydist.config import ConfigError, RunSpec
 from raydist.engine import RunResult, checkpoint, outputs
-from raydist.strategies import ddp, train
+from raydist.strategies import ddp
+from raydist.train import train
 
 SMALL = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_size": 128, "seed": 3}
 RUNS = {"ps": {"workers": 2}, "pipeline": {}, "ddp": {"workers": 2}}

@@ -16,7 +16,7 @@ from raydist.data import Dataset, load_data
 from raydist.data.images import make_images
 from raydist.models import build_model
 from raydist.models.gpt import gpt_params
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ import torch
 
 from raydist.cli import main
 from raydist.config import RunSpec
-from raydist.strategies import train
+from raydist.train import train
 
 # Two steps of 80 images. This narrow ResNet turns round-off into visible drift within a few
 # steps (channels 4, lr 0.05, 4 steps: local on 1 thread against local on 2 threads differ by

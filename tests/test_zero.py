@@ -14,7 +14,7 @@ from raydist.config import RunSpec
 from raydist.engine import Record, RunResult
 from raydist.engine.record import documented
 from raydist.runtime import faults
-from raydist.strategies import train
+from raydist.train import train
 
 pytestmark = pytest.mark.timeout(1200)
 # hidden 64, 64: tensors of 4096, 4096, 640, 64, 64 and 10 elements. ZeRO gives whole tensors,

@@ -1,5 +1,6 @@
 """How a RunSpec field is declared: `knob` (its documentation, validation rule, readers and
-whether a resumed run may change it) and the small validation rules knobs share."""
+whether a resumed run may change it), the registries its names are checked against
+(`registry_of`) and the small validation rules knobs share."""
 
 from __future__ import annotations
 
@@ -7,13 +8,21 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
+from raydist.registry import Registry
+from raydist.strategies import STRATEGIES, on_ray, values_of
+
+ON_RAY = "the strategies that run on Ray"
+"""A knob's `strategies` when every strategy on Ray reads it: which those are is each
+strategy's own (its `resources`), asked of the strategy registry when a knob's readers matter."""
+
 
 def knob(default: Any, help: str, *, check: Any = None, expected: str = "",
-         registry: str = "", choices: tuple[str, ...] = (), strategies: tuple[str, ...] = (),
+         registry: bool = False, choices: tuple[str, ...] = (), strategies: tuple[str, ...] | str = (),
          resumable: bool | tuple[str, ...] = False) -> Any:
-    """A RunSpec field with its documentation and its validation rule. `strategies`: the ones
-    that read it (empty: every strategy); a run of another strategy refuses it unless it keeps
-    its default. `resumable`: a run resumed from its checkpoint may change it (True: under
+    """A RunSpec field with its documentation and its validation rule. `registry`: its value
+    names an entry of `registry_of(field)`. `strategies`: the ones that read it (empty: every
+    strategy; ON_RAY: those on Ray); a run of another strategy refuses it unless it keeps its
+    default. `resumable`: a run resumed from its checkpoint may change it (True: under
     every strategy; a tuple: under those), because it changes where and how fast the run goes,
     not what it computes."""
     meta = {"help": help, "check": check, "expected": expected, "registry": registry,
@@ -42,3 +51,37 @@ def worker_count(x: int | list[int]) -> bool:
 
 def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def readers_of(f: dataclasses.Field) -> tuple[str, ...]:
+    """The strategies that read the knob `f` (empty: every strategy)."""
+    named = f.metadata["strategies"]
+    return tuple(n for n in STRATEGIES if on_ray(n)) if named == ON_RAY else named
+
+
+def read_by(f: dataclasses.Field, strategy: str) -> bool:
+    """Whether a run of `strategy` reads the knob `f` (ON_RAY asks only `strategy`'s module)."""
+    named = f.metadata["strategies"]
+    return on_ray(strategy) if named == ON_RAY else not named or strategy in named
+
+
+def registry_of(name: str) -> Registry[Any]:
+    """The registry the values of knob `name` are names in. Imported here, on first use rather
+    than at the top: models and data import torch, and `import raydist.config` stays light;
+    a strategy's own values (ddp's compressions, pipeline's schedules) come from its package."""
+    from raydist.data import DATASETS
+    from raydist.models import MODELS
+    from raydist.optim import OPTIMIZERS
+    from raydist.optim.lr_schedules import LR_SCHEDULES, SCALINGS
+    from raydist.tracking import TRACKERS
+
+    found = {"strategy": STRATEGIES, "model": MODELS, "data": DATASETS, "optimizer": OPTIMIZERS,
+             "lr_scaling": SCALINGS, "lr_schedule": LR_SCHEDULES, "tracking": TRACKERS}
+    return found[name] if name in found else values_of(name)
+
+
+def unshardable(optimizer: str) -> str:
+    """Why ZeRO-1 cannot shard `optimizer`'s state ('' if it can): optim's rule."""
+    from raydist import optim  # imports torch: only when shard_optimizer is set
+
+    return optim.unshardable(optimizer)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raydist.config.knobs import registry_of
 from raydist.config.run import KNOBS, RunSpec, reads
-from raydist.config.values import lookup
 
 
 def resumable(strategy: str, spec: RunSpec | None = None) -> list[str]:
@@ -28,7 +28,7 @@ def pinned(spec: RunSpec) -> dict[str, str]:
 
 
 def _spans_run(spec: RunSpec) -> bool:
-    return lookup("raydist.engine.lr:LR_SCHEDULES")[spec.lr_schedule].spans_run
+    return registry_of("lr_schedule")[spec.lr_schedule].spans_run
 
 
 # (knob, when a resumed run may not change it, why)

@@ -1,8 +1,8 @@
 """RunSpec: every knob of one training run, each with its documentation and its validation rule.
 
 Inner code trusts a validated spec. Names that live in a registry (strategy, model, data,
-optimizer) are checked against that registry, looked up by module path so that this bottom
-layer never imports the layers above it.
+optimizer, ...) are checked against that registry (knobs.registry_of): config sits above the
+registries it checks names against, and imports them when it validates.
 """
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from typing import Any
 
 import yaml
 
-from raydist.config.knobs import at_least, default_of, knob, positive, unit_interval, worker_count
-from raydist.config.values import coerce, is_import_path, lookup, parse_size
+from raydist.config import knobs
+from raydist.config.knobs import ON_RAY, at_least, default_of, knob, positive, unit_interval, worker_count
+from raydist.config.values import coerce, is_import_path, parse_size
 from raydist.errors import ConfigError, closest
 
-RAY = ("ddp", "ps", "pipeline", "fsdp", "tp")
-"""The strategies that run on Ray (all but local)."""
 DEFAULT_BATCH = 64
 """The global batch of a spec that gives neither batch_size nor batch_per_worker."""
 
@@ -32,21 +31,21 @@ seed * 1_000_003 + epoch must stay below that)."""
 class RunSpec:
     # --- what to train, how it is spread --------------------------------------------------
     strategy: str = knob("local", "how the run is spread over Ray",
-                         registry="raydist.strategies:STRATEGIES")
+                         registry=True)
     model: str = knob("mlp", "network to train: a registered name, or a factory of your own as "
                       "module.path:function, called as function(data, **model_args)",
-                      registry="raydist.models:MODELS")
+                      registry=True)
     data: str = knob("digits", "data set: a registered name, csv:PATH, parquet:PATH, or a loader of "
                      "your own as module.path:function, called as function(**data_args)",
-                     registry="raydist.data:DATASETS")
+                     registry=True)
     optimizer: str = knob("adam", "update rule (the article's six and more)",
-                          registry="raydist.optim:OPTIMIZERS")
+                          registry=True)
     # --- optimizer ---------------------------------------------------------------------------
     lr: float | None = knob(None, "learning rate; empty means the optimizer's documented default",
                             check=positive, expected="a number > 0")
     lr_scaling: str = knob("none", "lr for the global batch: as given (none), x global batch / "
                            "base_batch (linear), or x its square root (sqrt)",
-                           registry="raydist.engine.lr:SCALINGS")
+                           registry=True)
     base_batch: int = knob(DEFAULT_BATCH, "lr_scaling: the global batch lr was tuned for (the "
                            "optimizers' default lrs: 64, mlp on digits)", check=at_least(1),
                            expected="an integer >= 1")
@@ -55,7 +54,7 @@ class RunSpec:
                              check=at_least(0), expected="an integer >= 0")
     lr_schedule: str = knob("constant", "lr after warmup, per optimizer step: constant, cosine (to 0 "
                             "at the end of the run), step (x lr_gamma every lr_step_size steps)",
-                            registry="raydist.engine.lr:LR_SCHEDULES")
+                            registry=True)
     lr_step_size: int = knob(1000, "lr_schedule step: optimizer steps between two decays",
                              check=at_least(1), expected="an integer >= 1")
     lr_gamma: float = knob(0.1, "lr_schedule step: factor of each decay", check=lambda x: 0 < x <= 1,
@@ -122,9 +121,9 @@ class RunSpec:
     # --- where and how fast it runs: none of these changes what a run computes ---------------
     out: str = knob("results/run", "directory for spec.yaml, metrics.csv, model.pt", resumable=True)
     address: str | None = knob(None, "Ray cluster to join (default: RAY_ADDRESS, else an "
-                               "embedded local Ray)", strategies=RAY, resumable=True)
+                               "embedded local Ray)", strategies=ON_RAY, resumable=True)
     max_failures: int = knob(0, "restarts from the latest checkpoint after a worker dies",
-                             check=at_least(0), expected="an integer >= 0", strategies=RAY,
+                             check=at_least(0), expected="an integer >= 0", strategies=ON_RAY,
                              resumable=True)
     threads_per_worker: int = knob(1, "torch threads in each worker process",
                                    check=at_least(1), expected="an integer >= 1", resumable=True)
@@ -133,7 +132,7 @@ class RunSpec:
                             resumable=True)
     tracking: str | None = knob(None, "log every epoch to tensorboard (event files in OUT/tensorboard/) "
                                 "or mlflow (MLFLOW_TRACKING_URI, else OUT/mlruns/); in a sweep, "
-                                "Tune's callbacks track each trial", registry="raydist.tracking:TRACKERS")
+                                "Tune's callbacks track each trial", registry=True)
     memory_per_worker: str | None = knob(None, "bytes of memory each worker may hold, e.g. 2GiB or "
                                          "16GB: the pre-flight refuses a strategy whose predicted "
                                          "model state per worker (parameters, gradients, optimizer "
@@ -146,7 +145,7 @@ class RunSpec:
                                 resumable=True)
     # --- ddp ---------------------------------------------------------------------------------
     grad_compression: str = knob("none", "ddp: gradient communication hook (none, fp16, bf16, "
-                                 "powersgd)", registry="raydist.strategies.ddp.comm:COMPRESSIONS",
+                                 "powersgd)", registry=True,
                                  strategies=("ddp",))
     powersgd_rank: int = knob(1, "ddp: PowerSGD matrix rank", check=at_least(1),
                               expected="an integer >= 1", strategies=("ddp",))
@@ -190,7 +189,7 @@ class RunSpec:
     microbatches: int = knob(4, "pipeline: micro-batches per global batch", check=at_least(1),
                              expected="an integer >= 1", strategies=("pipeline",))
     schedule: str = knob("gpipe", "pipeline: micro-batch schedule",
-                         registry="raydist.strategies.pipeline.schedules:SCHEDULES",
+                         registry=True,
                          strategies=("pipeline",))
     cuts: list[int] | None = knob(None, "pipeline: explicit block indices where stages start "
                                   "(default: balanced by parameter count)",
@@ -247,7 +246,7 @@ class RunSpec:
             if meta["check"] and not meta["check"](value):
                 raise ConfigError(f"{where}{f.name}: got {value!r}; expected {meta['expected']}")
             if meta["registry"]:
-                registry = lookup(meta["registry"])
+                registry = knobs.registry_of(f.name)
                 name = value.split(":", 1)[0] if f.name == "data" else value
                 # an import path (mypkg.nets:make) is imported and checked by the pre-flight
                 own = f.name in ("model", "data") and is_import_path(value)
@@ -262,7 +261,7 @@ class RunSpec:
             raise ConfigError(f"{where}workers: got {self.workers}; a range [min, max] (elastic "
                               f"scaling) needs strategy ddp, not '{self.strategy}'")
         if self.lr is None:
-            self.lr = lookup("raydist.optim:OPTIMIZERS")[self.optimizer].default_lr
+            self.lr = knobs.registry_of("optimizer")[self.optimizer].default_lr
         if self.batch_size is None and self.batch_per_worker is None:
             self.batch_size = DEFAULT_BATCH
 
@@ -309,7 +308,7 @@ class RunSpec:
         resume): refused, unless it keeps its default."""
         for f in fields(self):
             if not reads(self.strategy, f.name) and getattr(self, f.name) != default_of(f):
-                readers = ", ".join(f.metadata["strategies"])
+                readers = ", ".join(knobs.readers_of(f))
                 raise ConfigError(f"{f.name}: read only by {readers}; this run's strategy is "
                                   f"{self.strategy}")
 
@@ -320,13 +319,12 @@ class RunSpec:
 
 def full_batch(optimizer: str) -> bool:
     """Whether `optimizer` (gd) steps on the whole training set, whatever the batch knobs say."""
-    return lookup("raydist.optim:OPTIMIZERS")[optimizer].full_batch
+    return knobs.registry_of("optimizer")[optimizer].full_batch
 
 
 def reads(strategy: str, name: str) -> bool:
     """Whether a run of `strategy` reads the knob `name`."""
-    readers = KNOBS[name].metadata["strategies"]
-    return not readers or strategy in readers
+    return knobs.read_by(KNOBS[name], strategy)
 
 
 MAPPINGS = ("model_args", "data_args")
@@ -374,9 +372,8 @@ COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
     ("shard_optimizer", lambda s: s.shard_optimizer and s.local_sgd_steps > 1,
      lambda s: f"got true with local_sgd_steps {s.local_sgd_steps}; local SGD's averager wraps the "
                "whole optimizer, ZeRO-1 shards it: set one of the two"),
-    ("shard_optimizer", lambda s: s.shard_optimizer and lookup("raydist.optim:unshardable")(s.optimizer),
-     lambda s: f"got true with optimizer {s.optimizer}, which "
-               f"{lookup('raydist.optim:unshardable')(s.optimizer)}; ZeRO-1 "
+    ("shard_optimizer", lambda s: s.shard_optimizer and knobs.unshardable(s.optimizer),
+     lambda s: f"got true with optimizer {s.optimizer}, which {knobs.unshardable(s.optimizer)}; ZeRO-1 "
                "hands each worker's rule only unnamed tensors of its share: use another optimizer "
                "or shard_optimizer false"),
 )

@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from raydist.config import RunSpec
 from raydist.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 
 @dataclass
@@ -68,7 +70,9 @@ class Dataset:
         return self
 
 
-Loader = Callable[[RunSpec, str], Dataset]
+FLOAT32_MAX = torch.finfo(torch.float32).max
+"""The largest value training (float32) holds: a data value beyond it would become inf."""
+Loader = Callable[["RunSpec", str], Dataset]
 DATASETS: Registry[Loader] = Registry("data")
 
 

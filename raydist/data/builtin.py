@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from raydist.config import ConfigError, RunSpec
-from raydist.config.values import FLOAT32_MAX
-from raydist.data import DATASETS, Dataset, split
+from raydist.data import DATASETS, FLOAT32_MAX, Dataset, split
+from raydist.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 # --- the registered data sets ------------------------------------------------------------------
 

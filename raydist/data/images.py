@@ -14,11 +14,14 @@ follows the seed (as `synthetic` does). `spec.samples` sets its size.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from raydist.config import RunSpec
 from raydist.data import DATASETS, Dataset, split
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 CLASSES = 10
 SHAPE = (3, 32, 32)

@@ -12,15 +12,17 @@ The same checks as CSV data: as many rows in x as in y, at least 2 samples, no N
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from raydist.config import ConfigError, RunSpec
-from raydist.config.values import FLOAT32_MAX
-from raydist.data import Dataset, split
+from raydist.data import FLOAT32_MAX, Dataset, split
+from raydist.errors import ConfigError
 from raydist.registry import check_arguments, import_object
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 PARTS = ("x_train", "y_train", "x_val", "y_val")
 

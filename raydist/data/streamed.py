@@ -30,7 +30,7 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,8 +39,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from raydist.config import ConfigError, RunSpec
 from raydist.data import DATASETS, Dataset
+from raydist.errors import ConfigError
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 SHUFFLE_ROWS = 4096  # rows in the local shuffle buffer (the stream's only row-level mixing)
 EVAL_ROWS = 2048

@@ -16,7 +16,7 @@ from raydist.engine.loop import (
     fit_restarting,
     restart_line,
 )
-from raydist.engine.lr import LR_SCHEDULES, SCALINGS, effective_lr, make_scheduler, restore_scheduler
+from raydist.engine.lr import effective_lr, make_scheduler, restore_scheduler
 from raydist.engine.outputs import claim, machine_info, save_metrics, save_outputs
 from raydist.engine.preflight import check_out, preflight
 from raydist.engine.record import EpochRecord, Record, make_record
@@ -35,7 +35,7 @@ from raydist.engine.step import (
     train_epoch,
 )
 
-__all__ = ["LOSSES", "LR_SCHEDULES", "SCALINGS", "Diverged", "EpochRecord", "Group", "Record", "Report",
+__all__ = ["LOSSES", "Diverged", "EpochRecord", "Group", "Record", "Report",
            "RunResult", "StateDict", "Trainer", "announce", "backward", "check_out", "claim", "correct",
            "denominator", "effective_lr", "evaluate", "fit", "fit_restarting", "global_batches", "loss_fn",
            "machine_info", "make_optimizer", "make_record", "make_scheduler", "preflight", "restart_line",

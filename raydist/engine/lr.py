@@ -1,6 +1,7 @@
 """The learning rate of every optimizer step: scaled once for the global batch (`lr_scaling`),
 then shaped over the run's optimizer steps (`warmup_steps`, `lr_schedule`) by one
-`torch.optim.lr_scheduler.LambdaLR`, built here for every strategy and stepped right after
+`torch.optim.lr_scheduler.LambdaLR`, built here for every strategy (the names and their
+factors: raydist/optim/lr_schedules.py) and stepped right after
 each optimizer step.
 
 With s the 0-based optimizer step, W = warmup_steps, T the run's total optimizer steps and
@@ -20,38 +21,14 @@ optimizer's param_groups hold (ps restores per-tensor state only).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from raydist.config import RunSpec
-from raydist.registry import Registry
-
-SCALINGS: Registry[Callable[[float], float]] = Registry("lr_scaling")
-"""lr_scaling: the factor lr is multiplied by, given global_batch / base_batch."""
-SCALINGS.register("none")(lambda ratio: 1.0)
-SCALINGS.register("linear")(lambda ratio: ratio)  # Goyal et al. 2017, with warmup
-SCALINGS.register("sqrt")(math.sqrt)  # Krizhevsky 2014; Hoffer et al. 2017 (adaptive optimizers)
-
-
-@dataclass(frozen=True)
-class LRSchedule:
-    factor: Callable[[RunSpec, int, int], float]
-    """(spec, k, K) -> lr multiplier at step k of the K steps after warmup"""
-    spans_run: bool = False
-    """whether K matters: the schedule then depends on the run's epochs, which a resumed run
-    cannot change"""
-
-
-LR_SCHEDULES: Registry[LRSchedule] = Registry("lr_schedule")
-LR_SCHEDULES.register("constant")(LRSchedule(lambda spec, k, n: 1.0))
-LR_SCHEDULES.register("cosine")(LRSchedule(lambda spec, k, n: 0.5 * (1.0 + math.cos(math.pi * k / n)),
-                                         spans_run=True))
-LR_SCHEDULES.register("step")(LRSchedule(lambda spec, k, n: spec.lr_gamma ** (k // spec.lr_step_size)))
+from raydist.optim.lr_schedules import LR_SCHEDULES, SCALINGS
 
 
 def effective_lr(spec: RunSpec) -> float:

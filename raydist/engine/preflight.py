@@ -22,13 +22,14 @@ from torch import nn
 from raydist.config import ConfigError, RunSpec
 from raydist.config.resume import pinned, resumable
 from raydist.config.run import KNOBS, default_of
-from raydist.config.values import lookup, parse_size
+from raydist.config.values import parse_size
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
 from raydist.memory import footprint, gib
 from raydist.models import build_model
 from raydist.models.imported import first_line
 from raydist.optim import OPTIMIZERS
+from raydist.strategies import STRATEGIES, get
 
 SPEC_FILE = "spec.yaml"
 
@@ -105,9 +106,7 @@ def shard_hint(strategy: ModuleType) -> str:
     strategies that shard it (those counting the same knob as this one first)."""
     if strategy.cost.SHARDS:
         return f"more {strategy.COUNT} shard it further"
-    # the others are the registry's, the layer above, looked up by name
-    registered, get = lookup("raydist.strategies:STRATEGIES"), lookup("raydist.strategies:get")
-    others = sorted(((name, get(name)) for name in registered), key=lambda o: o[1].COUNT != strategy.COUNT)
+    others = sorted(((name, get(name)) for name in STRATEGIES), key=lambda o: o[1].COUNT != strategy.COUNT)
     names = [name for name, other in others if other.cost.SHARDS]
     return f"{' or '.join([', '.join(names[:-1]), names[-1]] if len(names) > 1 else names)} shard it"
 

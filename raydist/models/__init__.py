@@ -7,13 +7,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
+from raydist.errors import ConfigError
 from raydist.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 
 @dataclass(frozen=True)

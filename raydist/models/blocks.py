@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from raydist.config import ConfigError
+from raydist.errors import ConfigError
 
 HOW = ("return an nn.Sequential of its blocks, or give the module a method pipeline_blocks(self) "
        "-> list[nn.Module] whose blocks, applied in order, equal its forward")

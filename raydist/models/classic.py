@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
+from raydist.errors import ConfigError
 from raydist.models import MODELS, ModelEntry
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 
 def mlp(spec: RunSpec, data: Dataset) -> nn.Sequential:

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
+from raydist.errors import ConfigError
 from raydist.models import MODELS, ModelEntry
 from raydist.models.classic import Block, Embed
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 
 def gpt_params(layers: int, d_model: int, vocab: int, seq_len: int, tie_head: bool) -> int:

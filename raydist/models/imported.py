@@ -13,11 +13,16 @@ shape for 'bce' and 'mse'. The pre-flight checks all of that on two samples
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
+from raydist.errors import ConfigError
 from raydist.registry import check_arguments, import_object
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 
 def build_imported(spec: RunSpec, data: Dataset) -> nn.Module:

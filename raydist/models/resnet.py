@@ -12,13 +12,17 @@ Parameters: 2724 c^2 + 257 c + 10 for 10 classes; channels 64 is the real ResNet
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from raydist.config import ConfigError, RunSpec
 from raydist.data import Dataset
+from raydist.errors import ConfigError
 from raydist.models import MODELS, ModelEntry
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 SHAPE = (3, 32, 32)
 

@@ -1,5 +1,5 @@
 """What every report section writes with: numbers as table cells, pandas tables as Markdown
-(figures as PNG files: raydist/figures.py)."""
+(figures as PNG files: raydist/figures/)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ _active: list[bool] = []
 
 class Interrupted(KeyboardInterrupt):
     """A signal stopped the command. `epoch`: the epoch a run was training when it came (set
-    on the way out by `strategies.train`; None before training started)."""
+    on the way out by `raydist.train`; None before training started)."""
 
     def __init__(self, signum: int = signal.SIGINT) -> None:
         super().__init__(signal.Signals(signum).name)

@@ -1,12 +1,14 @@
-"""Strategy registry and `train`, the one path every run takes: pre-flight, claim the output
-folder, run, save.
+"""The strategy registry: each strategy's name and the module that holds it, imported on first
+use (`get`). It imports nothing of raydist but the registry, so that it sits low in the layers:
+config checks `strategy` (and the knob values a strategy owns, `values_of`) against it.
+`raydist.train` runs one.
 
-A strategy is a module (local.py) or a package (ddp/, ps/, pipeline/, fsdp/) holding everything of
+A strategy is a module (local.py) or a package (ddp/, ps/, pipeline/, fsdp/, tp/) holding everything of
 it and nothing of another's, with:
 - `check(spec, data)`: what it needs of the spec and data (ConfigError before anything runs);
 - `resources`: `resources(spec, gpus) -> (CPUs, GPUs, what)` it asks of a cluster that has `gpus`
   GPUs now (with 0 before Ray starts: an embedded Ray is sized to its CPUs), or None for a
-  strategy that runs without Ray;
+  strategy that runs without Ray (`on_ray`);
 - `RESUMES`: whether a run continues from the checkpoint in its output folder, and with it
   `check_saved(spec)`: the pre-flight's refusal (ConfigError) of a checkpoint there that this run
   cannot resume from (not plain data: raydist/engine/checkpoint.py; past spec.epochs);
@@ -19,21 +21,21 @@ pipeline stage process would otherwise pay for at start-up."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
+from typing import Any
 
-from raydist.config import ConfigError, RunSpec
-from raydist.engine import Diverged, Record, Report, RunResult, claim, preflight, save_metrics, save_outputs
 from raydist.registry import Registry
-from raydist.tracking import open_run
 
 STRATEGIES: Registry[str] = Registry("strategy")
 for _name in ("local", "ddp", "ps", "pipeline", "fsdp", "tp"):
     STRATEGIES.register(_name)(f"raydist.strategies.{_name}")
+
+OWN_VALUES = {"grad_compression": "raydist.strategies.ddp.comm:COMPRESSIONS",
+              "schedule": "raydist.strategies.pipeline.schedules:SCHEDULES"}
+"""Knobs whose values a strategy defines (knob -> its registry, in the strategy that reads the
+knob). Named here, not imported: importing them runs the strategy package's __init__, which
+imports the engine; a spec's validation asks for them only when it checks a value."""
 
 
 def get(name: str) -> ModuleType:
@@ -41,61 +43,12 @@ def get(name: str) -> ModuleType:
     return importlib.import_module(STRATEGIES[name])
 
 
-def progress(rec: Record) -> None:
-    acc = f"  val_accuracy {rec['val_accuracy']:.4f}" if "val_accuracy" in rec else ""
-    print(f"epoch {rec['epoch']}  train_loss {rec['train_loss']:.4f}  "
-          f"val_loss {rec['val_loss']:.4f}{acc}  {rec['samples_per_s']:.0f} samples/s  "
-          f"{rec['epoch_time_s']:.2f} s", flush=True)
+def values_of(knob: str) -> Registry[Any]:
+    """The registry of the values `knob` (one of OWN_VALUES) takes, from its strategy."""
+    module, attr = OWN_VALUES[knob].split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
-def train(spec: RunSpec, report: Report = progress, track: bool = True) -> RunResult:
-    """Pre-flight, run and save one spec. User errors surface before the output folder
-    exists; a ConfigError raised later removes the folder this call created. A diverged run
-    leaves its metrics.csv (no model.pt). Ray's console output goes to out/ray.log while it
-    runs. Interrupted (KeyboardInterrupt, Ctrl-C or SIGTERM through raydist.runtime.interrupts), the
-    checkpoints stay, and the exception's `epoch` says which epoch was under way. `track`: log the
-    epochs to `spec.tracking` (a sweep's trials do not: Tune's callbacks track them)."""
-    strategy = get(spec.strategy)
-    preflight(spec, strategy)
-    out = Path(spec.out)
-    created = not out.exists()
-    claim(spec)
-    seen: list[Record] = []
-    tracker = open_run(spec if track else None)
-
-    def tee(rec: Record) -> None:
-        seen.append(rec)
-        tracker.log(rec)
-        report(rec)
-
-    try:
-        with ray_log(strategy, out):
-            result = strategy.run(spec, tee)
-    except KeyboardInterrupt as e:
-        e.epoch = getattr(e, "epoch", None) or (seen[-1]["epoch"] + 1 if seen else None)  # type: ignore[attr-defined]
-        raise
-    except ConfigError:
-        tracker.close(failed=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    except BaseException as e:
-        tracker.close(failed=True)
-        if isinstance(e, Diverged):  # the epochs it trained stay on disk, the diverged one included
-            save_metrics(out, e.history or seen)
-        raise
-    tracker.close()
-    save_outputs(out, spec, result)
-    return result
-
-
-@contextlib.contextmanager
-def ray_log(strategy: ModuleType, out: Path) -> Iterator[None]:
-    """A Ray strategy's run sends what Ray prints to out/ray.log (raydist.runtime.logs.ray_log)."""
-    if strategy.resources is None:
-        yield
-        return
-    from raydist.runtime import logs  # imports Ray
-
-    with logs.ray_log(out / logs.RAY_LOG):
-        yield
+def on_ray(name: str) -> bool:
+    """Whether strategy `name` runs on Ray: it asks a cluster for resources (local does not)."""
+    return get(name).resources is not None

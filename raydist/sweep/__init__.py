@@ -1,5 +1,5 @@
 """`raydist sweep`: a sweep file turned into a Ray Tune search. One trial is one RunSpec run by
-`strategies.train`, reporting every epoch to Tune; the sweep never looks inside a strategy.
+`raydist.train`, reporting every epoch to Tune; the sweep never looks inside a strategy.
 
 Each trial is a function trainable holding {"cpu": 0, "trial_driver": 1}: the trial's driver
 takes no CPU from the workers its strategy starts (a 2-worker ddp trial fits on 2 CPUs), and
@@ -39,6 +39,7 @@ from raydist.plan import machine_bound as bound
 from raydist.plan.machine_bound import flat
 from raydist.runtime import connect, interrupts, logs
 from raydist.sweep import pbt, search
+from raydist.train import train
 
 # A trial that ends before its first epoch (a refused setting) reports no metric: without this,
 # Tune's strict metric check would end the whole sweep over it.
@@ -196,7 +197,7 @@ def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, An
             if sweep.scheduler == "pbt":  # a run that checkpoints through Tune, to be cloned
                 pbt.train(spec, out)
             else:
-                strategies.train(spec, report=reporter(out), track=False)  # Tune's callbacks track it
+                train(spec, report=reporter(out), track=False)  # Tune's callbacks track it
         except Diverged as e:
             set_state(out, "diverged", str(e))
             return

@@ -47,7 +47,7 @@ STATE, EPOCHS, EXPLOITS = "state.pt", "epochs.csv", "exploits.csv"
 
 
 def train(spec: RunSpec, out: Path) -> RunResult:
-    """Pre-flight, claim, restore from Tune's checkpoint if any, fit, save: strategies.train's
+    """Pre-flight, claim, restore from Tune's checkpoint if any, fit, save: raydist.train's
     path for local, with the epochs reported to Tune by the trainer below."""
     local = strategies.get("local")
     preflight(spec, local)

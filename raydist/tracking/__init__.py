@@ -1,6 +1,6 @@
 """Experiment tracking: `tracking: tensorboard` or `tracking: mlflow` (default: none).
 
-A single run logs each epoch's record from the one place records pass, `strategies.train`'s
+A single run logs each epoch's record from the one place records pass, `raydist.train`'s
 tee: tensorboard, event files in OUT/tensorboard/ (tensorboardX's SummaryWriter, one scalar per
 record field, step = epoch); mlflow, one MLflow run with the spec as params and every numeric
 record field as a metric at step = epoch.
@@ -26,10 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from raydist.config import RunSpec
 from raydist.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
+    from raydist.config import RunSpec
 
 Record = dict[str, Any]
 EXPERIMENT = "raydist"
