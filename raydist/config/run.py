@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from raydist.config import values
 from raydist.config.knobs import at_least, default_of, knob, positive, unit_interval, worker_count
 from raydist.config.values import coerce, is_import_path, lookup, parse_size
 from raydist.errors import ConfigError, closest
@@ -121,8 +122,11 @@ class RunSpec:
                            expected="an integer >= 1000")
     # --- where and how fast it runs: none of these changes what a run computes ---------------
     out: str = knob("results/run", "directory for spec.yaml, metrics.csv, model.pt", resumable=True)
-    address: str | None = knob(None, "Ray cluster to join (default: RAY_ADDRESS, else an "
-                               "embedded local Ray)", strategies=RAY, resumable=True)
+    address: str | None = knob(None, f"Ray cluster to join: {values.RAY_ADDRESS_FORMS}; default: "
+                               "RAY_ADDRESS, else the local Ray `raydist ray start` keeps, else an embedded "
+                               f"one; one where nothing answers in {values.PROBE_S:g} s is an error",
+                               check=values.is_ray_address, expected=values.RAY_ADDRESS_FORMS,
+                               strategies=RAY, resumable=True)
     max_failures: int = knob(0, "restarts from the latest checkpoint after a worker dies",
                              check=at_least(0), expected="an integer >= 0", strategies=RAY,
                              resumable=True)
@@ -331,7 +335,6 @@ def reads(strategy: str, name: str) -> bool:
 
 MAPPINGS = ("model_args", "data_args")
 """Knobs that hold a mapping; `model_args.width: 256` names one entry (a sweep searches it)."""
-
 
 def fold(raw: dict[str, Any]) -> dict[str, Any]:
     """`raw` with each 'model_args.width: v' folded into raw['model_args']['width']."""
