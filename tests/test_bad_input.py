@@ -67,6 +67,15 @@ CASES = [
     pytest.param("sweep {f}/sweep_ok.yaml --address 10.0.0.1 --out {out}", f"address: got '10.0.0.1'; expected {ADDRESSES}", id="sweep --address malformed"),
     pytest.param("sweep {f}/sweep_ok.yaml --out {out}", f"RAY_ADDRESS: got 'head:port'; expected {ADDRESSES}", id="sweep RAY_ADDRESS malformed"),
     pytest.param("cluster publish {f}/list.yaml --address 1.2.3.4:x", f"address: got '1.2.3.4:x'; expected {ADDRESSES}", id="cluster publish address malformed"),
+    # --- train: mappings nothing would read ----------------------------------------------------
+    pytest.param("train --model mlp --model-arg foo=1 --out {out}", "model_args: model 'mlp' is built in and takes no model_args (got foo); its own flags: --hidden", id="model_args for a built-in model"),
+    pytest.param("train --model gpt --data text --set model_args.width=8 --out {out}", "model_args: model 'gpt' is built in and takes no model_args (got width); its own flags: --layers, --d-model, --heads, --seq-len, --tie-head", id="model_args for gpt"),
+    pytest.param("train --data-arg path=x.npz --out {out}", "data_args: data 'digits' is built in and takes no data_args (got path); it has no flags of its own", id="data_args for digits"),
+    pytest.param("train --data csv:{f}/ok.csv --data-arg sep=';' --out {out}", "data_args: data 'csv:{f}/ok.csv' is built in and takes no data_args (got sep); its own flags: --target", id="data_args for csv"),
+    pytest.param("train --config {f}/mapping.yaml --out {out}", "data_args: data 'synthetic' is built in and takes no data_args (got rows, noise); its own flags: --samples", id="config data_args for synthetic"),
+    pytest.param("sweep {f}/sweep_model_args.yaml --out {out}", "{f}/sweep_model_args.yaml: model_args: model 'mlp' is built in and takes no model_args (got width); its own flags: --hidden", id="sweep model_args searched for mlp"),
+    pytest.param("sweep {f}/sweep_grid_models.yaml --out {out}", "{f}/sweep_grid_models.yaml: model_args: model 'cnn' is built in and takes no model_args (got depth); its own flags: --channels", id="sweep model_args with a built-in model in the grid"),
+    pytest.param("sweep {f}/sweep_data_args.yaml --out {out}", "{f}/sweep_data_args.yaml: data_args: data 'images' is built in and takes no data_args (got size); its own flags: --samples", id="sweep data_args for images"),
     # --- train: --out -----------------------------------------------------------------------------
     pytest.param("train --out ''", "out: got ''; expected a non-empty string", id="out empty"),
     pytest.param("train --out {f}/afile", "out: {f}/afile is a file; expected a folder (created if missing)", id="out an existing file"),
@@ -216,6 +225,10 @@ FILES = {
     "sweep_seeds.yaml": "sweep: {seeds: [0, 18446744073709551616]}\n",
     "cluster_twice.yaml": "cluster_name: x\nmax_workers: 2\nmax_workers: 3\n",
     "address.yaml": "strategy: ddp\naddress: 'head:'\n",
+    "mapping.yaml": "data: synthetic\ndata_args: {rows: 10, noise: 0.1}\n",
+    "sweep_model_args.yaml": "epochs: 1\nmodel_args: {width: {grid: [8, 16]}}\n",
+    "sweep_grid_models.yaml": "epochs: 1\nmodel: {grid: [resmlp:make_model, cnn]}\nmodel_args.depth: 2\n",
+    "sweep_data_args.yaml": "epochs: 1\nmodel: cnn\ndata: images\ndata_args: {size: 32}\n",
     "results_empty/results.csv": "",
     "results_binary/results.csv": b"\x89PNG\r\n\x1a\n\x00\xff\xfe,\x00\n",
 }

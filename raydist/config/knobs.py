@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import field
 from typing import Any
 
+from raydist.config.values import lookup
+
 
 def knob(default: Any, help: str, *, check: Any = None, expected: str = "",
          registry: str = "", choices: tuple[str, ...] = (), strategies: tuple[str, ...] = (),
@@ -38,6 +40,26 @@ def unit_interval(x: float) -> bool:
 def worker_count(x: int | list[int]) -> bool:
     """A fixed count >= 1, or an elastic range [min, max] with 1 <= min <= max."""
     return x >= 1 if isinstance(x, int) else 1 <= x[0] <= x[1]
+
+
+OWNERS = {"model_args": "model", "data_args": "data"}
+"""The knob naming the code each mapping knob is handed to: only a user's own (module.path:function)
+takes one; a registered model or data set takes its settings as knobs of their own."""
+
+
+def unread_mapping(name: str, owner: str, entries: dict[str, Any],
+                   owner_knob: dataclasses.Field) -> str | None:
+    """Why the mapping knob `name` holding `entries` would go unread when `owner_knob` holds
+    `owner`, a registered name (its registry's package says which knobs it reads), or None."""
+    registry = owner_knob.metadata["registry"]  # e.g. raydist.models:MODELS
+    registered = owner.split(":", 1)[0] if name == "data_args" else owner
+    if not entries or registered not in lookup(registry):
+        return None
+    knobs = lookup(registry.partition(":")[0] + ":knobs_of")(registered)
+    flags = f"its own flags: {', '.join('--' + k.replace('_', '-') for k in knobs)}" if knobs \
+        else "it has no flags of its own"
+    return (f"{name}: {OWNERS[name]} '{owner}' is built in and takes no {name} (got "
+            f"{', '.join(map(str, entries))}); {flags}")
 
 
 def default_of(f: dataclasses.Field) -> Any:

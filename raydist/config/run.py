@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from raydist.config import values
+from raydist.config import knobs, values
 from raydist.config.knobs import at_least, default_of, knob, positive, unit_interval, worker_count
 from raydist.config.values import coerce, is_import_path, lookup, parse_size
 from raydist.errors import ConfigError, closest
@@ -316,6 +316,10 @@ class RunSpec:
                 readers = ", ".join(f.metadata["strategies"])
                 raise ConfigError(f"{f.name}: read only by {readers}; this run's strategy is "
                                   f"{self.strategy}")
+        for name, owner in knobs.OWNERS.items():  # model_args with a built-in model, ...
+            why = knobs.unread_mapping(name, getattr(self, owner), getattr(self, name), KNOBS[owner])
+            if why:
+                raise ConfigError(why)
 
     def optimizer_hparams(self) -> dict[str, float]:
         return {"beta": self.beta, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,

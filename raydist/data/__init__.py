@@ -70,6 +70,15 @@ class Dataset:
 
 Loader = Callable[[RunSpec, str], Dataset]
 DATASETS: Registry[Loader] = Registry("data")
+KNOBS = {"synthetic": ("samples",), "images": ("samples",), "text": ("text_chars", "seq_len"),
+         **dict.fromkeys(("csv", "parquet", "csv-dir", "parquet-dir"), ("target",))}
+"""The RunSpec fields each registered data set reads beyond the split's (val_fraction, seed);
+a registered data set takes no data_args."""
+
+
+def knobs_of(name: str) -> tuple[str, ...]:
+    """The knobs registered data set `name` reads (RunSpec.refuse_unread names them)."""
+    return KNOBS.get(name, ())
 
 
 def load_data(spec: RunSpec) -> Dataset:
