@@ -184,11 +184,21 @@ def cmd_ray(args: argparse.Namespace) -> None:
         head = local_ray.start(args.cpus or max(4, os.cpu_count() or 1))
         print(f"local Ray at {head['address']} (pid {head['pid']}, {head['cpus']} CPUs); raydist "
               "train and sweep join it until `raydist ray stop`")
+        print(job_server_line(head))
         return
     head = local_ray.stop() if args.action == "stop" else connect.local_head()
     state = "stopped" if args.action == "stop" else "runs"
     print(f"local Ray at {head['address']} (pid {head['pid']}) {state}" if head
           else "no local Ray runs (`raydist ray start` keeps one)")
+    if head and args.action == "status":
+        print(job_server_line(head))
+
+
+def job_server_line(head: dict[str, Any]) -> str:
+    """Where to submit Ray Jobs to the kept head, as a command to copy."""
+    return (f"job server: {head['api_server']} (RAY_AUTH_MODE={head.get('auth_mode', 'token')} "
+            f".venv/bin/ray job submit --address {head['api_server']} --working-dir . -- python "
+            "jobs/train.py ...)")
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
