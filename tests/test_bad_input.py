@@ -191,8 +191,9 @@ CASES = [
 ]
 
 # Run again as `python -m raydist.cli` (3 s each on an idle 2-core machine, 15 s under a load of
-# 16): argparse's, a file's, a data file's and the report's refusal.
-END_TO_END = ("unknown command", "config not UTF-8", "csv with inf", "report without results.csv")
+# 16): argparse's, a file's, a data file's, the report's, an address's and a mapping's refusal.
+END_TO_END = ("unknown command", "config not UTF-8", "csv with inf", "report without results.csv",
+              "address port not a number", "model_args for a built-in model")
 
 FILES = {
     "afile": "not a folder\n",
