@@ -168,7 +168,8 @@ RAY_ACTIONS = ("start", "stop", "status")
 def add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", metavar="{start,stop,status}", help="start: keep one local Ray "
                    "running (loopback, token auth) that every raydist command given no address "
-                   "joins; stop: end it; status: say whether one runs")
+                   "joins, and whose job server takes `ray job submit`; stop: end it; status: say "
+                   "whether one runs and where its job server listens")
     p.add_argument("--cpus", type=int, help="start: logical CPUs it offers (default: the cores, "
                    "at least 4, so a 2-worker run beside its driver fits)")
 
