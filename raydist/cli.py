@@ -13,8 +13,8 @@ import yaml
 
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
 from raydist.config.run import MAPPINGS
-from raydist.config.values import parse_size
-from raydist.errors import unknown
+from raydist.config.values import PROBE_S, RAY_ADDRESS_FORMS, parse_size
+from raydist.errors import Unreachable, unknown
 from raydist.runtime import capacity, connect, interrupts
 
 
@@ -94,8 +94,9 @@ def add_sweep_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", nargs="?", help="sweep YAML, e.g. tune_configs/quickstart.yaml")
     p.add_argument("--out", help="results folder (default: results/<file name>)")
     p.add_argument("--resume", metavar="DIR", help="continue the interrupted sweep in DIR")
-    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an "
-                   "embedded local Ray)")
+    p.add_argument("--address", help="Ray cluster to join, overriding the file's address: "
+                   f"{RAY_ADDRESS_FORMS} (default: RAY_ADDRESS, else the local Ray `raydist ray "
+                   f"start` keeps, else an embedded one); nothing answering in {PROBE_S:g} s is an error")
 
 
 def sweep_dir(args: argparse.Namespace) -> str:
@@ -143,23 +144,20 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    "cluster YAML and print the most CPUs/GPUs its autoscaler can bring up; publish: "
                    "also record that maximum in the running cluster (run on the head after ray start)")
     p.add_argument("file", help="cluster-launcher YAML, e.g. cluster.yaml")
-    p.add_argument("--address", default="auto", help="publish: the cluster to record it in")
+    p.add_argument("--address", default="auto", help="publish: the cluster to record it in "
+                   f"({RAY_ADDRESS_FORMS}; RAY_ADDRESS overrides auto)")
 
 
 def cmd_cluster(args: argparse.Namespace) -> None:
-    import logging
-
-    import ray
-
-
     if args.action not in CLUSTER_ACTIONS:
         raise ConfigError(unknown("action", args.action, list(CLUSTER_ACTIONS)))
+    address = connect.cluster_address(args.address) if args.action == "publish" else None
     most = capacity.check_cluster_file(args.file)
     print(f"{args.file}: valid; at most (each on its own, head + workers up to max_workers):")
     for name, amount in most.items():
         print(f"  {name}: {amount:g}")
-    if args.action == "publish":
-        ray.init(address=args.address, logging_level=logging.WARNING)
+    if address:
+        connect.join(*address)
         capacity.publish_max(capacity.load_cluster_config(args.file))
         print(f"recorded as the autoscaler's maximum of the cluster at {args.address}")
 
@@ -170,7 +168,8 @@ RAY_ACTIONS = ("start", "stop", "status")
 def add_ray_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", metavar="{start,stop,status}", help="start: keep one local Ray "
                    "running (loopback, token auth) that every raydist command given no address "
-                   "joins; stop: end it; status: say whether one runs")
+                   "joins, and whose job server takes `ray job submit`; stop: end it; status: say "
+                   "whether one runs and where its job server listens")
     p.add_argument("--cpus", type=int, help="start: logical CPUs it offers (default: the cores, "
                    "at least 4, so a 2-worker run beside its driver fits)")
 
@@ -186,11 +185,21 @@ def cmd_ray(args: argparse.Namespace) -> None:
         head = local_ray.start(args.cpus or max(4, os.cpu_count() or 1))
         print(f"local Ray at {head['address']} (pid {head['pid']}, {head['cpus']} CPUs); raydist "
               "train and sweep join it until `raydist ray stop`")
+        print(job_server_line(head))
         return
     head = local_ray.stop() if args.action == "stop" else connect.local_head()
     state = "stopped" if args.action == "stop" else "runs"
     print(f"local Ray at {head['address']} (pid {head['pid']}) {state}" if head
           else "no local Ray runs (`raydist ray start` keeps one)")
+    if head and args.action == "status":
+        print(job_server_line(head))
+
+
+def job_server_line(head: dict[str, Any]) -> str:
+    """Where to submit Ray Jobs to the kept head, as a command to copy."""
+    return (f"job server: {head['api_server']} (RAY_AUTH_MODE={head.get('auth_mode', 'token')} "
+            f".venv/bin/ray job submit --address {head['api_server']} --working-dir . -- python "
+            "jobs/train.py ...)")
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
@@ -269,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Unreachable as e:  # well-formed input, but the cluster it names is not there
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return interrupts.code()

@@ -10,6 +10,11 @@ class ConfigError(ValueError):
     """A mistake the user can fix; the message names the field or file and what was expected."""
 
 
+class Unreachable(ConnectionError):
+    """A cluster the run was told to join does not answer: one line `error: ...` naming the field
+    that named it, exit code 1 (the input is well formed; the cluster is not there)."""
+
+
 def closest(word: str, options: list[str]) -> str:
     """' (did you mean 'x'?)' for the nearest option, or '' when nothing is close."""
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)

@@ -21,6 +21,7 @@ from raydist.cli import main
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[1]
+ADDRESSES = "host:port, ray://host:port, auto or local"
 OPTIMIZERS = "gd, sgd, momentum, adagrad, rmsprop, adam, adamw, lars, muon, lamb, adafactor, lion, schedule-free-adamw"
 ROOT = os.geteuid() == 0
 AS_USER = pytest.mark.skipif(ROOT, reason="root writes into a read-only folder; the path under a file stands in")
@@ -56,6 +57,25 @@ CASES = [
     pytest.param("train --set bach_size=3 --out {out}", "unknown key 'bach_size' (did you mean 'batch_size'?)", id="unknown --set key"),
     pytest.param("train --set lr --out {out}", "--set: got 'lr'; expected key=value", id="--set without ="),
     pytest.param("trian --epochs 1 --out {out}", "command: unknown value 'trian' (did you mean 'train'?); expected one of train, sweep, report, cluster, plan, ray", id="unknown command"),
+    # --- train: cluster addresses (the knob, --address, RAY_ADDRESS) -----------------------------------
+    pytest.param("train --strategy ddp --address not-a-host:xx --out {out}", f"address: got 'not-a-host:xx'; expected {ADDRESSES}", id="address port not a number"),
+    pytest.param("train --strategy ddp --address headnode --out {out}", f"address: got 'headnode'; expected {ADDRESSES}", id="address without a port"),
+    pytest.param("train --strategy ddp --address http://127.0.0.1:8265 --out {out}", f"address: got 'http://127.0.0.1:8265'; expected {ADDRESSES}", id="address the job server's"),
+    pytest.param("train --strategy ddp --address ray://h:70000 --out {out}", f"address: got 'ray://h:70000'; expected {ADDRESSES}", id="address port out of range"),
+    pytest.param("train --config {f}/address.yaml --out {out}", f"{{f}}/address.yaml: address: got 'head:'; expected {ADDRESSES}", id="config address malformed"),
+    pytest.param("train --strategy ddp --out {out}", f"RAY_ADDRESS: got 'head:port'; expected {ADDRESSES}", id="RAY_ADDRESS malformed"),
+    pytest.param("sweep {f}/sweep_ok.yaml --address 10.0.0.1 --out {out}", f"address: got '10.0.0.1'; expected {ADDRESSES}", id="sweep --address malformed"),
+    pytest.param("sweep {f}/sweep_ok.yaml --out {out}", f"RAY_ADDRESS: got 'head:port'; expected {ADDRESSES}", id="sweep RAY_ADDRESS malformed"),
+    pytest.param("cluster publish {f}/list.yaml --address 1.2.3.4:x", f"address: got '1.2.3.4:x'; expected {ADDRESSES}", id="cluster publish address malformed"),
+    # --- train: mappings nothing would read ----------------------------------------------------
+    pytest.param("train --model mlp --model-arg foo=1 --out {out}", "model_args: model 'mlp' is built in and takes no model_args (got foo); its own flags: --hidden", id="model_args for a built-in model"),
+    pytest.param("train --model gpt --data text --set model_args.width=8 --out {out}", "model_args: model 'gpt' is built in and takes no model_args (got width); its own flags: --layers, --d-model, --heads, --seq-len, --tie-head", id="model_args for gpt"),
+    pytest.param("train --data-arg path=x.npz --out {out}", "data_args: data 'digits' is built in and takes no data_args (got path); it has no flags of its own", id="data_args for digits"),
+    pytest.param("train --data csv:{f}/ok.csv --data-arg sep=';' --out {out}", "data_args: data 'csv:{f}/ok.csv' is built in and takes no data_args (got sep); its own flags: --target", id="data_args for csv"),
+    pytest.param("train --config {f}/mapping.yaml --out {out}", "data_args: data 'synthetic' is built in and takes no data_args (got rows, noise); its own flags: --samples", id="config data_args for synthetic"),
+    pytest.param("sweep {f}/sweep_model_args.yaml --out {out}", "{f}/sweep_model_args.yaml: model_args: model 'mlp' is built in and takes no model_args (got width); its own flags: --hidden", id="sweep model_args searched for mlp"),
+    pytest.param("sweep {f}/sweep_grid_models.yaml --out {out}", "{f}/sweep_grid_models.yaml: model_args: model 'cnn' is built in and takes no model_args (got depth); its own flags: --channels", id="sweep model_args with a built-in model in the grid"),
+    pytest.param("sweep {f}/sweep_data_args.yaml --out {out}", "{f}/sweep_data_args.yaml: data_args: data 'images' is built in and takes no data_args (got size); its own flags: --samples", id="sweep data_args for images"),
     # --- train: --out -----------------------------------------------------------------------------
     pytest.param("train --out ''", "out: got ''; expected a non-empty string", id="out empty"),
     pytest.param("train --out {f}/afile", "out: {f}/afile is a file; expected a folder (created if missing)", id="out an existing file"),
@@ -171,8 +191,9 @@ CASES = [
 ]
 
 # Run again as `python -m raydist.cli` (3 s each on an idle 2-core machine, 15 s under a load of
-# 16): argparse's, a file's, a data file's and the report's refusal.
-END_TO_END = ("unknown command", "config not UTF-8", "csv with inf", "report without results.csv")
+# 16): argparse's, a file's, a data file's, the report's, an address's and a mapping's refusal.
+END_TO_END = ("unknown command", "config not UTF-8", "csv with inf", "report without results.csv",
+              "address port not a number", "model_args for a built-in model")
 
 FILES = {
     "afile": "not a folder\n",
@@ -204,6 +225,11 @@ FILES = {
     "sweep_twice.yaml": "epochs: 1\nsweep:\n  metric: val_loss\n  metric: val_accuracy\n",
     "sweep_seeds.yaml": "sweep: {seeds: [0, 18446744073709551616]}\n",
     "cluster_twice.yaml": "cluster_name: x\nmax_workers: 2\nmax_workers: 3\n",
+    "address.yaml": "strategy: ddp\naddress: 'head:'\n",
+    "mapping.yaml": "data: synthetic\ndata_args: {rows: 10, noise: 0.1}\n",
+    "sweep_model_args.yaml": "epochs: 1\nmodel_args: {width: {grid: [8, 16]}}\n",
+    "sweep_grid_models.yaml": "epochs: 1\nmodel: {grid: [resmlp:make_model, cnn]}\nmodel_args.depth: 2\n",
+    "sweep_data_args.yaml": "epochs: 1\nmodel: cnn\ndata: images\ndata_args: {size: 32}\n",
     "results_empty/results.csv": "",
     "results_binary/results.csv": b"\x89PNG\r\n\x1a\n\x00\xff\xfe,\x00\n",
 }
@@ -254,6 +280,9 @@ def exit_code(argv: list[str]) -> int:
 @pytest.mark.parametrize("case,message", CASES)
 def test_refused_in_one_line_before_any_work(case, message, files, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a default folder (results/...) would show up here
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if "RAY_ADDRESS" in message:  # the cases about the environment's address
+        monkeypatch.setenv("RAY_ADDRESS", "head:port")
     monkeypatch.syspath_prepend(str(files))  # npzdata
     before = tree(files)
     assert exit_code(command(case, files, tmp_path / "out")) == 2
@@ -271,4 +300,33 @@ def test_refused_in_one_line_by_the_real_cli(name, files, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == f"error: {message.replace('{f}', str(files))}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+NOBODY = [  # (command line, the field the line names); {port}: a port of this machine nobody serves
+    ("train --strategy ddp --address 127.0.0.1:{port} --out {out}", "address", "127.0.0.1:{port}"),
+    ("train --strategy ps --out {out}", "RAY_ADDRESS", "127.0.0.1:{port}"),
+    ("sweep {f}/sweep_ok.yaml --address ray://127.0.0.1:{port} --out {out}", "address", "ray://127.0.0.1:{port}"),
+]
+
+
+@pytest.mark.timeout(60)  # a bounded guard: the probe gives up within PROBE_S (10 s)
+@pytest.mark.parametrize("case,field,address", NOBODY, ids=["--address", "RAY_ADDRESS", "sweep ray://"])
+def test_an_address_where_nothing_answers_is_one_line(case, field, address, files, tmp_path,
+                                                      monkeypatch, capsys):
+    """Well-formed, but no cluster there: one line naming the field, exit code 1 (not the user's
+    typo), nothing written; ray.init, which would retry for minutes, is never reached (it raises
+    in the unit tier)."""
+    from raydist.runtime.connect import free_port
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = free_port()
+    address = address.format(port=port)
+    if field == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    assert exit_code(command(case.replace("{port}", str(port)), files, tmp_path / "out")) == 1
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", f"error: {field}: nothing answers at {address} (connection "
+                                          "refused; raydist waits up to 10 s); is a Ray cluster running there?\n")
     assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,8 @@ import yaml
 from raydist.runtime import connect
 
 RAYDIST = [sys.executable, "-m", "raydist.cli"]
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")  # the venv's `ray` CLI, as the README writes it
 
 
 def write_head(path: Path, mode: int = 0o600, **info: object) -> None:
@@ -68,7 +70,7 @@ def test_train_joins_a_running_local_ray_and_leaves_it_running(ray_local):
         assert (home / "run" / "model.pt").exists()
         assert connect.alive(pid)  # the run left it running
         status = subprocess.run([*RAYDIST, "ray", "status"], env=env, text=True, capture_output=True)
-        assert status.stdout.strip().endswith(f"(pid {pid}) runs")
+        assert status.stdout.splitlines()[0].endswith(f"(pid {pid}) runs")
         stopped = subprocess.run([*RAYDIST, "ray", "stop"], env=env, text=True, capture_output=True,
                                  timeout=90)
         assert stopped.stdout.strip().endswith(f"(pid {pid}) stopped")
@@ -78,3 +80,50 @@ def test_train_joins_a_running_local_ray_and_leaves_it_running(ray_local):
             os.kill(pid, signal.SIGTERM)
             time.sleep(5)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.multinode
+@pytest.mark.timeout(600)
+def test_a_job_submitted_to_the_kept_ray_runs_with_raydists_python(tmp_path):
+    """As the README's laptop flow goes, from a shell WITHOUT the venv on PATH: `raydist ray
+    start`, then the venv's `ray job submit --working-dir .` of jobs/train.py to the job server
+    `raydist ray status` names. The job's `python` is the one on the head's PATH, which the
+    keeper puts raydist's interpreter first on (else: the system's, without torch). A private
+    HOME (so a private ~/.ray/auth_token), RAY_TMPDIR and RAYDIST_LOCAL_RAY file; the head is
+    always stopped by `raydist ray stop`, and its keeper killed by pid if that failed."""
+    home = Path(tempfile.mkdtemp(prefix="rdlj", dir="/tmp"))  # short: Ray's socket paths
+    venv = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv)
+    keep = ("LANG", "LC_ALL", "TZ", "USER", "LOGNAME")
+    env = {**{k: os.environ[k] for k in keep if k in os.environ}, "PATH": path, "HOME": str(home),
+           connect.LOCAL_RAY: str(home / "local-ray.yaml"), "RAY_TMPDIR": str(home)}
+    out, pid = tmp_path / "job", None
+    try:
+        started = subprocess.run([*RAYDIST, "ray", "start", "--cpus", "4"], cwd=REPO, env=env,
+                                 text=True, capture_output=True, timeout=180)
+        assert started.returncode == 0, started.stderr
+        head = yaml.safe_load((home / "local-ray.yaml").read_text())
+        pid, api = head["pid"], head["api_server"]
+        status = subprocess.run([*RAYDIST, "ray", "status"], cwd=REPO, env=env, text=True,
+                                capture_output=True, timeout=60)
+        assert status.stdout.splitlines()[1] == (
+            f"job server: {api} (RAY_AUTH_MODE=token .venv/bin/ray job submit --address {api} "
+            "--working-dir . -- python jobs/train.py ...)")
+        job = [RAY, "job", "submit", "--address", api, "--working-dir", ".", "--", "python",
+               "jobs/train.py", "--strategy", "ddp", "--workers", "2", "--epochs", "1",
+               "--hidden", "16", "--out", str(out)]
+        done = subprocess.run(job, cwd=REPO, env={**env, "RAY_AUTH_MODE": head["auth_mode"]},
+                              text=True, capture_output=True, timeout=420)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log
+        assert "succeeded" in log and "epoch 1  train_loss" in log
+        assert yaml.safe_load((out / "spec.yaml").read_text())["strategy"] == "ddp"
+        assert (out / "metrics.csv").read_text().count("\n") == 2 and (out / "model.pt").exists()
+    finally:
+        stopped = subprocess.run([*RAYDIST, "ray", "stop"], cwd=REPO, env=env, text=True,
+                                 capture_output=True, timeout=90)
+        if pid is not None and connect.alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            time.sleep(5)
+        shutil.rmtree(home, ignore_errors=True)
+    assert stopped.stdout.strip().endswith(f"(pid {pid}) stopped")

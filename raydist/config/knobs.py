@@ -49,6 +49,25 @@ def worker_count(x: int | list[int]) -> bool:
     return x >= 1 if isinstance(x, int) else 1 <= x[0] <= x[1]
 
 
+OWNERS = {"model_args": "model", "data_args": "data"}
+"""The knob naming the code each mapping knob is handed to: only a user's own (module.path:function)
+takes one; a registered model or data set takes its settings as knobs of their own."""
+
+
+def unread_mapping(name: str, owner: str, entries: dict[str, Any],
+                   owner_knob: dataclasses.Field) -> str | None:
+    """Why the mapping knob `name` holding `entries` would go unread when `owner_knob` holds
+    `owner`, a registered name (its registry's package says which knobs it reads), or None."""
+    registered = owner.split(":", 1)[0] if name == "data_args" else owner
+    if not entries or registered not in registry_of(owner_knob.name):
+        return None
+    knobs = knobs_of(owner_knob.name)(registered)
+    flags = f"its own flags: {', '.join('--' + k.replace('_', '-') for k in knobs)}" if knobs \
+        else "it has no flags of its own"
+    return (f"{name}: {OWNERS[name]} '{owner}' is built in and takes no {name} (got "
+            f"{', '.join(map(str, entries))}); {flags}")
+
+
 def default_of(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
@@ -78,6 +97,13 @@ def registry_of(name: str) -> Registry[Any]:
     found = {"strategy": STRATEGIES, "model": MODELS, "data": DATASETS, "optimizer": OPTIMIZERS,
              "lr_scaling": SCALINGS, "lr_schedule": LR_SCHEDULES, "tracking": TRACKERS}
     return found[name] if name in found else values_of(name)
+
+
+def knobs_of(name: str) -> Any:
+    """The function naming the knobs a registered value of knob `name` (model, data) reads."""
+    from raydist import data, models  # import torch: only when a mapping is given
+
+    return {"model": models.knobs_of, "data": data.knobs_of}[name]
 
 
 def unshardable(optimizer: str) -> str:

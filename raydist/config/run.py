@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from raydist.config import knobs
+from raydist.config import knobs, values
 from raydist.config.knobs import ON_RAY, at_least, default_of, knob, positive, unit_interval, worker_count
 from raydist.config.values import coerce, is_import_path, parse_size
 from raydist.errors import ConfigError, closest
@@ -120,8 +120,11 @@ class RunSpec:
                            expected="an integer >= 1000")
     # --- where and how fast it runs: none of these changes what a run computes ---------------
     out: str = knob("results/run", "directory for spec.yaml, metrics.csv, model.pt", resumable=True)
-    address: str | None = knob(None, "Ray cluster to join (default: RAY_ADDRESS, else an "
-                               "embedded local Ray)", strategies=ON_RAY, resumable=True)
+    address: str | None = knob(None, f"Ray cluster to join: {values.RAY_ADDRESS_FORMS}; default: "
+                               "RAY_ADDRESS, else the local Ray `raydist ray start` keeps, else an embedded "
+                               f"one; one where nothing answers in {values.PROBE_S:g} s is an error",
+                               check=values.is_ray_address, expected=values.RAY_ADDRESS_FORMS,
+                               strategies=ON_RAY, resumable=True)
     max_failures: int = knob(0, "restarts from the latest checkpoint after a worker dies",
                              check=at_least(0), expected="an integer >= 0", strategies=ON_RAY,
                              resumable=True)
@@ -311,6 +314,10 @@ class RunSpec:
                 readers = ", ".join(knobs.readers_of(f))
                 raise ConfigError(f"{f.name}: read only by {readers}; this run's strategy is "
                                   f"{self.strategy}")
+        for name, owner in knobs.OWNERS.items():  # model_args with a built-in model, ...
+            why = knobs.unread_mapping(name, getattr(self, owner), getattr(self, name), KNOBS[owner])
+            if why:
+                raise ConfigError(why)
 
     def optimizer_hparams(self) -> dict[str, float]:
         return {"beta": self.beta, "beta1": self.beta1, "beta2": self.beta2, "eps": self.eps,
@@ -329,7 +336,6 @@ def reads(strategy: str, name: str) -> bool:
 
 MAPPINGS = ("model_args", "data_args")
 """Knobs that hold a mapping; `model_args.width: 256` names one entry (a sweep searches it)."""
-
 
 def fold(raw: dict[str, Any]) -> dict[str, Any]:
     """`raw` with each 'model_args.width: v' folded into raw['model_args']['width']."""

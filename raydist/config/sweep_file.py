@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from raydist.config.run import MAPPINGS, RunSpec, at_least, read_only
+from raydist.config.knobs import OWNERS, default_of, unread_mapping
+from raydist.config.run import KNOBS, MAPPINGS, RunSpec, at_least, read_only
 from raydist.config.search_rules import SCHEDULERS, SEARCHES, check_search
 from raydist.config.values import (
     as_bool,
@@ -87,6 +88,7 @@ class SweepSpec:
         sweep.perturb = field_names(settings.get("perturb") or [], "sweep.perturb", source)
         sweep.plan = cluster_plan(settings.get("plan"), source)
         check_search(sweep, settings, source)
+        refuse_unread_mappings(sweep, source)
         return sweep
 
     def run_spec(self, choice: dict[str, Any], out: str) -> RunSpec:
@@ -109,6 +111,23 @@ class SweepSpec:
                 if combo not in out:
                     out.append(combo)
         return out
+
+
+def refuse_unread_mappings(sweep: SweepSpec, source: str) -> None:
+    """model_args / data_args entries, fixed or searched, go to every trial: refused if a trial's
+    model / data is a built-in one, which would never read them (RunSpec.refuse_unread's rule)."""
+    for name, owner in OWNERS.items():
+        entries = [*(sweep.base.get(name) or {}),
+                   *(k.partition(".")[2] for k in [*sweep.base, *sweep.space] if k.startswith(f"{name}."))]
+        owners = [v[owner] for v in sweep.variants if owner in v]  # (a variant sets no searched field)
+        if owner in sweep.space:
+            owners += sweep.space[owner][1]
+        elif len(owners) < len(sweep.variants) or not sweep.variants:  # the base's reaches a trial
+            owners.append(sweep.base.get(owner, default_of(KNOBS[owner])))
+        for value in dict.fromkeys(owners):
+            why = unread_mapping(name, value, entries, KNOBS[owner])
+            if why:
+                raise ConfigError(f"{source}: {why}")
 
 
 def load_sweep(path: str | Path) -> SweepSpec:

@@ -5,8 +5,8 @@ Every message names the field (and the file, as `where`), so that bad input fail
 
 from __future__ import annotations
 
-import importlib
 import math
+import os
 import re
 import struct
 from collections.abc import Hashable
@@ -140,6 +140,47 @@ def is_import_path(value: str) -> bool:
     return bool(IMPORT_PATH.fullmatch(value))
 
 
+RAY_ADDRESS_FORMS = "host:port, ray://host:port, auto or local"
+"""The cluster addresses ray.init (Ray 2.60) takes: a head's GCS, a Ray Client server, the Ray
+`ray start` left on this machine, a fresh embedded one."""
+PROBE_S = 10.0
+"""How long joining a cluster waits for its address to accept a connection (raydist.runtime.connect):
+ray.init itself retries a silent address 20 times, ~40 s each (Ray 2.60)."""
+HOST_PORT = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([A-Za-z0-9_.-]+)):(\d{1,5})")
+
+
+def host_port(text: str) -> tuple[str, int] | None:
+    """('host', port) of 'host:port' or '[ipv6]:port'; None if `text` is neither (Ray's own
+    check fails late, with a 30-line traceback, on a port that is not a number)."""
+    m = HOST_PORT.fullmatch(text)
+    if not m or not 1 <= int(m.group(3)) <= 65535:
+        return None
+    return m.group(1) or m.group(2), int(m.group(3))
+
+
+def is_ray_address(text: str) -> bool:
+    return text in ("auto", "local") or host_port(text.removeprefix("ray://")) is not None
+
+
+def cluster_address(given: str | None, field: str = "address") -> tuple[str | None, str]:
+    """The cluster to join and the field that names it: `given` (the address knob, a --address
+    flag), else RAY_ADDRESS (which ray.init reads for "auto" too); None: none is named. A
+    malformed one is refused in one line, before any work."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env and given in (None, "auto"):
+        given, field = env, "RAY_ADDRESS"
+    if given:
+        check_ray_address(given, field)
+    return given or None, field
+
+
+def check_ray_address(text: str, field: str) -> None:
+    """A cluster address named by `field` (the address knob, --address, RAY_ADDRESS) in one of
+    the forms ray.init takes."""
+    if not is_ray_address(text):
+        raise ConfigError(f"{field}: got {text!r}; expected {RAY_ADDRESS_FORMS}")
+
+
 PARSERS = {"int": as_int, "float": as_float32, "bool": as_bool, "str": as_str, "list[int]": as_int_list,
            "int | list[int]": as_int_or_range, "dict[str, Any]": as_mapping}
 
@@ -217,11 +258,6 @@ def parse_sets(items: list[str], flag: str = "--set") -> dict[str, str]:
             raise ConfigError(f"{flag}: got '{item}'; expected key=value")
         out[key.strip()] = value.strip()
     return out
-
-
-def lookup(path: str) -> Any:
-    module, attr = path.split(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 # --- links: `raydist plan`'s flags and a sweep's `plan:` --------------------------------------

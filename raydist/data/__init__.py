@@ -74,6 +74,15 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 """The largest value training (float32) holds: a data value beyond it would become inf."""
 Loader = Callable[["RunSpec", str], Dataset]
 DATASETS: Registry[Loader] = Registry("data")
+KNOBS = {"synthetic": ("samples",), "images": ("samples",), "text": ("text_chars", "seq_len"),
+         **dict.fromkeys(("csv", "parquet", "csv-dir", "parquet-dir"), ("target",))}
+"""The RunSpec fields each registered data set reads beyond the split's (val_fraction, seed);
+a registered data set takes no data_args."""
+
+
+def knobs_of(name: str) -> tuple[str, ...]:
+    """The knobs registered data set `name` reads (RunSpec.refuse_unread names them)."""
+    return KNOBS.get(name, ())
 
 
 def load_data(spec: RunSpec) -> Dataset:

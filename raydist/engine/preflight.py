@@ -22,7 +22,7 @@ from torch import nn
 from raydist.config import ConfigError, RunSpec
 from raydist.config.resume import pinned, resumable
 from raydist.config.run import KNOBS, default_of
-from raydist.config.values import parse_size
+from raydist.config.values import cluster_address, parse_size
 from raydist.data import Dataset, load_data
 from raydist.engine.step import loss_fn
 from raydist.memory import footprint, gib
@@ -36,6 +36,8 @@ SPEC_FILE = "spec.yaml"
 
 def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     """Check `spec` for `strategy` (a module of raydist.strategies); returns the data set."""
+    if strategy.resources is not None:  # a Ray strategy reads RAY_ADDRESS: checked as the knob is
+        cluster_address(spec.address)
     with memory_for("data", f"'{spec.data}'"):
         data = load_data(spec)
     with memory_for("model", f"'{spec.model}' for data '{spec.data}'"):

@@ -25,9 +25,16 @@ class ModelEntry:
     build: Callable[[RunSpec, Dataset], nn.Sequential]
     inputs: tuple[str, ...]
     """Dataset input kinds the model accepts."""
+    knobs: tuple[str, ...] = ()
+    """The RunSpec fields that size it (its flags); a built-in model takes no model_args."""
 
 
 MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def knobs_of(name: str) -> tuple[str, ...]:
+    """The knobs registered model `name` reads (RunSpec.refuse_unread names them)."""
+    return MODELS[name].knobs
 
 
 def build_model(spec: RunSpec, data: Dataset) -> nn.Module:

@@ -88,6 +88,7 @@ def transformer(spec: RunSpec, data: Dataset) -> nn.Sequential:
     return nn.Sequential(blocks)
 
 
-MODELS.register("mlp")(ModelEntry(mlp, inputs=("features",)))
-MODELS.register("cnn")(ModelEntry(cnn, inputs=("image",)))
-MODELS.register("transformer")(ModelEntry(transformer, inputs=("tokens",)))
+MODELS.register("mlp")(ModelEntry(mlp, inputs=("features",), knobs=("hidden",)))
+MODELS.register("cnn")(ModelEntry(cnn, inputs=("image",), knobs=("channels",)))
+MODELS.register("transformer")(ModelEntry(transformer, inputs=("tokens",),
+                                          knobs=("layers", "d_model", "heads", "seq_len")))

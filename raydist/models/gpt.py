@@ -64,4 +64,5 @@ def gpt(spec: RunSpec, data: Dataset) -> nn.Sequential:
     return model
 
 
-MODELS.register("gpt")(ModelEntry(gpt, inputs=("tokens",)))
+MODELS.register("gpt")(ModelEntry(gpt, inputs=("tokens",),
+                                  knobs=("layers", "d_model", "heads", "seq_len", "tie_head")))

@@ -71,4 +71,4 @@ def resnet(spec: RunSpec, data: Dataset) -> nn.Sequential:
     return model
 
 
-MODELS.register("resnet")(ModelEntry(resnet, inputs=("image",)))
+MODELS.register("resnet")(ModelEntry(resnet, inputs=("image",), knobs=("channels",)))

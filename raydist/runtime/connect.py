@@ -9,6 +9,8 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import ray
 
 from raydist import AUTH_MODE, LOCAL_RAY, local_ray_file  # noqa: F401 (LOCAL_RAY: API)
 from raydist.config import ConfigError, RunSpec, load_yaml
+from raydist.config.values import PROBE_S, cluster_address, host_port
+from raydist.errors import Unreachable
 from raydist.runtime import interrupts, ray_compat
 
 # Ray Train's controller polls its workers every 2 s by default; 0.2 s cuts ~6 s off each fit().
@@ -26,6 +30,9 @@ API_SERVER = "RAY_API_SERVER_ADDRESS"
 
 
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+GCS_WAIT = "RAY_gcs_server_port_wait_time_s"
+GCS_TRIES = 1
+"""ray.init's tries at a cluster's GCS once its port answers (connect.gcs_tries)."""
 
 
 def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
@@ -35,13 +42,69 @@ def connect(spec: RunSpec, cpus: float = 0.0, what: str = "the run") -> None:
     processes, and on a laptop a run's processes may share its cores (said in one line)."""
     if ray.is_initialized():
         return
-    address = spec.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        interrupts.reassert()
-        return
-    if not join_local_head():
+    address, field = cluster_address(spec.address)
+    if address and address != "local":
+        join(address, field)
+    elif address == "local" or not join_local_head():
         start_local(num_cpus=embedded_cpus(cpus, what))
+
+
+def join(address: str, field: str = "address") -> None:
+    """ray.init(address), bounded: where nothing answers, ray.init retries for minutes (20 tries,
+    each a 5 s connect and a 30 s wait for the cluster's id, Ray 2.60), so the address is first
+    probed (PROBE_S); what Ray itself then refuses (a port that answers but is no Ray head, a
+    token it does not take) is one line as well. "auto" is Ray's own look-up of this machine's
+    `ray start`, quick where it finds none."""
+    reachable(address, field)
+    try:
+        with gcs_tries(GCS_TRIES):
+            ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, TimeoutError) as e:
+        raise Unreachable(f"{field}: cannot join the Ray cluster at {address}: "
+                          f"{first_line(e)}") from None
+    interrupts.reassert()
+
+
+@contextmanager
+def gcs_tries(tries: int) -> Iterator[None]:
+    """ray.init's tries at a GCS (Ray 2.60 reads RAY_gcs_server_port_wait_time_s as their count
+    when a driver joins; default 20, ~40 s each where a port answers but no GCS does): `tries`,
+    unless the user set it. Only for this call: a head this process starts later reads it too."""
+    if GCS_WAIT in os.environ:
+        yield
+        return
+    os.environ[GCS_WAIT] = str(tries)
+    try:
+        yield
+    finally:
+        os.environ.pop(GCS_WAIT, None)
+
+
+def reachable(address: str | None, field: str = "address") -> None:
+    """Unreachable, in one line, where nothing answers at `address` within PROBE_S; "auto" and
+    "local" (this machine's Ray, a fresh one) and None (none named) pass."""
+    if address and address not in ("auto", "local"):
+        probe(address, field)
+
+
+def probe(address: str, field: str) -> None:
+    """A TCP connection to the cluster's port (GCS, or a Ray Client server) within PROBE_S, at
+    the host Ray itself would use: a loopback name stands for this node's address, where a
+    head's GCS listens."""
+    host, port = host_port(address.removeprefix("ray://"))  # type: ignore[misc]  (checked)
+    if host in ("localhost", "127.0.0.1", "::1") and not address.startswith("ray://"):
+        host = ray.util.get_node_ip_address()
+    try:
+        socket.create_connection((host, port), timeout=PROBE_S).close()
+    except OSError as e:
+        why = (e.strerror or str(e) or type(e).__name__).lower()
+        raise Unreachable(f"{field}: nothing answers at {address} ({why}; raydist waits up to "
+                          f"{PROBE_S:g} s); is a Ray cluster running there?") from None
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def alive(pid: int) -> bool:

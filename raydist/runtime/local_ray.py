@@ -8,6 +8,10 @@ only this user can write (connect.local_ray_file()); `stop` ends that keeper by 
 and its Ray's processes end with it. Every raydist command given no address joins that Ray
 (connect.local_head: only a head this user's own file names, at an address of this machine,
 whose keeper is this user's live process) and says so; never a stranger's cluster.
+
+Its job server (the dashboard, on loopback: the file's api_server) takes `ray job submit` too;
+jobs run with raydist's own interpreter (keeper_env) and must send the head's token
+(RAY_AUTH_MODE as the file's auth_mode says, ~/.ray/auth_token).
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import ray
 import yaml
 
 from raydist.config import ConfigError
-from raydist.runtime import connect
+from raydist.runtime import connect, ray_compat
 
 START_S = 120.0
 """How long `start` waits for the keeper to write its file (Ray's start-up, on a loaded laptop)."""
@@ -40,7 +45,8 @@ def start(cpus: int | None = None) -> dict:
     path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "raydist.runtime.local_ray", str(cpus or os.cpu_count() or 1)]
     log = open(path.with_suffix(".log"), "w")  # noqa: SIM115 (the keeper's own stdout/stderr)
-    keeper = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    keeper = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                              env=keeper_env())
     deadline = time.monotonic() + START_S
     while time.monotonic() < deadline:
         head = connect.local_head()
@@ -51,6 +57,16 @@ def start(cpus: int | None = None) -> dict:
         time.sleep(0.2)
     keeper.terminate()
     raise ConfigError(f"ray start: the local Ray did not start in {START_S:g} s; see {log.name}")
+
+
+def keeper_env() -> dict[str, str]:
+    """This environment with raydist's own interpreter's folder (the venv's bin/) first on PATH.
+    The head's processes inherit the keeper's environment, and a job submitted to it runs its
+    entrypoint's `python` from that PATH: without this, a shell that called `.venv/bin/raydist ray
+    start` without the venv on PATH gave jobs the system's python, which has no torch."""
+    here = os.path.dirname(sys.executable)
+    rest = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != here]
+    return {**os.environ, "PATH": os.pathsep.join([here, *rest])}
 
 
 def stop() -> dict | None:
@@ -74,6 +90,7 @@ def keep(cpus: int) -> None:
     signal.signal(signal.SIGINT, lambda *_: done.set())
     connect.start_local(num_cpus=cpus, resources={"trial_driver": 8})
     address = ray.get_runtime_context().gcs_address
+    recorded = Path(ray_compat.record_head(address))  # the cluster its jobs' drivers join
     path = connect.local_ray_file()
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -89,6 +106,8 @@ def keep(cpus: int) -> None:
             pass
     finally:
         path.unlink(missing_ok=True)
+        if recorded.is_file() and recorded.read_text().strip() == address:  # not a later head's
+            recorded.unlink()
         ray.shutdown()
 
 

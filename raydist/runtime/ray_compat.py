@@ -136,3 +136,15 @@ def torch_trainer_class() -> type:
             return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return Trainer
+
+
+def record_head(address: str) -> str:
+    """Write `address` (a head this process started) where Ray's job supervisor looks for the
+    cluster a job's driver joins: `ray_current_cluster` in the head's temp dir, as `ray start`
+    writes it. Without it the supervisor picks any GCS process it finds on the machine (pgrep),
+    another user's included. Returns the file, for the head's keeper to remove at its end."""
+    from ray._common.utils import get_ray_address_file
+
+    temp_dir = ray._private.worker._global_node.get_temp_dir_path()
+    ray._private.utils.write_ray_address(address, temp_dir)
+    return get_ray_address_file(temp_dir)

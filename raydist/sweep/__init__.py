@@ -17,7 +17,6 @@ DIR/
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -59,6 +58,7 @@ def run(file: str | Path, out: str | Path, address: str | None = None) -> pd.Dat
         raise ConfigError(f"{out}: already holds a sweep; continue it with `raydist sweep --resume "
                           f"{out}` or choose another --out")
     sweep = load_sweep(file)
+    connect.reachable(*cluster_of(sweep, address))  # before the folder is made
     check_out(str(out))
     root.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(file, root / "sweep.yaml")
@@ -72,6 +72,7 @@ def resume(out: str | Path, address: str | None = None) -> pd.DataFrame:
         raise ConfigError(f"{out}: no sweep to resume (no sweep.yaml); start one with "
                           f"`raydist sweep FILE --out {out}`")
     sweep = load_sweep(root / "sweep.yaml")
+    connect.reachable(*cluster_of(sweep, address))
     return execute(sweep, root, address, restore=tune.Tuner.can_restore(str(root / "tune")))
 
 
@@ -106,13 +107,12 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
         require_trial_drivers()
         yield
         return
-    address = address or sweep.base.get("address") or os.environ.get("RAY_ADDRESS")
+    address, field = cluster_of(sweep, address)
     saved = os.environ.get(connect.API_SERVER)
     try:
-        if address:
-            ray.init(address=address, logging_level=logging.WARNING)
-            interrupts.reassert()
-        elif connect.join_local_head():  # `raydist ray start`'s: this user's, on loopback
+        if address and address != "local":
+            connect.join(address, field)  # bounded: nothing answering is one line
+        elif address != "local" and connect.join_local_head():  # `raydist ray start`'s
             pass
         else:  # ASHA stops trials early: Ray Train must be able to free their workers
             connect.start_local(num_cpus=connect.embedded_cpus(*hungriest_trial(sweep)),
@@ -125,6 +125,12 @@ def ray_for(sweep: SweepSpec, address: str | None) -> Iterator[None]:
             os.environ.pop(connect.API_SERVER, None)
         else:
             os.environ[connect.API_SERVER] = saved
+
+
+def cluster_of(sweep: SweepSpec, address: str | None) -> tuple[str | None, str]:
+    """The cluster a sweep joins and the field naming it: --address, the file's address,
+    RAY_ADDRESS (connect.cluster_address: a malformed one is refused before any work)."""
+    return connect.cluster_address(address or sweep.base.get("address"))
 
 
 def hungriest_trial(sweep: SweepSpec) -> tuple[float, str]:
