@@ -136,3 +136,18 @@ def torch_trainer_class() -> type:
             return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
 
     return Trainer
+
+
+def controller_to(channel: Any) -> Any:
+    """A callback in Ray Train's controller that hands the controller's own actor handle to
+    `channel.controller` when it starts: the driver runs fit() in a thread and Ray Train keeps
+    the handle to itself, and aborting the controller (what Ray Train's own Ctrl-C handler does,
+    `TrainController.abort`) is the one way to end a worker group that no longer answers.
+    Ray Train 2.60's ControllerCallback is internal."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class HandOver(ControllerCallback):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            channel.controller.remote(ray.get_runtime_context().current_actor)
+
+    return HandOver()
