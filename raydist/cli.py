@@ -65,6 +65,7 @@ def yaml_value(text: str) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raydist.engine import Diverged
+    from raydist.runtime.stall import Stalled
     from raydist.train import train
 
     spec = spec_from_args(args)
@@ -72,6 +73,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(spec)
     except Diverged as e:  # the user's settings (an lr too large); the epoch was printed
         print(f"error: diverged: {e}; try a smaller lr", file=sys.stderr)
+        return 1
+    except Stalled as e:  # the line says what it waited on; the checkpoints stay for a resume
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt as e:
         print(interrupted_line(spec, getattr(e, "epoch", None)), file=sys.stderr, flush=True)

@@ -158,10 +158,10 @@ def victim(nodes: Nodes, classes: tuple[str, ...]) -> str:
 
 @ray.remote(num_cpus=0)
 class Gate:
-    """ddp's Channel (hello / put / restart / take / stop), logging every record and holding the
-    first record of epoch `hold` until `open` is called or, with `until_world`, a record from a
-    group of that size arrives (the held record is then dropped: the grown group trains that
-    epoch again)."""
+    """ddp's Channel (hello / put / restart / take / stop / beat / controller), logging every
+    record and holding the first record of epoch `hold` until `open` is called or, with
+    `until_world`, a record from a group of that size arrives (the held record is then dropped:
+    the grown group trains that epoch again)."""
 
     def __init__(self, hold: int, log: str, until_world: int = 0) -> None:
         self.records: list[dict[str, Any]] = []
@@ -195,6 +195,12 @@ class Gate:
         pass                                      # tests' subject
 
     restart = hello
+
+    async def beat(self, seconds: float) -> None:  # rank 0's steps, for the driver's watchdog
+        pass
+
+    async def controller(self, handle: Any = None) -> None:  # Ray Train's, for a stalled run's abort
+        return None
 
     async def stop(self) -> None:
         self.stopping = True

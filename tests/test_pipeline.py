@@ -247,8 +247,9 @@ def test_a_second_invocation_continues_from_the_checkpoint_of_the_first(runs, tm
         train(first.replace(epochs=3, lr=0.5), quiet)
     assert str(err.value) == (
         f"lr: got 0.5, but {tmp_path} holds a pipeline run with lr={two_epochs.lr!r}; resume it with "
-        "the same settings (only epochs, out, address, max_failures, threads_per_worker, "
-        "memory_per_worker, use_gpu, replicas, timeline_step may change) or choose another out")
+        "the same settings (only epochs, out, address, max_failures, stall_timeout_s, "
+        "threads_per_worker, memory_per_worker, use_gpu, replicas, timeline_step may change) or "
+        "choose another out")
 
 
 @pytest.mark.ray

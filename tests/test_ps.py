@@ -271,8 +271,8 @@ def test_sync_run_killed_mid_epoch_resumes_bit_for_bit(ray_local, tmp_path, trai
         train(spec.replace(lr=0.5), lambda r: None)
     assert str(e.value) == (
         f"lr: got 0.5, but {spec.out} holds a ps run with lr={spec.lr!r}; resume it with the same "
-        "settings (only epochs, out, address, max_failures, threads_per_worker, straggler, "
-        "memory_per_worker may change) or choose another out")
+        "settings (only epochs, out, address, max_failures, stall_timeout_s, threads_per_worker, "
+        "straggler, memory_per_worker may change) or choose another out")
 
 
 @pytest.mark.ray

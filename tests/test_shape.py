@@ -50,7 +50,7 @@ def test_each_name_knob_finds_its_registry_and_ray_knobs_follow_the_strategies()
     assert named == {n: n for n in ("strategy", "model", "data", "optimizer", "lr_scaling", "lr_schedule",
                                     "tracking", "grad_compression", "schedule")}
     on_ray = {f.name: readers_of(f) for f in fields(RunSpec) if f.metadata["strategies"] == ON_RAY}
-    assert on_ray == {n: ("ddp", "ps", "pipeline", "fsdp", "tp") for n in ("address", "max_failures")}
+    assert on_ray == {n: ("ddp", "ps", "pipeline", "fsdp", "tp") for n in ("address", "max_failures", "stall_timeout_s")}
 
 
 def test_a_knob_at_its_default_is_no_mistake(tmp_path):
@@ -80,15 +80,16 @@ def test_a_local_run_writes_its_spec_when_it_starts(tmp_path):
 
 def test_which_knobs_a_resume_may_change():
     # where and how fast a run goes, never what it computes; ddp's elastic group may resize
-    assert resumable("ps") == ["epochs", "out", "address", "max_failures", "threads_per_worker", "straggler",
-                               "memory_per_worker"]
-    assert resumable("pipeline") == ["epochs", "out", "address", "max_failures", "threads_per_worker",
-                                     "memory_per_worker", "use_gpu", "replicas", "timeline_step"]
-    assert resumable("ddp") == ["epochs", "workers", "out", "address", "max_failures", "threads_per_worker",
-                                "memory_per_worker", "use_gpu", "bucket_cap_mb"]
+    assert resumable("ps") == ["epochs", "out", "address", "max_failures", "stall_timeout_s",
+                               "threads_per_worker", "straggler", "memory_per_worker"]
+    assert resumable("pipeline") == ["epochs", "out", "address", "max_failures", "stall_timeout_s",
+                                     "threads_per_worker", "memory_per_worker", "use_gpu", "replicas",
+                                     "timeline_step"]
+    assert resumable("ddp") == ["epochs", "workers", "out", "address", "max_failures", "stall_timeout_s",
+                                "threads_per_worker", "memory_per_worker", "use_gpu", "bucket_cap_mb"]
     # tp's checkpoints hold each rank's shards: workers and tp_size stay
-    assert resumable("tp") == ["epochs", "out", "address", "max_failures", "threads_per_worker",
-                               "memory_per_worker", "use_gpu"]
+    assert resumable("tp") == ["epochs", "out", "address", "max_failures", "stall_timeout_s",
+                               "threads_per_worker", "memory_per_worker", "use_gpu"]
 
 
 def test_a_sweep_trial_gets_only_the_knobs_its_strategy_reads():

@@ -128,6 +128,11 @@ class RunSpec:
     max_failures: int = knob(0, "restarts from the latest checkpoint after a worker dies",
                              check=at_least(0), expected="an integer >= 0", strategies=ON_RAY,
                              resumable=True)
+    stall_timeout_s: float = knob(300.0, "seconds without a finished training step after which the "
+                                  "run stops with one line saying what it waits on (exit 1); a "
+                                  "run's first step gets at least 120 s, later ones at least 10x "
+                                  "the slowest step (raydist/runtime/stall.py)", check=positive,
+                                  expected="a number > 0", strategies=ON_RAY, resumable=True)
     threads_per_worker: int = knob(1, "torch threads in each worker process",
                                    check=at_least(1), expected="an integer >= 1", resumable=True)
     straggler: float = knob(1.0, "ps: slow-down factor of replica 0 (benchmarks)",

@@ -33,10 +33,12 @@ from raydist.raytrain import STORAGE, Recipe
 from raydist.raytrain.worker import RAY_CALL_S, loop
 from raydist.runtime import connect, ray_compat
 from raydist.runtime.faults import Faults
+from raydist.runtime.stall import Stalled, Watchdog
 
 POLL_S = 0.2  # how often the driver collects records
 STOP_WAIT_S = 60.0  # how long a driver whose report failed waits for the workers to stop
 INTERRUPT_WAIT_S = 20.0  # the same after Ctrl-C or SIGTERM: the command ends within 30 s
+ABORT_WAIT_S = 30.0  # how long a stalled run waits for Ray Train to abort its worker group
 # A worker group that cannot start (Ray Train waits 60 s each time) is retried this often,
 # then the run fails instead of waiting forever.
 START_RETRIES = 2
@@ -54,7 +56,7 @@ def run(spec: RunSpec, report: Report, recipe: Recipe) -> RunResult:
     channel = open_channel()  # rank 0's records, to this process as they come
     trainer = torch_trainer(spec, load_data(spec), channel, recipe)  # N x worker.loop
     try:
-        out = deliver(trainer, channel, report, recipe.name).return_value
+        out = deliver(trainer, channel, report, recipe.name, Watchdog(spec.stall_timeout_s)).return_value
     finally:
         ray.kill(channel)
     if out["diverged"]:
@@ -96,7 +98,7 @@ def torch_trainer(spec: RunSpec, data: Dataset, channel: Any, recipe: Recipe) ->
             name=recipe.name, storage_path=str(Path(spec.out) / STORAGE),
             failure_config=FailureConfig(max_failures=spec.max_failures,
                                          controller_failure_limit=START_RETRIES),
-            callbacks=[Watch(channel, spec.max_failures, recipe.name)],
+            callbacks=[Watch(channel, spec.max_failures, recipe.name), ray_compat.controller_to(channel)],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING")))
 
@@ -111,11 +113,13 @@ def streams(data: Dataset) -> dict[str, Any]:
                                          execution_options=ExecutionOptions(preserve_order=True))}
 
 
-def deliver(trainer: TorchTrainer, channel: Any, report: Report, name: str = "raytrain") -> Any:
+def deliver(trainer: TorchTrainer, channel: Any, report: Report, name: str = "raytrain",
+            watch: Watchdog | None = None) -> Any:
     """Run fit() in a background thread; call `report` here, once per epoch, in order. A record
     seen again after a restart from an earlier checkpoint is not reported twice. The thread says
     it is done through an Event: a Thread.join that Ctrl-C interrupted may later claim the thread
-    ended while it still runs (CPython 3.11)."""
+    ended while it still runs (CPython 3.11). `watch`: rank 0's step beats, the records and the
+    restarts feed it; when it fires, Ray Train's controller aborts the worker group."""
     outcome: dict[str, Any] = {}
     done = threading.Event()
 
@@ -133,13 +137,20 @@ def deliver(trainer: TorchTrainer, channel: Any, report: Report, name: str = "ra
         while True:
             finished = done.wait(POLL_S)
             for kind, item in ray.get(channel.take.remote(), timeout=RAY_CALL_S):
+                if watch is not None:
+                    heard(watch, kind, item)
                 if kind == "line":
                     announce(item)
-                elif item["epoch"] > reported:
+                elif kind == "record" and item["epoch"] > reported:
                     report(item)
                     reported = item["epoch"]
             if finished:
                 break
+            if watch is not None:
+                watch.check()
+    except Stalled:
+        abort(channel, done)
+        raise
     except BaseException as e:
         # The workers stop at the end of their epoch; the caller's error wins.
         interrupted = isinstance(e, KeyboardInterrupt)
@@ -154,6 +165,27 @@ def deliver(trainer: TorchTrainer, channel: Any, report: Report, name: str = "ra
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+def heard(watch: Watchdog, kind: str, item: Any) -> None:
+    """A beat is a step (rank 0 measured the longest since its last beat), a record progress, a
+    restart line a new worker group starting."""
+    if kind == "beat":
+        watch.step(item)
+    elif kind == "record":
+        watch.alive()
+    else:
+        watch.restart()
+
+
+def abort(channel: Any, done: threading.Event) -> None:
+    """Ray Train's controller aborts its worker group (the workers and their placement group go)
+    and ends; fit() then returns in its thread, waited for at most ABORT_WAIT_S."""
+    with contextlib.suppress(Exception):
+        controller = ray.get(channel.controller.remote(), timeout=RAY_CALL_S)
+        if controller is not None:
+            ray.get(controller.abort.remote(), timeout=ABORT_WAIT_S)
+    done.wait(ABORT_WAIT_S)
 
 
 class Watch(UserCallback):
@@ -189,6 +221,7 @@ class Channel:
         self.events: list[tuple[str, Any]] = []
         self.pids: dict[int, int] = {}
         self.stopping = False
+        self.handle: Any = None  # Ray Train's controller (ray_compat.controller_to)
 
     def hello(self, rank: int, pid: int) -> None:
         self.pids[rank] = pid
@@ -208,3 +241,13 @@ class Channel:
 
     def stop(self) -> None:
         self.stopping = True
+
+    def beat(self, seconds: float) -> None:
+        """Rank 0 finished steps, the longest of them `seconds` (raydist/runtime/stall.py)."""
+        self.events.append(("beat", seconds))
+
+    def controller(self, handle: Any = None) -> Any:
+        """Keep Ray Train's controller (given), or return it (asked)."""
+        if handle is not None:
+            self.handle = handle
+        return self.handle

@@ -39,6 +39,7 @@ from raydist.models import build_model
 from raydist.registry import import_object
 from raydist.runtime import ray_compat
 from raydist.runtime.faults import Faults
+from raydist.runtime.stall import BEAT_S, Beats
 
 RAY_CALL_S = 60.0  # bound on any single call to the channel actor
 
@@ -138,13 +139,15 @@ class RayTrainReplica(abc.ABC):
 class Measured:
     """The replica as the epoch loop sees it: each epoch's record also holds every worker's
     memory (raydist.memory.measure after the epoch, gathered to every rank): the worst of each
-    field, and `per_worker_memory`, one entry per rank."""
+    field, and `per_worker_memory`, one entry per rank. With `beats` (rank 0), the driver's
+    watchdog hears of the steps as they finish (raydist/runtime/stall.py)."""
 
-    def __init__(self, replica: RayTrainReplica) -> None:
-        self.replica = replica
+    def __init__(self, replica: RayTrainReplica, beats: Beats | None = None) -> None:
+        self.replica, self.beats = replica, beats
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        loss, rec = self.replica.train_epoch(epoch, batches)
+        steps = self.beats.over(batches) if self.beats else batches
+        loss, rec = self.replica.train_epoch(epoch, steps)
         mine = self.replica.measure()
         every = gather(mine, self.replica.world)
         per_worker = [{"worker": f"rank {r}", **m} for r, m in enumerate(every)]
@@ -196,7 +199,9 @@ def loop(config: dict[str, Any]) -> dict[str, Any] | None:
     try:
         for rec in me.history:  # a resumed run reports its earlier epochs too
             publish(rec)
-        history = fit(spec, me.data, Measured(me), publish, me.history)
+        # a fire-and-forget call at most every BEAT_S (or a quarter of the watchdog's limit)
+        beats = Beats(config["channel"].beat.remote, min(BEAT_S, spec.stall_timeout_s / 4))
+        history = fit(spec, me.data, Measured(me, beats if me.rank == 0 else None), publish, me.history)
     except Diverged as e:  # every rank sees the same all-reduced loss, so all stop here
         return {"diverged": str(e)}
     except Stopped:

@@ -148,3 +148,18 @@ def record_head(address: str) -> str:
     temp_dir = ray._private.worker._global_node.get_temp_dir_path()
     ray._private.utils.write_ray_address(address, temp_dir)
     return get_ray_address_file(temp_dir)
+
+
+def controller_to(channel: Any) -> Any:
+    """A callback in Ray Train's controller that hands the controller's own actor handle to
+    `channel.controller` when it starts: the driver runs fit() in a thread and Ray Train keeps
+    the handle to itself, and aborting the controller (what Ray Train's own Ctrl-C handler does,
+    `TrainController.abort`) is the one way to end a worker group that no longer answers.
+    Ray Train 2.60's ControllerCallback is internal."""
+    from ray.train.v2._internal.execution.callback import ControllerCallback
+
+    class HandOver(ControllerCallback):
+        def after_controller_start(self, train_run_context: Any) -> None:
+            channel.controller.remote(ray.get_runtime_context().current_actor)
+
+    return HandOver()

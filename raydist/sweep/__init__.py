@@ -37,6 +37,7 @@ from raydist.engine.record import scalars
 from raydist.plan import machine_bound as bound
 from raydist.plan.machine_bound import flat
 from raydist.runtime import connect, interrupts, logs
+from raydist.runtime.stall import Stalled
 from raydist.sweep import pbt, search
 from raydist.train import train
 
@@ -207,8 +208,8 @@ def make_trial(sweep: SweepSpec, root: Path, cwd: str) -> Callable[[dict[str, An
         except Diverged as e:
             set_state(out, "diverged", str(e))
             return
-        except ConfigError as e:  # e.g. more workers than the cluster has: one line, no traceback
-            set_state(out, "error", str(e))
+        except (ConfigError, Stalled) as e:  # e.g. more workers than the cluster has, or a wait
+            set_state(out, "error", str(e))  # that cannot end: one line, no traceback
             return
         except Exception as e:
             set_state(out, "error", f"{type(e).__name__}: {e}")

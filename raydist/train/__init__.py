@@ -60,6 +60,8 @@ def train(spec: RunSpec, report: Report = progress, track: bool = True) -> RunRe
         tracker.close(failed=True)
         if isinstance(e, Diverged):  # the epochs it trained stay on disk, the diverged one included
             save_metrics(out, e.history or seen)
+        elif type(e).__name__ == "Stalled" and seen:  # runtime.stall's (it imports Ray): the
+            save_metrics(out, seen)  # finished epochs stay readable; a resume rewrites the file
         raise
     tracker.close()
     save_outputs(out, spec, result)

@@ -41,7 +41,8 @@ and the report."""
 
 
 class StageFailed(RuntimeError):
-    """Stages died more often than `max_failures` allows, or a stage stopped answering."""
+    """Stages died more often than `max_failures` allows (one that stops answering is the
+    watchdog's: raydist/runtime/stall.py)."""
 
 
 def check(spec: RunSpec, data: Dataset) -> None:

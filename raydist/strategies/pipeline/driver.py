@@ -21,13 +21,12 @@ from raydist.engine.progress import steps
 from raydist.models import build_model
 from raydist.runtime.actors import Members
 from raydist.runtime.faults import Faults
-from raydist.strategies.pipeline import StageFailed, events, gpus_per_stage
+from raydist.runtime.stall import POLL_S, Watchdog
+from raydist.strategies.pipeline import events, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes
 from raydist.strategies.pipeline.schedules import bubble_bound, chunks_of, micro_count
-from raydist.strategies.pipeline.stage import STEP_TIMEOUT_S, Place, Stage, merged
+from raydist.strategies.pipeline.stage import Place, Stage, merged
 
-START_TIMEOUT_S = 300.0
-"""Stage actors that have not started by then mean the cluster's CPUs are taken by other work."""
 PEER_DEATH_S = 30.0
 """How long a stage's failure waits for Ray to report a dead neighbour as its cause."""
 LOST = (RayActorError, ObjectLostError)
@@ -49,19 +48,21 @@ class Pipeline:
         self.spec, self.data, self.model, self.blocks = spec, data, model, blocks
         self.stages = spawn(spec, data, bounds)
         self.states: list[dict[str, Any]] = []
+        self.watch = Watchdog(spec.stall_timeout_s)  # every wait on the stages goes through it
         try:
-            self.members = start(self.stages, saved, spec.stages)
+            self.members = start(self.stages, saved, spec.stages, self.watch)
         except BaseException:
             self.close()
             raise
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
-        wait([s.train_mode.remote() for s in self.stages], "the stages' switch to training")
+        wait([s.train_mode.remote() for s in self.stages], self.watch)
         t = time.perf_counter()
         record_at = self.spec.timeline_step - (epoch - 1) * len(batches) - 1
-        run_batches(self.spec, self.stages, epoch, steps(batches, epoch), record_at)  # a bar at a terminal
+        run_batches(self.spec, self.stages, epoch, steps(batches, epoch), record_at,  # a bar at a terminal
+                    self.watch)
         elapsed = time.perf_counter() - t  # the steps alone: what the bubble is a share of
-        stats = wait([s.end_epoch.remote() for s in self.stages], "collecting stage statistics")
+        stats = wait([s.end_epoch.remote() for s in self.stages], self.watch)
         if 0 <= record_at < len(batches):
             write_events(self.spec, epoch, self.spec.timeline_step, len(batches[record_at]), stats)
         k = self.spec.stages
@@ -70,7 +71,7 @@ class Pipeline:
 
     def evaluate(self) -> Record:
         first = self.stages[: self.spec.stages]  # every replica holds the same weights
-        self.states = wait([s.state.remote() for s in first], "collecting stage weights")
+        self.states = wait([s.state.remote() for s in first], self.watch)
         self.model.load_state_dict(self.blocks.model_state([st["model"] for st in self.states]))
         return evaluate(self.model, self.data)
 
@@ -88,22 +89,29 @@ class Pipeline:
         return self.members.who(e)
 
 
-def finished(refs: list[ray.ObjectRef], timeout: float) -> Iterator[ray.ObjectRef]:
-    """`refs` in the order they finish, until `timeout` seconds have passed."""
+def finished(refs: list[ray.ObjectRef], timeout: float = float("inf"),
+             watch: Watchdog | None = None) -> Iterator[ray.ObjectRef]:
+    """`refs` in the order they finish, until `timeout` seconds have passed or `watch` says
+    the run is stalled (raises raydist.runtime.stall.Stalled)."""
     deadline, pending = time.monotonic() + timeout, list(refs)
     while pending:
-        done, pending = ray.wait(pending, timeout=max(0.0, deadline - time.monotonic()))
-        if not done:
+        left = deadline - time.monotonic()
+        done, pending = ray.wait(pending, timeout=max(0.0, min(left, POLL_S)))
+        if done:
+            yield done[0]
+        elif left <= POLL_S:
             return
-        yield done[0]
+        elif watch is not None:
+            watch.check()
 
 
-def wait(refs: list[ray.ObjectRef], what: str, timeout: float = STEP_TIMEOUT_S) -> list[Any]:
-    """All results, or the first failure as soon as it happens. A stage whose neighbour died
-    fails too (its connection closed); Ray reports the dead stage a moment later, and that is
-    the error raised, so that the run restarts rather than ends."""
+def wait(refs: list[ray.ObjectRef], watch: Watchdog, step: bool = False) -> list[Any]:
+    """All results, or the first failure as soon as it happens; under the watchdog, and the
+    answers are progress (`step`: a training step). A stage whose neighbour died fails too (its
+    connection closed); Ray reports the dead stage a moment later, and that is the error raised,
+    so that the run restarts rather than ends."""
     pending = set(refs)
-    for ref in finished(refs, timeout):
+    for ref in finished(refs, watch=watch):
         pending.discard(ref)
         try:
             ray.get(ref)
@@ -111,8 +119,10 @@ def wait(refs: list[ray.ObjectRef], what: str, timeout: float = STEP_TIMEOUT_S) 
             raise
         except ray.exceptions.RayTaskError as e:
             raise death_among(list(pending)) or e from None
-    if pending:
-        raise StageFailed(f"pipeline: {what} did not finish within {timeout:g} s")
+    if step:
+        watch.step()
+    else:
+        watch.alive()
     return ray.get(refs)
 
 
@@ -155,14 +165,14 @@ def spawn(spec: RunSpec, data: Dataset, bounds: list[int]) -> list[ray.actor.Act
     return actors
 
 
-def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None, k: int) -> Members:
+def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None, k: int,
+          watch: Watchdog) -> Members:
     """Load the checkpoint, if any, into the new stages (every replica of stage position i the
     saved stage i) and connect them; who is who."""
-    what = f"the start of {len(stages)} stage actors (other work may hold the cluster's CPUs)"
     loads = [s.load.remote(saved["stages"][i % k]) for i, s in enumerate(stages)] if saved else []
     idents = [s.whoami.remote() for s in stages]
-    (ip, port), *rest = wait([stages[0].address.remote(), *idents, *loads], what, START_TIMEOUT_S)
-    wait([s.join.remote(ip, port) for s in stages], what, START_TIMEOUT_S)
+    (ip, port), *rest = wait([stages[0].address.remote(), *idents, *loads], watch)
+    wait([s.join.remote(ip, port) for s in stages], watch)
     members = Members("a pipeline stage")
     for i, ident in enumerate(rest[: len(stages)]):
         replica = f" of replica {i // k}" if len(stages) > k else ""
@@ -171,7 +181,7 @@ def start(stages: list[ray.actor.ActorHandle], saved: dict[str, Any] | None, k: 
 
 
 def run_batches(spec: RunSpec, stages: list[ray.actor.ActorHandle], epoch: int,
-                batches: list[torch.Tensor], record_at: int = -1) -> None:
+                batches: list[torch.Tensor], record_at: int, watch: Watchdog) -> None:
     """One call per stage actor per global batch: each replica takes its share of the batch,
     and its stages run the schedule among themselves. Batch b+1 is handed out before the driver
     waits for batch b, so no stage idles while the driver learns that b is done. A short batch
@@ -187,9 +197,9 @@ def run_batches(spec: RunSpec, stages: list[ray.actor.ActorHandle], epoch: int,
             micro = [m.numpy() for m in torch.tensor_split(share, n)] if n else []
             refs += [s.train_step.remote(epoch, micro, len(batch), b == record_at)
                      for s in stages[r * k : (r + 1) * k]]
-        wait(in_flight, f"a global batch of epoch {epoch}")
+        wait(in_flight, watch, step=bool(in_flight))
         in_flight = refs
-    wait(in_flight, f"a global batch of epoch {epoch}")
+    wait(in_flight, watch, step=True)
 
 
 def write_events(spec: RunSpec, epoch: int, step: int, samples: int, stats: list[dict[str, Any]]) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from torch import nn
 
 from raydist import memory
@@ -22,13 +22,11 @@ from raydist.data import shard
 from raydist.engine import Record, checkpoint
 from raydist.runtime.actors import Members
 from raydist.runtime.faults import Faults
+from raydist.runtime.stall import POLL_S, Watchdog, get, wait_all
 from raydist.strategies.ps import SERVER_CPUS
 from raydist.strategies.ps.actors import Replica, Server
 from raydist.strategies.ps.sharding import Part, to_file
 from raydist.strategies.ps.staleness import AsyncSchedule, Item
-
-WAIT_S = 300.0
-"""The longest any single wait on Ray may take before the run is declared stuck."""
 
 RemoteServer = ray.remote(Server)
 RemoteReplica = ray.remote(Replica)
@@ -41,20 +39,6 @@ def lost(e: BaseException) -> bool:
     """An actor died: its own call failed, or a call that read what it made."""
     return isinstance(e, RayActorError) or (isinstance(e, RayTaskError)
                                             and isinstance(e.cause, RayActorError))
-
-
-def _get(refs: Any) -> Any:
-    try:
-        return ray.get(refs, timeout=WAIT_S)
-    except GetTimeoutError:
-        raise RuntimeError(f"ps: no answer from the actors in {WAIT_S:g} s; is the cluster "
-                           "overloaded?") from None
-
-
-def _wait_all(refs: list[ray.ObjectRef]) -> None:
-    done, _ = ray.wait(refs, num_returns=len(refs), timeout=WAIT_S, fetch_local=False)
-    if len(done) < len(refs):
-        raise RuntimeError(f"ps: the servers did not finish a step in {WAIT_S:g} s")
 
 
 @dataclass
@@ -74,6 +58,8 @@ class PSGroup:
     replicas: list[Any]
     weights: list[ray.ObjectRef] = field(default_factory=list)
     members: Members = field(default_factory=lambda: Members("a ps actor"))
+    watch: Watchdog = field(default_factory=lambda: Watchdog(RunSpec.stall_timeout_s))
+    """every wait on the actors goes through it (raydist/runtime/stall.py)"""
 
     @classmethod
     def start(cls, spec: RunSpec, model: nn.Module, parts: list[Part], weights: dict[str, np.ndarray],
@@ -89,9 +75,10 @@ class PSGroup:
                         steps=steps, scheduler_state=scheduler_state)
                      for p in parts],
                     [RemoteReplica.options(num_cpus=spec.threads_per_worker, **OWN_PLACE).remote(
-                        spec, i, parts, faults) for i in range(spec.workers)])
+                        spec, i, parts, faults) for i in range(spec.workers)],
+                    watch=Watchdog(spec.stall_timeout_s))
         try:
-            idents = _get([a.ready.remote() for a in group.servers + group.replicas])
+            idents = group.get([a.ready.remote() for a in group.servers + group.replicas])
         except BaseException:
             group.close()
             raise
@@ -101,6 +88,15 @@ class PSGroup:
             group.members.add(name, ident)
         group.weights = [s.weights.remote() for s in group.servers]
         return group
+
+    def get(self, refs: Any, step: bool = False) -> Any:
+        """ray.get under the watchdog; the answer is progress (`step`: a training step)."""
+        got = get(refs, self.watch)
+        if step:
+            self.watch.step()
+        else:
+            self.watch.alive()
+        return got
 
     # --- the engine's Trainer --------------------------------------------------------------
 
@@ -117,11 +113,11 @@ class PSGroup:
         """Each replica's and each server's own memory (after the timed steps), and the worst."""
         named = [f"replica {i}" for i in range(len(self.replicas))]
         named += [f"server {i}" for i in range(len(self.servers))]
-        got = _get([a.memory.remote() for a in self.replicas + self.servers])
+        got = self.get([a.memory.remote() for a in self.replicas + self.servers])
         return memory.record_fields(dict(zip(named, got, strict=True)))
 
     def evaluate(self) -> Record:
-        return _get(self.replicas[0].evaluate.remote(*self.weights))
+        return self.get(self.replicas[0].evaluate.remote(*self.weights))
 
     def save(self, history: list[Record]) -> None:
         checkpoint.write(self.spec.out, {"history": history, **to_file(self.state())})
@@ -148,7 +144,7 @@ class PSGroup:
         self.weights = [s.apply.remote(*(g[i] for g in grads)) for i, s in enumerate(self.servers)]
 
     def state(self) -> dict[str, Any]:
-        states = _get([s.state.remote() for s in self.servers])
+        states = self.get([s.state.remote() for s in self.servers])
         merged = {key: {k: v for st in states for k, v in st[key].items()}
                   for key in ("weights", "optimizer")}
         return {**merged, "scheduler": states[0]["scheduler"]}
@@ -173,10 +169,10 @@ def sync_epoch(group: PSGroup, epoch: int, batches: list[torch.Tensor]) -> Epoch
     for step in range(len(batches)):
         outs = [group.grad(rank, epoch, step, rank) for rank in range(len(group.replicas))]
         group.apply([out[1:] for out in outs])
-        stats += _get(pending)
+        stats += group.get(pending, step=bool(pending))
         pending = [out[0] for out in outs]
-    stats += _get(pending)
-    _wait_all(group.weights)
+    stats += group.get(pending, step=True)
+    wait_all(group.weights, group.watch)
     return EpochWork(stats)
 
 
@@ -195,18 +191,19 @@ def async_epoch(group: PSGroup, epoch: int, batches: list[torch.Tensor]) -> Epoc
         dispatch(rank)
     work = EpochWork([])
     while flying:
-        ready, _ = ray.wait(list(flying), num_returns=1, timeout=WAIT_S)
+        ready, _ = ray.wait(list(flying), num_returns=1, timeout=POLL_S)
         if not ready:
-            raise RuntimeError(f"ps: no gradient arrived in {WAIT_S:g} s")
+            group.watch.check()
+            continue
         rank, item, version, grads = flying.pop(ready[0])
-        stats = _get(ready[0])
+        stats = group.get(ready[0], step=True)
         if sched.finish(item, version):
             group.apply([grads])
             work.applied.append(stats)
         else:
             work.discarded.append(stats)
         dispatch(rank)
-    _wait_all(group.weights)
+    wait_all(group.weights, group.watch)
     return work
 
 
