@@ -15,6 +15,11 @@ class Unreachable(ConnectionError):
     that named it, exit code 1 (the input is well formed; the cluster is not there)."""
 
 
+class Stalled(RuntimeError):
+    """No training step finished within the watchdog's limit; the message is the one line that
+    says what the run waits on. Checkpoints written before stay as they are."""
+
+
 def closest(word: str, options: list[str]) -> str:
     """' (did you mean 'x'?)' for the nearest option, or '' when nothing is close."""
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)

@@ -50,7 +50,8 @@ def test_each_name_knob_finds_its_registry_and_ray_knobs_follow_the_strategies()
     assert named == {n: n for n in ("strategy", "model", "data", "optimizer", "lr_scaling", "lr_schedule",
                                     "tracking", "grad_compression", "schedule")}
     on_ray = {f.name: readers_of(f) for f in fields(RunSpec) if f.metadata["strategies"] == ON_RAY}
-    assert on_ray == {n: ("ddp", "ps", "pipeline", "fsdp", "tp") for n in ("address", "max_failures", "stall_timeout_s")}
+    assert on_ray == {n: ("ddp", "ps", "pipeline", "fsdp", "tp")
+                      for n in ("address", "max_failures", "stall_timeout_s")}
 
 
 def test_a_knob_at_its_default_is_no_mistake(tmp_path):

@@ -21,6 +21,8 @@ from typing import Any
 
 import ray
 
+from raydist.errors import Stalled
+
 START_S = 120.0
 """The least an attempt's first step gets: it includes starting the workers."""
 STEP_MULTIPLE = 10.0
@@ -33,11 +35,6 @@ STATE_S = 10.0
 """Bound on each call to Ray's state API while the line is written."""
 LISTED = 200
 """The most pending tasks, actors or placement groups read from Ray's state API."""
-
-
-class Stalled(RuntimeError):
-    """No training step finished within the watchdog's limit; the message is the one line that
-    says what the run waits on. Checkpoints written before stay as they are."""
 
 
 def start_s() -> float:

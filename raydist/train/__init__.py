@@ -14,6 +14,7 @@ from types import ModuleType
 
 from raydist.config import ConfigError, RunSpec
 from raydist.engine import Diverged, Record, Report, RunResult, claim, preflight, save_metrics, save_outputs
+from raydist.errors import Stalled
 from raydist.strategies import get
 from raydist.tracking import open_run
 
@@ -60,8 +61,8 @@ def train(spec: RunSpec, report: Report = progress, track: bool = True) -> RunRe
         tracker.close(failed=True)
         if isinstance(e, Diverged):  # the epochs it trained stay on disk, the diverged one included
             save_metrics(out, e.history or seen)
-        elif type(e).__name__ == "Stalled" and seen:  # runtime.stall's (it imports Ray): the
-            save_metrics(out, seen)  # finished epochs stay readable; a resume rewrites the file
+        elif isinstance(e, Stalled) and seen:  # the finished epochs stay readable (a resume
+            save_metrics(out, seen)  # rewrites the file from its checkpoint)
         raise
     tracker.close()
     save_outputs(out, spec, result)
