@@ -8,6 +8,7 @@ none comes first. Every failure is a ConfigError: one line naming the field or f
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from collections.abc import Iterator
@@ -78,11 +79,21 @@ def check_stream(spec: RunSpec, data: Dataset, strategy: ModuleType) -> None:
     if not data.streamed:
         return
     if not getattr(strategy, "STREAMS", False):
+        *others, last = streaming_strategies()
         raise ConfigError(f"data: {spec.data} is streamed through Ray Data, which {spec.strategy} does "
-                          "not read; use strategy local or ddp, or a parquet:FILE that fits in memory")
+                          f"not read; use strategy {', '.join(others)} or {last}, or a parquet:FILE "
+                          "that fits in memory")
     if OPTIMIZERS[spec.optimizer].full_batch:
         raise ConfigError(f"optimizer: {spec.optimizer} takes the whole training set as one batch, "
                           f"which a streamed data set ({spec.data}) never holds; use sgd or another")
+
+
+def streaming_strategies() -> list[str]:
+    """The registered strategies that read a stream (their STREAMS), by name. A strategy
+    module imports without Ray; the registry is the layer above's, named by its path."""
+    registry = lookup("raydist.strategies:STRATEGIES")
+    return [name for name in registry
+            if getattr(importlib.import_module(registry[name]), "STREAMS", False)]
 
 
 def check_memory(spec: RunSpec, model: nn.Module, data: Dataset) -> None:

@@ -34,7 +34,8 @@ from raydist.raytrain import STORAGE, Recipe
 RESUMES = True
 RUN = "fsdp"
 """Ray Train keeps a run's checkpoints under out/STORAGE/RUN/checkpoint_<time>/."""
-STREAMS = False
+STREAMS = True
+"""Each worker reads a streamed data set as ddp's do (raydist.raytrain.driver.streams)."""
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
