@@ -73,7 +73,7 @@ def test_train_and_val_folders_are_taken_as_they_are(tmp_path):
 @pytest.mark.unit
 @pytest.mark.parametrize("changes, message", [
     ({"strategy": "ps"}, "data: parquet-dir:{f} is streamed through Ray Data, which ps does not read; use "
-                         "strategy local or ddp, or a parquet:FILE that fits in memory"),
+                         "strategy local, ddp or fsdp, or a parquet:FILE that fits in memory"),
     ({"optimizer": "gd", "lr": None}, "optimizer: gd takes the whole training set as one batch, which a "
                                       "streamed data set (parquet-dir:{f}) never holds; use sgd or another"),
     ({"target": "nope"}, "{f}: no target column 'nope'; columns are f0, f1, f2, f3, f4, f5, f6, f7, label"),

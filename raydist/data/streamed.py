@@ -11,16 +11,18 @@ s3:// / gs:// URI on a cluster) of many files streamed through Ray Data, never l
 - Counts and the target's range come from the Parquet footers (no rows read); a CSV folder is
   read once, batch by batch, by pyarrow at the start. The first rows of the first file are
   the probe the pre-flight runs the model on.
+- Reading: a Ray Data task per file (`read_files`, pyarrow), asking for no CPU, at most
+  READ_TASKS per stream at once: a stream progresses whatever CPUs the training holds.
 - Order, fixed by (seed, epoch): the training files are read in an order shuffled once by
   seed, one Ray Data block per file, with `preserve_order`; rows then pass a local shuffle
   buffer of SHUFFLE_ROWS rows seeded by (seed, epoch) (`iter_torch_batches`); global batches
   are consecutive `batch_size` rows of that stream. Every ddp worker takes the stream unsplit
   (`get_dataset_shard`, `DataConfig(datasets_to_split=[])`) and keeps its part of each global
   batch, as in memory: Ray Data's split hands blocks to whichever worker asks first, which
-  would tie the batches to timing. So ddp follows local on a stream too; the price is that each
-  worker reads the whole epoch.
+  would tie the batches to timing. So ddp (and fsdp, the same way) follows local on a stream
+  too; the price is that each worker reads the whole epoch.
 
-local and ddp read streams (their STREAMS = True); ps and pipeline refuse them.
+local, ddp and fsdp read streams (their STREAMS = True); ps, pipeline and tp refuse them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ from raydist.errors import ConfigError
 if TYPE_CHECKING:  # annotations only: config sits above this layer and imports it
     from raydist.config import RunSpec
 
+READ_TASKS = 2
+"""Read tasks at once per stream: the file being trained on and the next. They ask for no CPU.
+Under Ray Train, Ray Data's CPU budget is what the cluster has beyond the workers' reservation,
+shared by the streams being read: with as many workers as CPUs (2 on a 2-core machine) that is
+none, and a task asking for a CPU would never start (nor could Ray place it). This is also why
+the files are not read by ray.data.read_parquet: in Ray 2.60 it lists them at execution in a
+task that asks for 1 CPU whatever num_cpus says (its V1 reader samples files in such tasks).
+Reading a file is pyarrow's work either way."""
 SHUFFLE_ROWS = 4096  # rows in the local shuffle buffer (the stream's only row-level mixing)
 EVAL_ROWS = 2048
 PROBE_ROWS = 8
@@ -93,15 +103,23 @@ class Streamed(Dataset):
         return {"train": self.read([self.train_files[i] for i in order]), "val": self.read(self.val_files)}
 
     def read(self, files: list[str]) -> Any:
+        """The files as a Ray Data dataset, one block per file in this order, read by tasks that
+        ask for no CPU (READ_TASKS says why)."""
         import ray
 
         # Ray Data would join whatever cluster it finds: the strategy has started or joined one
         assert ray.is_initialized(), "a streamed data set is read on a running Ray"
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # the console keeps the epoch lines
-        reader = ray.data.read_parquet if self.kind == "parquet" else ray.data.read_csv
-        ds = reader(files, override_num_blocks=len(files), shuffle=None)
+        names = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
+        ds = names.map_batches(read_files, batch_size=None, batch_format="pyarrow", num_cpus=0,
+                               compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
+                               fn_kwargs={"kind": self.kind, "columns": [*self.features, self.target]})
         ds.context.execution_options.preserve_order = True  # the blocks come in the files' order
-        return ds.select_columns([*self.features, self.target])
+        # A Ray Train worker's progress bars reach the console past out/ray.log: the epoch lines
+        # keep it (and the note that they are off goes unsaid)
+        ds.context.enable_progress_bars = False
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+        return ds
 
     def source(self, split: str) -> Any:
         if split not in self.sources:
@@ -130,6 +148,20 @@ class Streamed(Dataset):
             y = batch[self.target]
             y = y.to(torch.int64) if self.task == "ce" else y.to(torch.float32).unsqueeze(1)
             yield Rows(x, y)
+
+
+def read_files(names: pa.Table, kind: str, columns: list[str]) -> pa.Table:
+    """In a Ray Data task: the rows of the files named in `names` (one, a block of its own),
+    `columns` only."""
+    return pa.concat_tables([read_file(f, kind, columns) for f in names.column("file").to_pylist()])
+
+
+def read_file(path: str, kind: str, columns: list[str]) -> pa.Table:
+    fs, where = pafs.FileSystem.from_uri(path if "://" in path else f"file://{_abs(path)}")
+    if kind == "parquet":
+        return pq.read_table(where, columns=columns, filesystem=fs)
+    with fs.open_input_stream(where) as stream:
+        return pacsv.read_csv(stream).select(columns)
 
 
 class StreamBatches:

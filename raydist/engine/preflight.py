@@ -81,11 +81,18 @@ def check_stream(spec: RunSpec, data: Dataset, strategy: ModuleType) -> None:
     if not data.streamed:
         return
     if not getattr(strategy, "STREAMS", False):
+        *others, last = streaming_strategies()
         raise ConfigError(f"data: {spec.data} is streamed through Ray Data, which {spec.strategy} does "
-                          "not read; use strategy local or ddp, or a parquet:FILE that fits in memory")
+                          f"not read; use strategy {', '.join(others)} or {last}, or a parquet:FILE "
+                          "that fits in memory")
     if OPTIMIZERS[spec.optimizer].full_batch:
         raise ConfigError(f"optimizer: {spec.optimizer} takes the whole training set as one batch, "
                           f"which a streamed data set ({spec.data}) never holds; use sgd or another")
+
+
+def streaming_strategies() -> list[str]:
+    """The registered strategies that read a stream (their STREAMS), by name."""
+    return [name for name in STRATEGIES if getattr(get(name), "STREAMS", False)]
 
 
 def check_memory(spec: RunSpec, model: nn.Module, data: Dataset, strategy: ModuleType) -> None:

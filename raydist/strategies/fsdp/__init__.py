@@ -40,7 +40,8 @@ COUNT = "workers"
 and the report."""
 RUN = "fsdp"
 """Ray Train keeps a run's checkpoints under out/STORAGE/RUN/checkpoint_<time>/."""
-STREAMS = False
+STREAMS = True
+"""Each worker reads a streamed data set as ddp's do (raydist.raytrain.driver.streams)."""
 
 
 def check(spec: RunSpec, data: Dataset) -> None:
