@@ -31,6 +31,7 @@ from raydist.config import RunSpec
 from raydist.config.run import read_only
 from raydist.engine import global_batches, setup, train_epoch
 from raydist.optim import training
+from raydist.strategies import STRATEGIES, get
 
 FILE = "bound.csv"
 
@@ -60,10 +61,18 @@ def epoch_times(spec: RunSpec, actors: Sequence[Any], epochs: int) -> tuple[int,
     """Training samples per epoch, and the slowest actor's time of each epoch, of len(actors)
     bare workers training at once (each epoch starts together)."""
     n = len(actors)
-    spec = spec.replace(strategy="ddp", workers=n)  # a ddp group's global batch (weak scaling too)
+    spec = spec.replace(strategy=data_parallel_group(), workers=n)  # its global batch, weak scaling too
     ray.get([a.prepare.remote(spec, r, n) for r, a in enumerate(actors)])
     samples = ray.get(actors[0].samples.remote())
     return samples, [max(ray.get([a.epoch.remote(e) for a in actors])) for e in range(1, epochs + 1)]
+
+
+def data_parallel_group() -> str:
+    """The strategy whose group of N the bound's N bare workers stand for: the first registered
+    one that splits every batch over `workers` on Ray (ddp), so that a spec's global batch and
+    each rank's rows are that group's."""
+    return next(name for name in STRATEGIES if (s := get(name)).DATA_PARALLEL and s.COUNT == "workers"
+                and s.resources is not None)
 
 
 def group(spec: RunSpec, actors: Sequence[Any], epochs: int) -> float:
