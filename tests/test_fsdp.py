@@ -117,17 +117,30 @@ def test_a_failed_worker_resumes_bit_for_bit(runs, monkeypatch):
     assert [k for k in reference if not torch.equal(result.state_dict[k], reference[k])] == []
 
 
+@pytest.fixture(scope="module")
+def resumed(runs) -> dict[int, tuple[RunResult, list[Record]]]:
+    """The finished adam run (a copy each) run again for 3 epochs on 2 workers and on 1, both at
+    once (2 + 1 workers fit the session's 4 CPUs): a fit mostly waits on its start-up."""
+    tmp, _, _ = runs
+
+    def again(workers: int) -> tuple[RunResult, list[Record]]:
+        out = tmp / f"resume_{workers}"
+        shutil.copytree(tmp / "fsdp_adam", out)
+        records: list[Record] = []
+        return train(spec(out, optimizer="adam", epochs=3, workers=workers), report=records.append), records
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip([2, 1], pool.map(again, [2, 1]), strict=True))
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("workers", [2, 1])
-def test_a_second_run_continues_resharded_if_need_be(runs, workers):
+def test_a_second_run_continues_resharded_if_need_be(runs, resumed, workers):
     """A finished 2-epoch run on 2 workers run again for 3 epochs, on 2 workers or on 1 (its
     shards read back into other shards): epochs 1-2 come from the checkpoint, epoch 3 is trained
     from the restored model and optimizer, and the model still follows local."""
     tmp, _, done = runs
-    out = tmp / f"resume_{workers}"
-    shutil.copytree(tmp / "fsdp_adam", out)
-    records: list[Record] = []
-    result = train(spec(out, optimizer="adam", epochs=3, workers=workers), report=records.append)
+    result, records = resumed[workers]
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert result.metrics[:2] == done["adam"].metrics
     assert result.metrics[2]["world_size"] == workers

@@ -9,6 +9,7 @@ while it trains."""
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import pytest
@@ -45,9 +46,28 @@ def killed_run(tmp_path, name: str, seed: int) -> tuple[dict[str, torch.Tensor],
     return torch.load(tmp_path / "killed" / name / "model.pt"), records, killer
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "ps-sync", "pipeline"])
-def test_a_sync_run_killed_twice_ends_with_the_uninterrupted_model(ray_local, tmp_path, name):
-    clean = train(spec(tmp_path / "clean", name), lambda rec: None).state_dict
+SYNC = ["ddp", "fsdp", "ps-sync", "pipeline"]
+
+
+@pytest.fixture(scope="module")
+def clean(ray_local, tmp_path_factory) -> dict[str, dict[str, torch.Tensor]]:
+    """The uninterrupted runs, before any Killer runs. ddp's and fsdp's at once (2 + 2 Ray Train
+    workers fit the session's 4 CPUs), as test_ddp's fits go: a fit mostly waits on its
+    processes' start-up. ps and the pipeline after them, one by one: they may draw weights from
+    torch's global RNG in this process, which threads share."""
+    tmp = tmp_path_factory.mktemp("clean")
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        return train(spec(tmp, name), lambda rec: None).state_dict
+
+    with ThreadPoolExecutor(2) as pool:
+        done = dict(zip(["ddp", "fsdp"], pool.map(run, ["ddp", "fsdp"]), strict=True))
+    return {**done, "ps-sync": run("ps-sync"), "pipeline": run("pipeline")}
+
+
+@pytest.mark.parametrize("name", SYNC)
+def test_a_sync_run_killed_twice_ends_with_the_uninterrupted_model(clean, tmp_path, name):
+    clean = clean[name]
     model, records, killer = killed_run(tmp_path, name, seed=len(name))
     assert len(killer.killed) == KILLS, f"the runs ended before {KILLS} kills: {killer.killed}"
     assert list(model) == list(clean)

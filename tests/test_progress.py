@@ -1,6 +1,10 @@
 """Progress at a terminal, and the same output as before anywhere else: a run's stdout on a
 pseudo-terminal shows a bar per epoch; on a pipe it is one line per epoch. The sweep's status
-line the same way, on a pty and on a plain stream."""
+line the same way, on a pty and on a plain stream.
+
+The runs are the CLI's main in this process with sys.stdout a pty or a pipe: the bar is drawn
+or not by what sys.stdout is (raydist.engine.progress), which a process of its own would only
+show at the cost of ~4 s of imports each."""
 
 from __future__ import annotations
 
@@ -11,22 +15,22 @@ import os
 import pty
 import re
 import struct
-import subprocess
-import sys
 import termios
+import threading
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 
+from raydist.cli import main
 from raydist.engine.progress import SweepLine, steps
 
 pytestmark = pytest.mark.unit
 
-ROOT = Path(__file__).resolve().parents[1]
 EPOCH_LINE = re.compile(r"epoch \d+  train_loss \d+\.\d{4}  val_loss \d+\.\d{4}  val_accuracy \d\.\d{4}  "
                         r"\d+ samples/s  \d+\.\d{2} s")
 # digits: 1797 samples, 20% held out -> 1438 to train, 23 global batches of 64
-TRAIN = ["-m", "raydist.cli", "train", "--strategy", "local", "--data", "digits", "--epochs", "2",
+TRAIN = ["train", "--strategy", "local", "--data", "digits", "--epochs", "2",
          "--batch-size", "64"]
 
 
@@ -52,33 +56,41 @@ def read_all(fd: int) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def run_to(stdout: int, out: Path) -> int:
+    """The CLI's main with sys.stdout writing to the file descriptor `stdout`, closed after."""
+    with os.fdopen(stdout, "w") as stream, redirect_stdout(stream):
+        return main([*TRAIN, "--out", str(out)])
 
 
-def test_a_run_on_a_terminal_shows_a_bar_per_epoch(tmp_path):
+def test_a_run_on_a_terminal_shows_a_bar_per_epoch(tmp_path, capsys):
     master, slave = pty_pair()
-    proc = subprocess.Popen([sys.executable, *TRAIN, "--out", str(tmp_path / "run")], stdout=slave,
-                            stderr=subprocess.PIPE, env=env(), cwd=ROOT)
-    os.close(slave)
-    shown = read_all(master)
-    _, err = proc.communicate(timeout=300)
+    shown = []  # read while the run writes: a full pty would block it
+    reader = threading.Thread(target=lambda: shown.append(read_all(master)))
+    reader.start()
+    code = run_to(slave, tmp_path / "run")
+    reader.join()
     os.close(master)
-    assert proc.returncode == 0, err.decode()
+    [shown] = shown
+    assert code == 0, capsys.readouterr().err
     for epoch in (1, 2):  # the bar is drawn when the epoch starts: 0 of 1438 samples, step 0/23
         assert re.search(rf"epoch {epoch}:\s+0%\|[^|]*\| 0/1438 \[[^]]*samples/s, step 0/23\]", shown), shown
     lines = [line.split("\r")[-1] for line in shown.replace("\r\n", "\n").split("\n")]
     assert sum(bool(EPOCH_LINE.fullmatch(line.replace("\x1b[A", "").strip())) for line in lines) == 2
 
 
-def test_a_run_on_a_pipe_prints_one_line_per_epoch(tmp_path):
-    out = subprocess.run([sys.executable, *TRAIN, "--out", str(tmp_path / "run")], capture_output=True,
-                         text=True, env=env(), cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert len(lines) == 3 and all(EPOCH_LINE.fullmatch(line) for line in lines[:2]), out.stdout
+def test_a_run_on_a_pipe_prints_one_line_per_epoch(tmp_path, capsys):
+    read, write = os.pipe()
+    shown = []  # read while the run writes: a full pipe would block it
+    reader = threading.Thread(target=lambda: shown.append(os.fdopen(read).read()))
+    reader.start()
+    code = run_to(write, tmp_path / "run")
+    reader.join()
+    [stdout], err = shown, capsys.readouterr().err
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert len(lines) == 3 and all(EPOCH_LINE.fullmatch(line) for line in lines[:2]), stdout
     assert lines[2] == f"wrote {tmp_path / 'run'}/spec.yaml, metrics.csv, model.pt"
-    assert "\r" not in out.stdout + out.stderr
+    assert "\r" not in stdout + err
 
 
 def test_the_bar_goes_only_to_a_terminal():
