@@ -28,8 +28,7 @@ from raydist import figures, tracking
 from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.report import bound as report_bound
 from raydist.report import html as report_html
-from raydist.report import memory as memory_section
-from raydist.report import profiles, timeline
+from raydist.report import memory_section, profiles, timeline
 from raydist.report.tables import fmt, fmt_time, fmt_value, markdown
 
 SPEC = [f.name for f in fields(RunSpec)]

@@ -19,8 +19,8 @@ from raydist.data import Dataset
 from raydist.engine import Record, checkpoint, evaluate, total_steps
 from raydist.engine.progress import steps
 from raydist.models import build_model
-from raydist.runtime.actors import Members
 from raydist.runtime.faults import Faults
+from raydist.runtime.members import Members
 from raydist.runtime.stall import POLL_S, Watchdog
 from raydist.strategies.pipeline import events, gpus_per_stage
 from raydist.strategies.pipeline.cuts import Blocks, blocks_of, boundary_shapes

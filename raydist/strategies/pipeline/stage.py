@@ -24,8 +24,8 @@ from raydist import memory
 from raydist.config import RunSpec
 from raydist.engine import denominator, loss_fn, make_optimizer, make_scheduler, restore_scheduler
 from raydist.optim import OPTIMIZERS
-from raydist.runtime.actors import whoami
 from raydist.runtime.faults import Faults
+from raydist.runtime.members import whoami
 from raydist.strategies.pipeline.cuts import Shape
 from raydist.strategies.pipeline.schedules import SCHEDULES
 

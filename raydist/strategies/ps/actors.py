@@ -44,7 +44,7 @@ class Server:
 
     def ready(self) -> tuple[str, int]:
         """Up and running: its actor id and pid (the driver names a dead actor by them)."""
-        from raydist.runtime.actors import whoami  # only ever called as an actor, in Ray
+        from raydist.runtime.members import whoami  # only ever called as an actor, in Ray
 
         return whoami()
 
@@ -103,7 +103,7 @@ class Replica:
 
     def ready(self) -> tuple[str, int]:
         """Up and running: its actor id and pid (the driver names a dead actor by them)."""
-        from raydist.runtime.actors import whoami  # only ever called as an actor, in Ray
+        from raydist.runtime.members import whoami  # only ever called as an actor, in Ray
 
         return whoami()
 

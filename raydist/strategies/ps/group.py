@@ -20,8 +20,8 @@ from raydist import memory
 from raydist.config import RunSpec
 from raydist.data import shard
 from raydist.engine import Record, checkpoint
-from raydist.runtime.actors import Members
 from raydist.runtime.faults import Faults
+from raydist.runtime.members import Members
 from raydist.runtime.stall import POLL_S, Watchdog, get, wait_all
 from raydist.strategies.ps import SERVER_CPUS
 from raydist.strategies.ps.actors import Replica, Server
