@@ -32,6 +32,9 @@ from raydist.runtime import connect, ray_compat
 
 START_S = 120.0
 """How long `start` waits for the keeper to write its file (Ray's start-up, on a loaded laptop)."""
+AGENT_S = 60.0
+"""How long the keeper waits for its head's job agent before it says the head is ready: a job
+submitted before the agent registers is refused by Ray's job server."""
 
 
 def start(cpus: int | None = None) -> dict:
@@ -91,6 +94,9 @@ def keep(cpus: int) -> None:
     connect.start_local(num_cpus=cpus, resources={"trial_driver": 8})
     address = ray.get_runtime_context().gcs_address
     recorded = Path(ray_compat.record_head(address))  # the cluster its jobs' drivers join
+    deadline = time.monotonic() + AGENT_S
+    while not ray_compat.job_agent_ready() and time.monotonic() < deadline:
+        time.sleep(0.2)  # `raydist ray start` returns once a job can be submitted
     path = connect.local_ray_file()
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

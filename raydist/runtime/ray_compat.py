@@ -163,3 +163,15 @@ def controller_to(channel: Any) -> Any:
             channel.controller.remote(ray.get_runtime_context().current_actor)
 
     return HandOver()
+
+
+def job_agent_ready() -> bool:
+    """Whether this node's dashboard agent has registered, which Ray's job server needs before
+    it takes a job (else "No available agent to submit job, please try again later" after 10 s):
+    the key the job server itself reads (ray.dashboard.modules.job.job_head._fetch_agent_info)."""
+    from ray._private.ray_constants import KV_NAMESPACE_DASHBOARD
+    from ray.dashboard.consts import DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{ray.get_runtime_context().get_node_id()}"
+    return _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD) is not None
