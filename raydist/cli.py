@@ -65,7 +65,7 @@ def yaml_value(text: str) -> Any:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raydist.engine import Diverged
-    from raydist.runtime.stall import Stalled
+    from raydist.errors import Stalled
     from raydist.train import train
 
     spec = spec_from_args(args)

@@ -34,10 +34,10 @@ from raydist.config import ConfigError, RunSpec, SweepSpec, load_sweep
 from raydist.engine import Diverged, Record, check_out
 from raydist.engine.progress import SweepLine
 from raydist.engine.record import scalars
+from raydist.errors import Stalled
 from raydist.plan import machine_bound as bound
 from raydist.plan.machine_bound import flat
 from raydist.runtime import connect, interrupts, logs
-from raydist.runtime.stall import Stalled
 from raydist.sweep import pbt, search
 from raydist.train import train
 
