@@ -177,8 +177,10 @@ def start_local(**init: Any) -> None:
     os.environ[API_SERVER] = f"http://127.0.0.1:{port}"
     os.environ.setdefault(PREEMPTION_WATCHER, "0")
     ray_compat.quiet_token_auth_notice()  # authentication stays on
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, logging_level=logging.WARNING, configure_logging=True, **init)
+    with ray_compat.agent_port(free_port("0.0.0.0")):  # not 52365, which another Ray may hold
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, logging_level=logging.WARNING, configure_logging=True,
+                 **init)
     interrupts.reassert()
 
 

@@ -4,10 +4,11 @@ needs it; none of them has a public equivalent in 2.60."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -175,3 +176,26 @@ def job_agent_ready() -> bool:
 
     key = f"{DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX}{ray.get_runtime_context().get_node_id()}"
     return _internal_kv_get(key, namespace=KV_NAMESPACE_DASHBOARD) is not None
+
+
+@contextlib.contextmanager
+def agent_port(port: int) -> Iterator[None]:
+    """ray.init of a new local cluster with its dashboard agent's HTTP server on `port`, not on
+    Ray 2.60's fixed 52365: ray.init takes no such argument (only `ray start
+    --dashboard-agent-listen-port` does), so a second Ray on the machine found 52365 held and its
+    job server handed jobs to the first Ray's agent ("No available agent to submit job"). Sets
+    RayParams' field while ray.init builds it (ray._private.parameter.RayParams)."""
+    from ray._private import parameter
+
+    original = parameter.RayParams
+
+    class WithAgentPort(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", port)
+            super().__init__(*args, **kwargs)
+
+    parameter.RayParams = WithAgentPort
+    try:
+        yield
+    finally:
+        parameter.RayParams = original
