@@ -120,21 +120,35 @@ def sync_held(model: nn.Module) -> Iterator[None]:
 
 
 def apply(model: nn.Module, spec: RunSpec) -> nn.Module:
-    """Activation checkpointing, then compilation, of each block of `model`, in place."""
+    """Activation checkpointing and compilation of each block of `model`, in place: the block's
+    forward replaced by one bound to it (so the module tree, its names and state_dict keys stay
+    local's; a deepcopy binds its copy). torch.compile of that forward, not nn.Module.compile:
+    dynamo here skips the compiled Module._call_impl and runs it eager (measured: no frame)."""
     if spec.activation_checkpointing == "none" and not spec.compile:
         return model
-    for block in units_of(model, spec.model):
-        if spec.activation_checkpointing == "blocks":
-            block.forward = types.MethodType(_recomputed, block)
-        if spec.compile:
-            block.compile()  # nn.Module.compile: in place, the keys stay the block's own
+    forward = _recomputed if spec.activation_checkpointing == "blocks" else _plain
+    for i, block in enumerate(units_of(model, spec.model)):
+        own = torch.compile(_copy(forward, i)) if spec.compile else forward
+        block.forward = types.MethodType(own, block)
     return model
+
+
+def _copy(fn: Callable[..., Any], i: int) -> Callable[..., Any]:
+    """`fn` with a code object of its own for block i: dynamo keeps compiled graphs per code
+    object and runs one eager past its recompile limit (8), which blocks sharing one would reach."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_block{i}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _plain(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The block's own forward (what compile compiles without checkpointing)."""
+    return type(self).forward(self, *args, **kwargs)
 
 
 def _recomputed(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """A block's forward that keeps only its inputs for the backward and runs again there
-    (non-reentrant checkpoint, RNG state restored: dropout draws the same masks). Bound to the
-    block, so a deepcopy of the model binds its copy; under no_grad (evaluation) a plain forward."""
+    (non-reentrant checkpoint, RNG state restored: dropout draws the same masks); under no_grad
+    (evaluation) a plain forward."""
     forward = type(self).forward
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
