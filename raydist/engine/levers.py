@@ -64,6 +64,8 @@ class Levers:
     def clip(self, params: Iterable[torch.Tensor]) -> None:
         """Measure the global gradient norm, and clip to max_norm if set."""
         grads = [p.grad for p in params if p.grad is not None]
+        if not grads:  # a model without trainable parameters: nothing to measure
+            return
         norm = global_norm(grads)
         self.norms.append(norm.item())
         if self.max_norm is not None:
