@@ -127,7 +127,7 @@ CASES = [
     pytest.param("train --compile maybe --out {out}", "compile: got 'maybe'; expected true or false", id="compile not a bool"),
     pytest.param("train --strategy ps --workers 2 --grad-accum-steps 2 --out {out}", "grad_accum_steps: read only by local, ddp, fsdp, tp; this run's strategy is ps", id="grad_accum_steps with ps"),
     pytest.param("train --strategy pipeline --clip-grad-norm 1 --out {out}", "clip_grad_norm: read only by local, ddp, fsdp, tp; this run's strategy is pipeline", id="clip_grad_norm with pipeline"),
-    pytest.param("train --strategy tp --workers 2 --compile true --out {out}", "compile: read only by local, ddp, fsdp; this run's strategy is tp", id="compile with tp"),
+    pytest.param("train --strategy pipeline --compile true --out {out}", "compile: read only by local, ddp, fsdp, tp; this run's strategy is pipeline", id="compile with pipeline"),
     # --- --config files ---------------------------------------------------------------------------
     pytest.param("train --config {f}/nope.yaml --out {out}", "{f}/nope.yaml: no such file", id="config missing"),
     pytest.param("train --config {f}/folder.yaml --out {out}", "{f}/folder.yaml: is a directory; expected a YAML file", id="config a directory"),

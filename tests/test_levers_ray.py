@@ -2,8 +2,8 @@
 
 Each of the three exact levers is exact alone (tests/test_levers.py: accumulation and
 checkpointing change nothing, clipping is torch's clip_grad_norm_), so ONE run per strategy with
-grad_accum_steps 4, clip_grad_norm and activation_checkpointing all on, equal to local with the
-same clip alone, shows each of them honoured by the strategy: a micro-step left unsynchronised
+grad_accum_steps 4, clip_grad_norm and activation_checkpointing all on (tp: compile too), equal
+to local with the same clip alone, shows each of them honoured by the strategy: a micro-step left unsynchronised
 or synchronised twice, a norm taken before the exchange or over one shard, a block recomputed
 differently would each move the parameters well past round-off. And bf16-mixed under ddp
 against local's bf16-mixed: each worker's weight gradients are rounded to bfloat16 over its own
@@ -30,6 +30,9 @@ BASE = {"model": "mlp", "data": "digits", "hidden": [16], "epochs": 2, "batch_si
         "val_fraction": 0.1, "optimizer": "sgd", "lr": 0.5, "clip_grad_norm": 0.3}
 LEVERS = {"grad_accum_steps": 4, "activation_checkpointing": "blocks"}
 STRATEGIES = ("ddp", "fsdp", "tp")
+COMPILED = {"tp": {"compile": True}}
+"""tp also compiles its blocks (DTensor under torch.compile; ~40 s of compiling on 2 cores):
+local, ddp and fsdp compile the same plain blocks, and tests/test_levers.py checks local's."""
 BF16_PARAMS = 1e-2
 """ddp bf16-mixed vs local bf16-mixed: the largest parameter difference after 2 epochs (bfloat16
 keeps 8 bits: a gradient rounded over a different sum differs by up to 2^-8 of it per step).
@@ -55,7 +58,7 @@ def runs(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("levers")
     local = {"float32": quiet(spec(tmp / "local", "local")),
              "bf16": quiet(spec(tmp / "local_bf16", "local", precision="bf16-mixed"))}
-    specs = [spec(tmp / s, s, **LEVERS) for s in STRATEGIES]
+    specs = [spec(tmp / s, s, **LEVERS, **COMPILED.get(s, {})) for s in STRATEGIES]
     specs.append(spec(tmp / "ddp_bf16", "ddp", precision="bf16-mixed"))
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(quiet, specs))

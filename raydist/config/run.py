@@ -23,7 +23,7 @@ DEFAULT_BATCH = 64
 """The global batch of a spec that gives neither batch_size nor batch_per_worker."""
 
 # The strategies whose step (engine/levers.py) honours the loop's levers (ps, pipeline: not yet)
-LEVERS, COMPILERS = ("local", "ddp", "fsdp", "tp"), ("local", "ddp", "fsdp")
+LEVERS = ("local", "ddp", "fsdp", "tp")
 
 SEED_MAX = 2**32 - 1
 """numpy's bound for a seed; torch's generators overflow past 2**63 - 1 (and the batch order's
@@ -135,7 +135,7 @@ class RunSpec:
     activation_checkpointing: str = knob("none", "blocks: each block of the model recomputes its "
                                          "activations in the backward (raydist.models.blocks)",
                                          choices=("none", "blocks"), strategies=LEVERS)
-    compile: bool = knob(False, "torch.compile each block (needs a C++ compiler)", strategies=COMPILERS)
+    compile: bool = knob(False, "torch.compile each block (needs a C++ compiler)", strategies=LEVERS)
     # --- where and how fast it runs: none of these changes what a run computes ---------------
     out: str = knob("results/run", "directory for spec.yaml, metrics.csv, model.pt", resumable=True)
     address: str | None = knob(None, f"Ray cluster to join: {values.RAY_ADDRESS_FORMS}; default: "
