@@ -3,9 +3,9 @@
 Each of the three exact levers is exact alone (tests/test_levers.py: accumulation and
 checkpointing change nothing, clipping is torch's clip_grad_norm_), so ONE run per strategy with
 grad_accum_steps 4, clip_grad_norm and activation_checkpointing all on (tp: compile too), equal
-to local with the same clip alone, shows each of them honoured by the strategy: a micro-step left unsynchronised
-or synchronised twice, a norm taken before the exchange or over one shard, a block recomputed
-differently would each move the parameters well past round-off. And bf16-mixed under ddp
+to local with the same clip alone, shows each of them honoured by the strategy: a micro-step left
+unsynchronised or synchronised twice, a norm taken before the exchange or over one shard, a block
+recomputed differently would each move the parameters well past round-off. And bf16-mixed under ddp
 against local's bf16-mixed: each worker's weight gradients are rounded to bfloat16 over its own
 half of the batch (local: over the whole), so the two agree only to bfloat16's precision
 (TOLERANCES below). Four Ray Train fits in all, two at a time (2 x 2 workers fit the fixture's 4
