@@ -116,6 +116,18 @@ CASES = [
     pytest.param("train --strategy pipeline --stages 9 --out {out}", "stages: got 9, but model 'mlp' has only 2 blocks; expected at most 2", id="stages beyond the blocks"),
     pytest.param("train --strategy pipeline --microbatches 65 --out {out}", "microbatches: got 65, more than the global batch of 64 samples; expected at most 64", id="microbatches beyond the batch"),
     pytest.param("train --strategy pipeline --cuts 7 --out {out}", "cuts: got [7]; expected block indices from 1 to 1 (model 'mlp' has 2 blocks)", id="cut past the blocks"),
+    # --- train: the training loop's levers -------------------------------------------------------
+    pytest.param("train --clip-grad-norm 0 --out {out}", "clip_grad_norm: got 0.0; expected a number > 0", id="clip_grad_norm zero"),
+    pytest.param("train --clip-grad-norm -1 --out {out}", "clip_grad_norm: got -1.0; expected a number > 0", id="clip_grad_norm negative"),
+    pytest.param("train --grad-accum-steps 0 --out {out}", "grad_accum_steps: got 0; expected an integer >= 1", id="grad_accum_steps zero"),
+    pytest.param("train --grad-accum-steps 65 --out {out}", "grad_accum_steps: got 65, but a worker's share of each global batch is 64 samples (64 over 1 data-parallel replica), and each micro-step needs one; expected at most 64", id="grad_accum_steps beyond the batch"),
+    pytest.param("train --strategy ddp --workers 2 --grad-accum-steps 33 --out {out}", "grad_accum_steps: got 33, but a worker's share of each global batch is 32 samples (64 over 2 data-parallel replicas), and each micro-step needs one; expected at most 32", id="grad_accum_steps beyond a worker's share"),
+    pytest.param("train --precision bf16 --out {out}", "precision: got 'bf16' (did you mean 'bf16-mixed'?); expected one of float32, bf16-mixed", id="precision unknown"),
+    pytest.param("train --activation-checkpointing all --out {out}", "activation_checkpointing: got 'all'; expected one of none, blocks", id="activation_checkpointing unknown"),
+    pytest.param("train --compile maybe --out {out}", "compile: got 'maybe'; expected true or false", id="compile not a bool"),
+    pytest.param("train --strategy ps --workers 2 --grad-accum-steps 2 --out {out}", "grad_accum_steps: read only by local, ddp, fsdp, tp; this run's strategy is ps", id="grad_accum_steps with ps"),
+    pytest.param("train --strategy pipeline --clip-grad-norm 1 --out {out}", "clip_grad_norm: read only by local, ddp, fsdp, tp; this run's strategy is pipeline", id="clip_grad_norm with pipeline"),
+    pytest.param("train --strategy pipeline --compile true --out {out}", "compile: read only by local, ddp, fsdp, tp; this run's strategy is pipeline", id="compile with pipeline"),
     # --- --config files ---------------------------------------------------------------------------
     pytest.param("train --config {f}/nope.yaml --out {out}", "{f}/nope.yaml: no such file", id="config missing"),
     pytest.param("train --config {f}/folder.yaml --out {out}", "{f}/folder.yaml: is a directory; expected a YAML file", id="config a directory"),
@@ -329,4 +341,19 @@ def test_an_address_where_nothing_answers_is_one_line(case, field, address, file
     printed = capsys.readouterr()
     assert (printed.out, printed.err) == ("", f"error: {field}: nothing answers at {address} (connection "
                                           "refused; raydist waits up to 10 s); is a Ray cluster running there?\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compile_without_a_compiler_is_one_line(files, tmp_path, monkeypatch, capsys):
+    """compile needs a C++ compiler for torch.compile's CPU kernels: none on PATH, one line."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert exit_code(command("train --compile true --out {out}", files, tmp_path / "out")) == 2
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", "error: compile: got true, but no C++ compiler (cc, gcc, g++ "
+                                          "or clang) is on PATH, and torch.compile builds its kernels with "
+                                          "one: install one or set compile false\n")
     assert list(tmp_path.iterdir()) == []

@@ -34,7 +34,8 @@ def test_adam_mlp_digits_reaches_90_percent_and_writes_outputs(tmp_path, capsys)
     metrics = pd.read_csv(out / "metrics.csv")
     assert list(metrics.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_s",
                                      "epoch_time_s", "wall_time_s", "global_batch", "effective_lr",
-                                     "model_state_bytes", "optimizer_state_bytes", "peak_rss_bytes"]
+                                     "grad_norm", "grad_norm_max", "model_state_bytes",
+                                     "optimizer_state_bytes", "peak_rss_bytes"]
     assert pd.read_csv(out / "memory.csv")["worker"].tolist() == ["rank 0"] * 5
     assert (metrics["global_batch"] == 64).all() and (metrics["effective_lr"] == 0.01).all()
     assert metrics["epoch"].tolist() == [1, 2, 3, 4, 5]

@@ -15,7 +15,8 @@ from raydist import report, sweep
 from raydist.cli import main
 
 FIELDS = ["train_loss", "val_loss", "val_accuracy", "samples_per_s", "epoch_time_s", "wall_time_s",
-          "global_batch", "effective_lr", "model_state_bytes", "optimizer_state_bytes", "peak_rss_bytes"]
+          "global_batch", "effective_lr", "grad_norm", "grad_norm_max", "model_state_bytes",
+          "optimizer_state_bytes", "peak_rss_bytes"]
 RUN = ["train", "--strategy", "local", "--data", "digits", "--epochs", "3", "--batch-size", "128"]
 
 

@@ -5,6 +5,7 @@ whether a resumed run may change it), the registries its names are checked again
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import field
 from typing import Any
 
@@ -111,3 +112,8 @@ def unshardable(optimizer: str) -> str:
     from raydist import optim  # imports torch: only when shard_optimizer is set
 
     return optim.unshardable(optimizer)
+
+
+def c_compiler() -> str | None:
+    """The C++ compiler torch.compile would build its CPU kernels with, if one is on PATH."""
+    return next(filter(None, map(shutil.which, ("cc", "gcc", "g++", "clang"))), None)

@@ -16,11 +16,14 @@ import yaml
 
 from raydist.config import knobs, values
 from raydist.config.knobs import ON_RAY, at_least, default_of, knob, positive, unit_interval, worker_count
-from raydist.config.values import coerce, is_import_path, parse_size
+from raydist.config.values import MAPPINGS, coerce, fold, is_import_path, parse_size  # noqa: F401
 from raydist.errors import ConfigError, closest
 
 DEFAULT_BATCH = 64
 """The global batch of a spec that gives neither batch_size nor batch_per_worker."""
+
+# The strategies whose step (engine/levers.py) honours the loop's levers (ps, pipeline: not yet)
+LEVERS = ("local", "ddp", "fsdp", "tp")
 
 SEED_MAX = 2**32 - 1
 """numpy's bound for a seed; torch's generators overflow past 2**63 - 1 (and the batch order's
@@ -118,6 +121,21 @@ class RunSpec:
                         expected="an integer >= 10")
     text_chars: int = knob(200_000, "text: characters of the corpus used", check=at_least(1000),
                            expected="an integer >= 1000")
+    # --- the training loop's levers (raydist/engine/levers.py) ---------------------------------
+    grad_accum_steps: int = knob(1, "micro-steps each worker splits its share of a global batch into, "
+                                 "their gradients summed before one optimizer step (same global batch, "
+                                 "loss and lr schedule)", check=at_least(1), expected="an integer >= 1",
+                                 strategies=LEVERS)
+    clip_grad_norm: float | None = knob(None, "clip the whole model's gradient to this global 2-norm "
+                                        "before each optimizer step (empty: no clipping)",
+                                        check=positive, expected="a number > 0", strategies=LEVERS)
+    precision: str = knob("float32", "bf16-mixed: forward and backward under torch.autocast in "
+                          "bfloat16; weights, gradient reduction and optimizer state stay float32",
+                          choices=("float32", "bf16-mixed"), strategies=LEVERS)
+    activation_checkpointing: str = knob("none", "blocks: each block of the model recomputes its "
+                                         "activations in the backward (raydist.models.blocks)",
+                                         choices=("none", "blocks"), strategies=LEVERS)
+    compile: bool = knob(False, "torch.compile each block (needs a C++ compiler)", strategies=LEVERS)
     # --- where and how fast it runs: none of these changes what a run computes ---------------
     out: str = knob("results/run", "directory for spec.yaml, metrics.csv, model.pt", resumable=True)
     address: str | None = knob(None, f"Ray cluster to join: {values.RAY_ADDRESS_FORMS}; default: "
@@ -339,20 +357,6 @@ def reads(strategy: str, name: str) -> bool:
     return knobs.read_by(KNOBS[name], strategy)
 
 
-MAPPINGS = ("model_args", "data_args")
-"""Knobs that hold a mapping; `model_args.width: 256` names one entry (a sweep searches it)."""
-
-def fold(raw: dict[str, Any]) -> dict[str, Any]:
-    """`raw` with each 'model_args.width: v' folded into raw['model_args']['width']."""
-    out = {k: v for k, v in raw.items() if k.split(".", 1)[0] not in MAPPINGS or "." not in k}
-    for key, value in raw.items():
-        head, dot, name = key.partition(".")
-        if dot and head in MAPPINGS:
-            inner = out.get(head)
-            out[head] = {**(inner if isinstance(inner, dict) else {}), name: value}
-    return out
-
-
 def read_only(raw: dict[str, Any], strategy: str | None = None) -> dict[str, Any]:
     """`raw` (field: value) without the knobs its strategy (raw's own, else `strategy`, else
     the default) does not read: what a sweep hands each trial."""
@@ -380,6 +384,9 @@ COMBINATIONS: tuple[tuple[str, Any, Any], ...] = (
     ("local_sgd_steps", lambda s: s.local_sgd_steps > 1 and s.grad_compression != "none",
      lambda s: f"got {s.local_sgd_steps} with grad_compression '{s.grad_compression}'; local SGD "
                "exchanges parameters every k steps, no gradients to compress: set one of the two"),
+    ("compile", lambda s: s.compile and not knobs.c_compiler(),
+     lambda s: "got true, but no C++ compiler (cc, gcc, g++ or clang) is on PATH, and torch.compile "
+               "builds its kernels with one: install one or set compile false"),
     ("shard_optimizer", lambda s: s.shard_optimizer and s.local_sgd_steps > 1,
      lambda s: f"got true with local_sgd_steps {s.local_sgd_steps}; local SGD's averager wraps the "
                "whole optimizer, ZeRO-1 shards it: set one of the two"),

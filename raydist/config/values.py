@@ -280,3 +280,17 @@ def parse_duration(text: str) -> float:
     if not m:
         raise ConfigError(f"latency: got '{text}'; expected a time like 10us or 2ms")
     return float(m.group(1)) * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[m.group(2)]
+
+
+MAPPINGS = ("model_args", "data_args")
+"""Knobs that hold a mapping; `model_args.width: 256` names one entry (a sweep searches it)."""
+
+def fold(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with each 'model_args.width: v' folded into raw['model_args']['width']."""
+    out = {k: v for k, v in raw.items() if k.split(".", 1)[0] not in MAPPINGS or "." not in k}
+    for key, value in raw.items():
+        head, dot, name = key.partition(".")
+        if dot and head in MAPPINGS:
+            inner = out.get(head)
+            out[head] = {**(inner if isinstance(inner, dict) else {}), name: value}
+    return out

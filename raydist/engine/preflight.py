@@ -24,7 +24,7 @@ from raydist.config.resume import pinned, resumable
 from raydist.config.run import KNOBS, default_of
 from raydist.config.values import cluster_address, parse_size
 from raydist.data import Dataset, load_data
-from raydist.engine.step import loss_fn
+from raydist.engine.step import loss_fn, step_samples
 from raydist.memory import footprint, gib
 from raydist.models import build_model
 from raydist.models.imported import first_line
@@ -46,6 +46,7 @@ def preflight(spec: RunSpec, strategy: ModuleType) -> Dataset:
     spec.refuse_unread()
     check_stream(spec, data, strategy)
     strategy.check(spec, data)
+    check_accumulation(spec, data)
     check_memory(spec, model, data, strategy)
     check_out(spec.out)
     if strategy.RESUMES:
@@ -93,6 +94,18 @@ def check_stream(spec: RunSpec, data: Dataset, strategy: ModuleType) -> None:
 def streaming_strategies() -> list[str]:
     """The registered strategies that read a stream (their STREAMS), by name."""
     return [name for name in STRATEGIES if getattr(get(name), "STREAMS", False)]
+
+
+def check_accumulation(spec: RunSpec, data: Dataset) -> None:
+    """grad_accum_steps cuts each worker's share of a global batch into micro-batches of at
+    least one sample (an epoch's shorter last batch may leave some empty: they add nothing)."""
+    batch, replicas = step_samples(spec, data), spec.data_parallel
+    share = batch // replicas
+    if spec.grad_accum_steps > share:
+        over = f"{batch} over {replicas} data-parallel replica{'s' if replicas > 1 else ''}"
+        raise ConfigError(f"grad_accum_steps: got {spec.grad_accum_steps}, but a worker's share of "
+                          f"each global batch is {share} samples ({over}), and each micro-step needs "
+                          f"one; expected at most {share}")
 
 
 def check_memory(spec: RunSpec, model: nn.Module, data: Dataset, strategy: ModuleType) -> None:

@@ -34,6 +34,12 @@ class EpochRecord(TypedDict, total=False):
     world_size: int
     """processes that trained this epoch: ddp workers, ps replicas, pipeline stage actors
     (replicas x stages), tp workers (tp_size x data-parallel groups)."""
+    grad_norm: float
+    """local, ddp, fsdp, tp: the global 2-norm of the whole model's gradient before clipping (the
+    gradient the optimizer steps on, after the data-parallel exchange), mean over the epoch's
+    optimizer steps; measured whether clip_grad_norm is set or not (engine/levers.py)."""
+    grad_norm_max: float
+    """the largest of those norms in the epoch: a loss spike shows here first."""
     comm_wait_s: float
     """seconds of the epoch a training process spent waiting for communication instead of
     computing, mean over the processes: ddp, all-reduce not hidden behind the backward pass

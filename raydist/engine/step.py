@@ -10,6 +10,7 @@ global batch / N, whatever the shard sizes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from raydist.config import RunSpec
 from raydist.data import Dataset, load_data
+from raydist.engine.levers import Levers, sync_held
 from raydist.engine.lr import effective_lr
 from raydist.engine.record import Record
 from raydist.models import build_model
@@ -100,18 +102,34 @@ def correct(out: torch.Tensor, y: torch.Tensor, task: str) -> float:
 
 # --- one step ----------------------------------------------------------------------------------
 
-def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, denom: float) -> float:
-    """Gradients of sum(loss)/denom into .grad; returns sum(loss)."""
+def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, denom: float,
+             levers: Levers | None = None) -> float:
+    """Gradients of sum(loss)/denom into .grad; returns sum(loss). With levers.accum k: k
+    micro-batches of x, each adding its part (the same denom: they sum to the whole's), the
+    model's gradient exchange held back but for the last (engine/levers.py)."""
+    levers = levers or Levers()
     model.zero_grad(set_to_none=True)
-    total = loss_fn(task)(model(x), y)
-    (total / denom).backward()
-    return total.item()
+    parts = list(zip(torch.tensor_split(x, levers.accum), torch.tensor_split(y, levers.accum), strict=True))
+    total = 0.0
+    for i, (xs, ys) in enumerate(parts):
+        with sync_held(model) if i < len(parts) - 1 else contextlib.nullcontext():
+            with levers.autocast(xs.device):
+                loss = loss_fn(task)(model(xs), ys)
+            (loss / denom).backward()
+        total += loss.item()
+    return total
 
 
 def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-         task: str, denom: float, scheduler: LRScheduler | None = None) -> float:
-    """One optimizer step, then one step of the lr schedule (if any) for the next."""
-    total = backward(model, x, y, task, denom)
+         task: str, denom: float, scheduler: LRScheduler | None = None,
+         levers: Levers | None = None) -> float:
+    """One optimizer step (the gradient's norm measured, and clipped, first; a tp model's
+    data-parallel average before that), then one step of the lr schedule (if any) for the next."""
+    levers = levers or Levers()
+    total = backward(model, x, y, task, denom, levers)
+    if levers.reduce is not None:
+        levers.reduce()
+    levers.clip(model.parameters())
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -120,24 +138,28 @@ def step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, data: Dataset,
                 batches: list[torch.Tensor], rank: int = 0, world: int = 1,
-                scheduler: LRScheduler | None = None) -> float:
+                scheduler: LRScheduler | None = None, levers: Levers | None = None) -> float:
     """One pass; each worker takes its shard of every global batch. Returns this worker's
     sum of per-sample losses."""
+    levers = levers or Levers()
     total = 0.0
     for batch in batches:
         x, y = data.rows(batch, rank, world)
-        total += step(model, optimizer, x, y, data.task, denominator(len(batch), world), scheduler)
+        total += step(model, optimizer, x, y, data.task, denominator(len(batch), world), scheduler,
+                      levers)
     return total
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, batch: int = 2048) -> Record:
+def evaluate(model: nn.Module, data: Dataset, batch: int = 2048, levers: Levers | None = None) -> Record:
     """Validation loss (and accuracy) in eval mode: BatchNorm uses its running estimates and
-    leaves them alone, dropout is off; the model is put back in training mode."""
+    leaves them alone, dropout is off; the model is put back in training mode. The forward in
+    the training's precision (levers.autocast)."""
     was = model.training
     model.eval()
     try:
-        return _evaluate(model, data, batch)
+        with (levers or Levers()).autocast(data.x_val.device):
+            return _evaluate(model, data, batch)
     finally:
         model.train(was)
 

@@ -68,3 +68,16 @@ def shared_parameters(blocks: Blocks) -> list[tuple[int, int]]:
                 pairs.append((owner[id(p)], i))
             owner.setdefault(id(p), i)
     return sorted(set(pairs))
+
+
+def units_of(model: nn.Module, name: str) -> list[nn.Module]:
+    """The blocks a strategy treats one by one (fsdp's units; the blocks activation checkpointing
+    recomputes and compile compiles): those with parameters, and none that shares one with
+    another block (a head tied to the embedding: one parameter goes to one unit, the root's).
+    A model without blocks has none: the root alone."""
+    try:
+        blocks = blocks_of(model, name)
+    except ConfigError:
+        return []
+    shared = {i for pair in shared_parameters(blocks) for i in pair}
+    return [b for i, b in enumerate(blocks.seq) if i not in shared and any(True for _ in b.parameters())]

@@ -30,11 +30,13 @@ from raydist.engine import (
     Record,
     evaluate,
     fit,
+    levers,
     make_optimizer,
     make_scheduler,
     restore_scheduler,
     total_steps,
 )
+from raydist.engine.levers import Levers
 from raydist.models import build_model
 from raydist.registry import import_object
 from raydist.runtime import ray_compat
@@ -69,7 +71,9 @@ class RayTrainReplica(abc.ABC):
     def __init__(self, spec: RunSpec, data: Dataset, faults: Faults) -> None:
         self.rank, self.world, self.device = place()
         self.spec, self.faults = spec, faults
-        self.model = self.distribute(build_model(spec, data))
+        self.levers = Levers.of(spec)  # before distribute and wrap, which may set its reduce
+        # checkpointing and compile before the strategy wraps or shards the blocks
+        self.model = self.distribute(levers.apply(build_model(spec, data), spec))
         # the schedule drives the rule itself, under whatever wraps it
         self.rule = self.make_rule()
         self.scheduler = make_scheduler(spec, self.rule, total_steps(spec, data))
@@ -95,7 +99,7 @@ class RayTrainReplica(abc.ABC):
         """The engine's Trainer.train_epoch: the loss summed over every rank."""
 
     def evaluate(self) -> Record:
-        return evaluate(self.model, self.data)
+        return evaluate(self.model, self.data, levers=self.levers)
 
     def save(self, history: list[Record]) -> None:
         """The epoch's checkpoint: every rank reports the record, with its files where it has
@@ -148,10 +152,11 @@ class Measured:
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         steps = self.beats.over(batches) if self.beats else batches
         loss, rec = self.replica.train_epoch(epoch, steps)
+        norms = self.replica.levers.take()  # the global norm: the same on every rank
         mine = self.replica.measure()
         every = gather(mine, self.replica.world)
         per_worker = [{"worker": f"rank {r}", **m} for r, m in enumerate(every)]
-        return loss, {**rec, **memory.worst(every), "per_worker_memory": per_worker}
+        return loss, {**rec, **norms, **memory.worst(every), "per_worker_memory": per_worker}
 
     def evaluate(self) -> Record:
         return self.replica.evaluate()

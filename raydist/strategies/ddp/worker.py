@@ -52,14 +52,14 @@ class DDPReplica(RayTrainReplica):
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         with training(self.spec.optimizer, self.rule), self.link.stepping(self.replica):
             loss = train_epoch(self.replica, self.optimizer, self.data, batches, self.rank, self.world,
-                               self.scheduler)
+                               self.scheduler, self.levers)
         sent, wait = self.link.take()
         totals = total([loss, wait], self.world, self.device)  # every rank sends the same payload
         return totals[0], {"world_size": self.world, "comm_wait_s": totals[1] / self.world,
                            "bytes_per_step": 2 * (self.world - 1) * sent / len(batches)}
 
     def evaluate(self) -> Record:
-        return evaluate(self.replica, self.data)
+        return evaluate(self.replica, self.data, levers=self.levers)
 
     def write(self, plain: dict[str, Any]) -> str | None:
         """Rank 0 writes the checkpoint, one file; the others report the record alone."""

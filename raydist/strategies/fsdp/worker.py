@@ -31,7 +31,7 @@ class FSDPReplica(RayTrainReplica):
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         with training(self.spec.optimizer, self.optimizer):
             loss = train_epoch(self.model, self.optimizer, self.data, batches, self.rank, self.world,
-                               self.scheduler)
+                               self.scheduler, self.levers)
         [loss] = total([loss], self.world, self.device)
         return loss, {"world_size": self.world, "bytes_per_step": self.bytes_per_step()}
 

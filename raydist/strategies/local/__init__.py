@@ -13,6 +13,7 @@ from raydist.engine import (
     RunResult,
     evaluate,
     fit,
+    levers,
     make_optimizer,
     make_scheduler,
     total_steps,
@@ -46,19 +47,21 @@ class Local:
 
     def __init__(self, spec: RunSpec, data: Dataset) -> None:
         self.spec, self.data = spec, data
-        self.model = build_model(spec, data)
+        self.model = levers.apply(build_model(spec, data), spec)
+        self.levers = levers.Levers.of(spec)
         self.optimizer = make_optimizer(spec, self.model.named_parameters())
         self.scheduler = make_scheduler(spec, self.optimizer, total_steps(spec, data))
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         with training(self.spec.optimizer, self.optimizer):
             loss = train_epoch(self.model, self.optimizer, self.data, steps(batches, epoch),
-                               scheduler=self.scheduler)
+                               scheduler=self.scheduler, levers=self.levers)
         # after the steps: the gradients of the last one are still held, as at every step
-        return loss, memory.record_fields({"rank 0": memory.measure(self.model, self.optimizer)})
+        held = memory.record_fields({"rank 0": memory.measure(self.model, self.optimizer)})
+        return loss, {**self.levers.take(), **held}
 
     def evaluate(self) -> Record:
-        return evaluate(self.model, self.data)
+        return evaluate(self.model, self.data, levers=self.levers)
 
     def save(self, history: list[Record]) -> None:
         pass

@@ -6,7 +6,8 @@ The workers form a 2-D device mesh ("dp", "tp"): `workers / tp_size` data-parall
 `tp_size` ranks. Within a group every split layer of the model's recipe (parallelize.py: Megatron's
 column-then-row pairs; a transformer's heads split over the ranks) holds 1/tp_size of its
 weights, and every rank of the group sees the group's shard of each global batch; across the
-groups the gradients are averaged before each step (shards.average_over), as DDP does.
+groups the gradients are averaged before each step (shards.averager, called by the engine's
+step), as DDP does.
 
 Loss scaling: each group divides its loss sum by global_batch / groups (engine.denominator);
 within a group the split layers' collectives make the gradients those of the whole model

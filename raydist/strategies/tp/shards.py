@@ -8,6 +8,7 @@ whole model is gathered only for model.pt (plan.full_state)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -54,13 +55,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def average_over(optimizer: torch.optim.Optimizer, group: Any, size: int) -> None:
-    """Before every optimizer step, each gradient becomes the mean over the `size` ranks of the
-    data-parallel `group` (what DDP's all-reduce does, in one flat buffer). The engine divides
-    a group's loss by global_batch / size (engine.denominator), so the mean is the gradient of
-    the global batch."""
+def averager(optimizer: torch.optim.Optimizer, group: Any, size: int) -> Callable[[], None]:
+    """What the engine's step calls before the gradient's norm and the optimizer step: each
+    gradient becomes the mean over the `size` ranks of the data-parallel `group` (what DDP's
+    all-reduce does, in one flat buffer). The engine divides a group's loss by global_batch /
+    size (engine.denominator), so the mean is the gradient of the global batch."""
 
-    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def average() -> None:
+        opt = optimizer
         grads = [local(p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
         flat = torch.cat([t.reshape(-1) for t in grads])
         dist.all_reduce(flat, group=group)
@@ -69,4 +71,4 @@ def average_over(optimizer: torch.optim.Optimizer, group: Any, size: int) -> Non
             for t, avg in zip(grads, flat.split([t.numel() for t in grads]), strict=True):
                 t.copy_(avg.view_as(t))
 
-    optimizer.register_step_pre_hook(hook)
+    return average

@@ -42,15 +42,16 @@ class TPReplica(RayTrainReplica):
         return model
 
     def wrap(self, rule: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        # the step averages over the data-parallel groups before it measures and clips the norm
         if self.dp > 1:
-            shards.average_over(rule, self.mesh.get_group("dp"), self.dp)
+            self.levers.reduce = shards.averager(rule, self.mesh.get_group("dp"), self.dp)
         return rule
 
     def train_epoch(self, epoch: int, batches: list[torch.Tensor]) -> tuple[float, Record]:
         # every rank of a tensor-parallel group trains on its group's shard of each batch
         with training(self.spec.optimizer, self.optimizer):
             loss = train_epoch(self.model, self.optimizer, self.data, batches, self.group, self.dp,
-                               self.scheduler)
+                               self.scheduler, self.levers)
         # a group's ranks all computed the group's loss: counted once
         summed = total([loss if self.place == 0 else 0.0], self.world, self.device)[0]
         return summed, {"world_size": self.world}
