@@ -30,9 +30,11 @@ run: $(STAMP)
 	$(BIN)/raydist sweep tune_configs/quickstart.yaml --out results/quickstart
 	$(BIN)/raydist report results/quickstart
 
+# Two pytest-xdist workers, a module each at a time: a Ray test mostly waits on processes
+# starting, deaths being noticed, timeouts (tests/conftest.py).
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 # The quick tier: the tests that start no Ray (about a minute on a 2-core machine).
 unit: $(STAMP)

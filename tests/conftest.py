@@ -53,6 +53,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             f"each test needs exactly one tier mark, one of {', '.join(TIERS)} (a whole file: "
             "`pytestmark = pytest.mark.unit`; one test: `@pytest.mark.ray`); a unit test never uses "
             "the ray_local fixture, a ray test always does (tests/conftest.py):\n" + "\n".join(wrong))
+    order_modules(items)
+
+
+# `make test` runs the suite on two pytest-xdist workers (--dist loadfile), each with its own
+# session Ray: a Ray test spends much of its time waiting (on Ray's start-up, a death being
+# noticed, a stall timing out), which the other worker's test fills. A module goes to one worker
+# whole, so its module fixtures run once (a module that would reuse another's run through
+# `trained` trains its own if that one ran on the other worker). The slowest modules are handed
+# out first, so that none of them is left to run alone at the end; the quick ones fill the gaps.
+SLOWEST_FIRST = ("test_real_cpus", "test_ddp", "test_kills", "test_fsdp", "test_interrupts",
+                 "test_ps", "test_tp", "test_lr_schedule_ray", "test_local_ray", "test_own_model",
+                 "test_multinode", "test_sweep", "test_pipeline", "test_pipeline_dppp")
+
+
+def order_modules(items: list[pytest.Item]) -> None:
+    """SLOWEST_FIRST's modules first, in that order; the rest after, as collected."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable
 
 
 def _refuse_ray(*args: Any, **kwargs: Any) -> None:

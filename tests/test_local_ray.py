@@ -47,48 +47,15 @@ def test_only_this_users_loopback_head_that_lives(tmp_path, monkeypatch):
     assert connect.local_head() is None
 
 
-@pytest.mark.ray
-def test_train_joins_a_running_local_ray_and_leaves_it_running(ray_local):
-    """`raydist ray start` in its own Ray temp dir; a ddp train joins it and says so; the head
-    still runs after; `raydist ray stop` ends it (and, whatever happens, the test kills it by pid)."""
-    home = Path(tempfile.mkdtemp(prefix="rdlr", dir="/tmp"))  # short: Ray's socket paths
-    env = {**os.environ, connect.LOCAL_RAY: str(home / "local-ray.yaml"), "RAY_TMPDIR": str(home)}
-    env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_AUTH_MODE", None)  # a user's fresh shell: this process's Ray set it for its own
-    pid = None
-    try:
-        started = subprocess.run([*RAYDIST, "ray", "start", "--cpus", "4"], env=env, text=True,
-                                 capture_output=True, timeout=180)
-        assert started.returncode == 0, started.stderr
-        pid = yaml.safe_load((home / "local-ray.yaml").read_text())["pid"]
-        assert started.stdout.startswith("local Ray at ")
-        run = subprocess.run([*RAYDIST, "train", "--strategy", "ddp", "--workers", "1", "--epochs",
-                              "1", "--out", str(home / "run")], env=env, text=True,
-                             capture_output=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-        assert "note: joining the local Ray at " in run.stderr
-        assert (home / "run" / "model.pt").exists()
-        assert connect.alive(pid)  # the run left it running
-        status = subprocess.run([*RAYDIST, "ray", "status"], env=env, text=True, capture_output=True)
-        assert status.stdout.splitlines()[0].endswith(f"(pid {pid}) runs")
-        stopped = subprocess.run([*RAYDIST, "ray", "stop"], env=env, text=True, capture_output=True,
-                                 timeout=90)
-        assert stopped.stdout.strip().endswith(f"(pid {pid}) stopped")
-        assert not connect.alive(pid) and not (home / "local-ray.yaml").exists()
-    finally:
-        if pid is not None and connect.alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            time.sleep(5)
-        shutil.rmtree(home, ignore_errors=True)
-
-
 @pytest.mark.multinode
 @pytest.mark.timeout(600)
-def test_a_job_submitted_to_the_kept_ray_runs_with_raydists_python(tmp_path):
+def test_the_kept_ray_takes_a_train_that_joins_and_a_submitted_job(tmp_path):
     """As the README's laptop flow goes, from a shell WITHOUT the venv on PATH: `raydist ray
-    start`, then the venv's `ray job submit --working-dir .` of jobs/train.py to the job server
-    `raydist ray status` names. The job's `python` is the one on the head's PATH, which the
-    keeper puts raydist's interpreter first on (else: the system's, without torch). A private
+    start`; a ddp `raydist train` joins it, says so and leaves it running; then the venv's `ray
+    job submit --working-dir .` of jobs/train.py to the job server `raydist ray status` names
+    (one kept head for both: each start and stop costs the suite half a minute). The job's
+    `python` is the one on the head's PATH, which the keeper puts raydist's interpreter first on
+    (else: the system's, without torch). A private
     HOME (so a private ~/.ray/auth_token), RAY_TMPDIR and RAYDIST_LOCAL_RAY file; the head is
     always stopped by `raydist ray stop`, and its keeper killed by pid if that failed."""
     home = Path(tempfile.mkdtemp(prefix="rdlj", dir="/tmp"))  # short: Ray's socket paths
@@ -102,10 +69,19 @@ def test_a_job_submitted_to_the_kept_ray_runs_with_raydists_python(tmp_path):
         started = subprocess.run([*RAYDIST, "ray", "start", "--cpus", "4"], cwd=REPO, env=env,
                                  text=True, capture_output=True, timeout=180)
         assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith("local Ray at ")
         head = yaml.safe_load((home / "local-ray.yaml").read_text())
         pid, api = head["pid"], head["api_server"]
+        run = subprocess.run([*RAYDIST, "train", "--strategy", "ddp", "--workers", "1", "--epochs",
+                              "1", "--out", str(tmp_path / "run")], cwd=REPO, env=env, text=True,
+                             capture_output=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "note: joining the local Ray at " in run.stderr
+        assert (tmp_path / "run" / "model.pt").exists()
+        assert connect.alive(pid)  # the run left it running
         status = subprocess.run([*RAYDIST, "ray", "status"], cwd=REPO, env=env, text=True,
                                 capture_output=True, timeout=60)
+        assert status.stdout.splitlines()[0].endswith(f"(pid {pid}) runs")
         assert status.stdout.splitlines()[1] == (
             f"job server: {api} (RAY_AUTH_MODE=token .venv/bin/ray job submit --address {api} "
             "--working-dir . -- python jobs/train.py ...)")
@@ -131,3 +107,4 @@ def test_a_job_submitted_to_the_kept_ray_runs_with_raydists_python(tmp_path):
             time.sleep(5)
         shutil.rmtree(home, ignore_errors=True)
     assert stopped.stdout.strip().endswith(f"(pid {pid}) stopped")
+    assert not connect.alive(pid) and not (home / "local-ray.yaml").exists()

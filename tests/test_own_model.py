@@ -6,14 +6,13 @@ folder."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from cli_driver import drive
 
 from raydist.cli import main
 from raydist.config import RunSpec
@@ -167,35 +166,39 @@ def test_model_args_reach_the_factory_and_model_pt_has_its_own_keys(tmp_path):
 
 @pytest.mark.ray
 def test_a_module_outside_the_repository_under_each_strategy_through_the_cli(ray_local, tmp_path):
-    """The commands a user types, each in a fresh process with its own embedded Ray, the example
+    """The commands a user types, through the CLI's entry point on an embedded Ray of 3 CPUs, the
+    most of them asks for (one process for the five: tests/cli_driver.py), the example
     model (a residual MLP that is not an nn.Sequential, 32 wide, 3 blocks) in a module of its
     own on PYTHONPATH: ddp on 2 workers, ps sync on 2 servers, a 2-stage pipeline and fsdp on 2
-    workers (both by pipeline_blocks) end where local does, each model.pt with the user's own keys. One run per
-    strategy serves both facts (an in-process run of each cost a Ray Train fit more)."""
+    workers (both by pipeline_blocks) end where local does, each model.pt with the user's own
+    keys. One run per strategy serves both facts (an in-process run of each cost a Ray Train fit
+    more)."""
     folder = tmp_path / "elsewhere"
     folder.mkdir()
     source = (REPO / "examples" / "resmlp" / "resmlp.py").read_text()
     (folder / "mine.py").write_text(source.replace("def make_model(", "def make("))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(folder)  # only there: not the repository's example
-    args = ["train", "--model", "mine:make", "--model-arg", "width=32", "--model-arg", "depth=3",
+    args = ["--model", "mine:make", "--model-arg", "width=32", "--model-arg", "depth=3",
             "--data", "mine:load", "--data-arg", "n=600", "--optimizer", "adam", "--epochs", "2",
             "--batch-size", "64"]
     runs = {"local": [], "ddp": ["--strategy", "ddp", "--workers", "2"],
             "ps": ["--strategy", "ps", "--mode", "sync", "--workers", "2", "--servers", "2"],
             "pipeline": ["--strategy", "pipeline", "--stages", "2", "--microbatches", "4"],
             "fsdp": ["--strategy", "fsdp", "--workers", "2"]}
-    for name, extra in runs.items():
-        done = subprocess.run([sys.executable, "-m", "raydist.cli", *args, *extra, "--out", str(tmp_path / name)],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, (name, done.stderr[-2000:])
-        assert "Token authentication" not in done.stderr  # on, and quiet about it
-    local = torch.load(tmp_path / "local" / "model.pt")
+    out = tmp_path / "runs"
+    result = drive(out, [{"name": name, "args": [*args, *extra]} for name, extra in runs.items()],
+                   env, 420, cpus=3, cwd=tmp_path)  # ps's 3 CPUs, as the CLI sizes its own Ray
+    log = (out / "driver.log").read_text()
+    for name in runs:
+        assert result["runs"].get(name, {}).get("code") == 0, (name, result["runs"].get(name), log[-3000:])
+    assert "Token authentication" not in log  # on, and quiet about it
+    local = torch.load(out / "local" / "model.pt")
     assert list(local) == ["inp.0.weight", "inp.0.bias", *(f"blocks.{i}.{part}" for i in range(3) for part in (
         "norm.weight", "norm.bias", "fc.weight", "fc.bias")), "out.weight", "out.bias"]  # the user's own keys
     for name in ("ddp", "ps", "pipeline", "fsdp"):
-        assert max_diff(local, torch.load(tmp_path / name / "model.pt")) <= 1e-5, name  # keys too
-    assert pd.read_csv(tmp_path / "ddp" / "metrics.csv")["world_size"].tolist() == [2, 2]
+        assert max_diff(local, torch.load(out / name / "model.pt")) <= 1e-5, name  # keys too
+    assert pd.read_csv(out / "ddp" / "metrics.csv")["world_size"].tolist() == [2, 2]
 
 
 @pytest.mark.unit

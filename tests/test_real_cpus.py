@@ -4,7 +4,7 @@ whose spare CPUs hid a ddp run on a stream that never started: 2 Ray Train worke
 CPUs and Ray Data's read tasks never got one (data/streamed.py, READ_TASKS).
 
 All runs go through the CLI's entry point in ONE process with ONE embedded Ray sized as the CLI
-sizes it (tests/real_cpus_driver.py): one Ray start for the lot. Each strategy meets the data
+sizes it (tests/cli_driver.py): one Ray start for the lot. Each strategy meets the data
 kinds it reads (built-in in memory, a csv:/parquet: file, a parquet-dir:/csv-dir: stream where
 it reads one, a module:function loader) and ends where `local` ends on the same data (<= 1e-5),
 local itself finishing with a finite loss. The module:function loader under local, ddp, ps,
@@ -16,23 +16,17 @@ limit (the driver is then killed, and its Ray's processes stopped by PID)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import torch
-from rayprocs import processes_of, stop
+from cli_driver import drive
 from test_streamed import write_folder
 
-DRIVER = Path(__file__).with_name("real_cpus_driver.py")
 # For all the runs. Measured on this 2-core machine only under other engineers' load (load
 # average 30-50): 19 runs in about 15 minutes, ddp's stream 265 s of it; quiet, expected in a few minutes.
 DRIVER_LIMIT_S = 540
@@ -84,26 +78,7 @@ def matrix(tmp_path_factory) -> dict[str, Any]:
     write_data(tmp)
     runs = [{"name": name(s, d), "args": [*COMMON, "--data", DATA[d].format(tmp=tmp), *STRATEGY[s]]}
             for s, d in PAIRS]
-    work = tmp / "work"
-    work.mkdir()
-    (work / "config.json").write_text(json.dumps({"work": str(work), "runs": runs}))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="rrc", dir="/tmp"))  # short: Ray's socket paths live here
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env["RAY_TMPDIR"] = str(ray_tmp)
-    try:
-        with (work / "driver.log").open("w") as log:
-            proc = subprocess.Popen([sys.executable, str(DRIVER), str(work / "config.json")], cwd=tmp,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                proc.wait(timeout=DRIVER_LIMIT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    finally:
-        stop(processes_of(str(ray_tmp)))
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    path = work / "result.json"
-    return {**(json.loads(path.read_text()) if path.exists() else {"runs": {}}), "work": work}
+    return drive(tmp / "work", runs, dict(os.environ), DRIVER_LIMIT_S, cwd=tmp)
 
 
 def finished(matrix: dict[str, Any], run: str) -> Path:

@@ -28,10 +28,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raydist.config import RunSpec
 from raydist.data import Dataset, load_data
-from raydist.engine import Diverged, Record, Report, RunResult, announce, restart_line
+from raydist.engine import Diverged, Report, RunResult, announce, restart_line
 from raydist.raytrain import STORAGE, Recipe
 from raydist.raytrain.worker import RAY_CALL_S, loop
 from raydist.runtime import connect, ray_compat
+from raydist.runtime.channel import Channel
 from raydist.runtime.faults import Faults
 from raydist.runtime.stall import Stalled, Watchdog
 
@@ -139,8 +140,8 @@ def deliver(trainer: TorchTrainer, channel: Any, report: Report, name: str = "ra
             for kind, item in ray.get(channel.take.remote(), timeout=RAY_CALL_S):
                 if watch is not None:
                     heard(watch, kind, item)
-                if kind == "line":
-                    announce(item)
+                if kind == "restart":
+                    announce(restart_line(*item))
                 elif kind == "record" and item["epoch"] > reported:
                     report(item)
                     reported = item["epoch"]
@@ -210,44 +211,3 @@ class Watch(UserCallback):
         how = "died" if died else f"failed ({type(worker_exceptions[rank]).__name__})"
         self.channel.restart.remote(self.failures, self.max_failures, rank, how, self.epoch + 1,
                                     self.name)
-
-
-@ray.remote(num_cpus=0)
-class Channel:
-    """Per-epoch records from rank 0 to the driver, and restart lines (Watch); the driver's
-    request to stop, back. Each worker says its pid when it starts, for those lines."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, Any]] = []
-        self.pids: dict[int, int] = {}
-        self.stopping = False
-        self.handle: Any = None  # Ray Train's controller (ray_compat.controller_to)
-
-    def hello(self, rank: int, pid: int) -> None:
-        self.pids[rank] = pid
-
-    def put(self, rec: Record) -> bool:
-        self.events.append(("record", rec))
-        return self.stopping
-
-    def restart(self, attempt: int, limit: int, rank: int, how: str, epoch: int,
-                name: str = "ddp") -> None:
-        pid = f" (pid {self.pids[rank]})" if rank in self.pids else ""
-        self.events.append(("line", restart_line(attempt, limit, f"{name} worker {rank}{pid}", epoch, how)))
-
-    def take(self) -> list[tuple[str, Any]]:
-        out, self.events = self.events, []
-        return out
-
-    def stop(self) -> None:
-        self.stopping = True
-
-    def beat(self, seconds: float) -> None:
-        """Rank 0 finished steps, the longest of them `seconds` (raydist/runtime/stall.py)."""
-        self.events.append(("beat", seconds))
-
-    def controller(self, handle: Any = None) -> Any:
-        """Keep Ray Train's controller (given), or return it (asked)."""
-        if handle is not None:
-            self.handle = handle
-        return self.handle
