@@ -62,9 +62,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # whole, so its module fixtures run once (a module that would reuse another's run through
 # `trained` trains its own if that one ran on the other worker). The slowest modules are handed
 # out first, so that none of them is left to run alone at the end; the quick ones fill the gaps.
-SLOWEST_FIRST = ("test_real_cpus", "test_ddp", "test_kills", "test_fsdp", "test_interrupts",
-                 "test_ps", "test_tp", "test_lr_schedule_ray", "test_local_ray", "test_own_model",
-                 "test_multinode", "test_sweep", "test_pipeline", "test_pipeline_dppp")
+SLOWEST_FIRST = ("test_real_cpus", "test_interrupts", "test_ps", "test_pipeline", "test_ddp",
+                 "test_kills", "test_fsdp", "test_multinode", "test_tp", "test_sweep",
+                 "test_levers_ray", "test_pipeline_dppp", "test_lr_schedule_ray", "test_stall",
+                 "test_own_model")
 
 
 def order_modules(items: list[pytest.Item]) -> None:
