@@ -9,9 +9,9 @@ Each run is `raydist.cli.main(["train", *args, "--out", DIR/NAME])`, the CLI's o
 every strategy's pre-flight finds this Ray and keeps it, so the runs cost one process and one
 Ray start, not one each (a fresh `python -m raydist.cli` costs ~10 s here before it trains).
 After each run `DIR/result.json` is rewritten (the Ray's CPUs; per run: its exit code and
-seconds, or the exception that escaped), so a run that hangs leaves the earlier ones readable
-and names itself in `DIR/progress.log`; what the runs print goes to `DIR/driver.log`. A failed
-run does not stop the next."""
+seconds, or the exception that escaped; after the last, every actor the Ray ran), so a run
+that hangs leaves the earlier ones readable and names itself in `DIR/progress.log`; what the
+runs print goes to `DIR/driver.log`. A failed run does not stop the next."""
 
 from __future__ import annotations
 
@@ -83,6 +83,19 @@ def run_all(config: dict[str, Any]) -> None:
                 done = {"code": None, "error": traceback.format_exc()[-3000:]}
             result["runs"][run["name"]] = {**done, "seconds": round(time.monotonic() - start, 1)}
             write(work / "result.json", result)
+    try:
+        result["actors"] = actors()
+    except Exception:  # noqa: BLE001 - the runs' results stay; a test asking for actors says why
+        result["actors_error"] = traceback.format_exc()[-3000:]
+    write(work / "result.json", result)
+
+
+def actors() -> list[dict[str, Any]]:
+    """Every actor this Ray ran (Ray's State API): its class and the runtime_env it carried."""
+    from ray.util.state import list_actors
+
+    return [{"class_name": a.class_name, "runtime_env": a.serialized_runtime_env or ""}
+            for a in list_actors(detail=True, limit=10000)]
 
 
 if __name__ == "__main__":

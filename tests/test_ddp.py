@@ -133,19 +133,6 @@ class Interrupt(Exception):
 
 
 @pytest.mark.ray
-def test_embedded_start_skips_the_watcher_and_starts_the_coordinator_early(six_runs):
-    """On the embedded Ray no run starts a preemption watcher, and Ray Train's autoscaling
-    coordinator is the one the driver started (Ray Train's own would carry its controller's
-    env_vars), so the controller never waits for one to start."""
-    from ray.util.state import list_actors
-
-    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")])
-    [coordinator] = list_actors(filters=[("class_name", "=", "_AutoscalingCoordinatorActor")],
-                                detail=True)
-    assert "RAY_TRAIN" not in (coordinator.serialized_runtime_env or "")
-
-
-@pytest.mark.ray
 def test_failing_report_stops_the_run(ray_local, tmp_path):
     """An exception from `report` (Tune stopping a trial, Ctrl-C) reaches the caller, and the
     workers are told to stop: no training thread outlives the call."""

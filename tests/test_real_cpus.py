@@ -116,3 +116,17 @@ def test_ddp_streams_24_files_with_as_many_cpus_as_the_machine(ray_local, matrix
     out = finished(matrix, name("ddp", "parquet-dir"))
     assert pd.read_csv(out / "metrics.csv")["world_size"].tolist() == [2, 2]
     assert matrix["cpus"] == os.cpu_count()
+
+
+def test_the_embedded_ray_starts_no_watcher_and_the_coordinator_early(ray_local, matrix):
+    """On a fresh embedded Ray, as the CLI starts it, no run starts a preemption watcher, and Ray
+    Train's autoscaling coordinator is the one the driver started (Ray Train's own would carry its
+    controller's env_vars), so the controller never waits for one to start. (Here, not on the
+    session's Ray: that coordinator is detached and outlives the run that started it, so there
+    it is whichever run came first, a sweep's trial among them.)"""
+    assert matrix["runs"][name("ddp", "parquet-dir")].get("code") == 0
+    assert "actors" in matrix, matrix.get("actors_error")
+    classes = [a["class_name"] for a in matrix["actors"]]
+    assert "RayTrainWorker" in classes and "PreemptionWatcher" not in classes
+    [coordinator] = [a for a in matrix["actors"] if a["class_name"] == "_AutoscalingCoordinatorActor"]
+    assert "RAY_TRAIN" not in coordinator["runtime_env"]
