@@ -12,8 +12,7 @@ from typing import Any, NoReturn
 import yaml
 
 from raydist.config import ConfigError, RunSpec, load_yaml, parse_sets
-from raydist.config.run import MAPPINGS
-from raydist.config.values import PROBE_S, RAY_ADDRESS_FORMS, parse_size
+from raydist.config.values import MAPPINGS, PROBE_S, RAY_ADDRESS_FORMS, parse_size
 from raydist.errors import Unreachable, unknown
 from raydist.runtime import capacity, connect, interrupts
 

@@ -16,7 +16,7 @@ import yaml
 
 from raydist.config import knobs, values
 from raydist.config.knobs import ON_RAY, at_least, default_of, knob, positive, unit_interval, worker_count
-from raydist.config.values import MAPPINGS, coerce, fold, is_import_path, parse_size  # noqa: F401
+from raydist.config.values import coerce, fold, is_import_path, parse_size
 from raydist.errors import ConfigError, closest
 
 DEFAULT_BATCH = 64

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from raydist.config.knobs import OWNERS, default_of, unread_mapping
-from raydist.config.run import KNOBS, MAPPINGS, RunSpec, at_least, read_only
+from raydist.config.run import KNOBS, RunSpec, at_least, read_only
 from raydist.config.search_rules import SCHEDULERS, SEARCHES, check_search
 from raydist.config.values import (
+    MAPPINGS,
     as_bool,
     as_float,
     as_int,

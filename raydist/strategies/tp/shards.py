@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from raydist.engine.levers import local  # a DTensor's shard, a plain tensor itself
+
 KEY = "dtensor"  # a split tensor in a checkpoint: {KEY: shard, "placements": [["shard", 0]]}
 
 
@@ -50,11 +52,6 @@ def from_plain(obj: Any, mesh: Any) -> Any:
     return obj
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of `t` (the tensor itself if it is not split), sharing its storage."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def averager(optimizer: torch.optim.Optimizer, group: Any, size: int) -> Callable[[], None]:
     """What the engine's step calls before the gradient's norm and the optimizer step: each
     gradient becomes the mean over the `size` ranks of the data-parallel `group` (what DDP's
@@ -62,8 +59,7 @@ def averager(optimizer: torch.optim.Optimizer, group: Any, size: int) -> Callabl
     size (engine.denominator), so the mean is the gradient of the global batch."""
 
     def average() -> None:
-        opt = optimizer
-        grads = [local(p.grad) for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        grads = [local(p.grad) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         flat = torch.cat([t.reshape(-1) for t in grads])
         dist.all_reduce(flat, group=group)
         flat /= size
